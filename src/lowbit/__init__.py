@@ -1,0 +1,15 @@
+"""lowbit: low-bit weight quantization for LLMs, block by block, with memory bounded by one block.
+
+Public API:
+    lowbit.quantize(model, method, scheme, calib, run) -> RunSummary
+    lowbit.load(output_dir, device_map=None) -> transformers model with QuantLinear layers
+"""
+
+__version__ = "0.1.0"
+
+from .config import AutoRoundConfig, CalibConfig, RtnConfig, RunConfig, Scheme  # noqa: E402
+from .errors import LowbitError  # noqa: E402
+from .loading import load  # noqa: E402
+from .runner import quantize  # noqa: E402
+
+__all__ = ["quantize", "load", "Scheme", "CalibConfig", "RtnConfig", "AutoRoundConfig", "RunConfig", "LowbitError", "__version__"]

@@ -1,0 +1,33 @@
+"""What an algorithm sees of one block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import ArchSpec
+from ..config import Scheme
+
+
+@dataclass
+class BlockContext:
+    """One block, loaded on `device`, with its calibration data.
+
+    linears: block-relative name -> nn.Linear to quantize (those kept in full precision are absent).
+    schemes: block-relative name -> Scheme for that linear.
+    inputs: cached block inputs, one [1, seqlen, hidden] tensor per sample on `storage` (None for RTN).
+    kwargs: the block's per-sample-constant keyword arguments, already on `device`.
+    """
+
+    index: int
+    block: torch.nn.Module
+    linears: dict[str, torch.nn.Linear]
+    schemes: dict[str, Scheme]
+    spec: ArchSpec
+    device: torch.device
+    storage: torch.device
+    batch_size: int = 8
+    inputs: list[torch.Tensor] | None = None
+    kwargs: dict | None = None
+    log: object = None  # callable(str) for per-block progress lines

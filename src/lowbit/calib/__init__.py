@@ -1,0 +1,1 @@
+"""Calibration text -> token windows -> captured block inputs."""

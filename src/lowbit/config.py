@@ -1,0 +1,195 @@
+"""Frozen dataclass configs: the whole vocabulary of a quantization run.
+
+Each config validates itself in `__post_init__` so a bad value fails before any work starts, with a
+`LowbitError` naming the field and the fix. The CLI maps its flags 1:1 onto these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import LowbitError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("rtn", "autoround", "awq", "gptq")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one weight matrix W [out_features N, in_features K] is put on an integer grid.
+
+    Args:
+        bits: 2, 3, 4 or 8 bits per weight.
+        group_size: inputs sharing one (scale, zero) pair along each row; -1 means one group per row
+            (per channel). A size that does not divide K leaves a partial last group.
+        sym: symmetric grid (zero point fixed at 2**(bits-1)) or asymmetric (zero point per group).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise LowbitError(f"bits={self.bits} is not supported", f"use one of {SUPPORTED_BITS}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise LowbitError(
+                f"group_size={self.group_size} is invalid",
+                "use a positive size such as 32, 64 or 128, or -1 for one group per output channel",
+            )
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups along a row of `in_features` inputs (the last one may be partial)."""
+        size = self.group_size_for(in_features)
+        return -(-in_features // size)
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_name(cls, name: str, group_size: int | None = None, sym: bool | None = None) -> "Scheme":
+        """auto-round style scheme names: W4A16, W3A16, W2A16, W8A16 (activations stay 16-bit)."""
+        upper = name.upper()
+        if not (upper.startswith("W") and upper.endswith("A16") and upper[1:-3].isdigit()):
+            raise LowbitError(f"unknown scheme {name!r}", "use W2A16, W3A16, W4A16 or W8A16")
+        kwargs = {"bits": int(upper[1:-3])}
+        if group_size is not None:
+            kwargs["group_size"] = group_size
+        if sym is not None:
+            kwargs["sym"] = sym
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: `nsamples` windows of `seqlen` tokens cut from a text.
+
+    Args:
+        dataset: "austen" (Emma + Mansfield Park, the ANCHORS calibration text), "kjv", or a path to a
+            UTF-8 text file.
+        nsamples: number of windows.
+        seqlen: tokens per window.
+        batch_size: windows per forward pass through a block.
+        allow_fewer: when the text is too short for nsamples x seqlen, use as many windows as it makes
+            instead of failing.
+    """
+
+    dataset: str = "austen"
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 8
+    allow_fewer: bool = False
+
+    def __post_init__(self):
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise LowbitError(f"{name}={getattr(self, name)} must be positive", f"pass --{name} N with N >= 1")
+
+
+@dataclass(frozen=True)
+class RtnConfig:
+    """Round-to-nearest with min/max per group: no calibration data at all."""
+
+    name: str = "rtn"
+
+
+@dataclass(frozen=True)
+class AutoRoundConfig:
+    """SignRound (arXiv 2309.05516): learn rounding offsets V and min/max scale factors per block.
+
+    Args:
+        iters: signed-gradient steps per block (auto-round's default 200).
+        lr: step size for V; None means 1/iters like auto-round.
+        minmax_lr: step size for the min/max factors; None means lr.
+        enable_minmax_tuning: also learn the per-group min/max scale factors.
+        enable_quanted_input: feed each block the outputs of the already-quantized previous blocks.
+        gradient_accumulate_steps: batches per optimizer step.
+        seed: seed for sampling batches.
+        low_gpu_mem: keep cached inputs on the CPU (pinned) instead of the GPU.
+    """
+
+    name: str = "autoround"
+    iters: int = 200
+    lr: float | None = None
+    minmax_lr: float | None = None
+    enable_minmax_tuning: bool = True
+    enable_quanted_input: bool = True
+    gradient_accumulate_steps: int = 1
+    seed: int = 42
+    low_gpu_mem: bool = False
+
+    def __post_init__(self):
+        if self.iters < 0:
+            raise LowbitError(f"iters={self.iters} must be >= 0", "pass --iters 200 (0 means plain RTN)")
+        if self.gradient_accumulate_steps < 1:
+            raise LowbitError("gradient_accumulate_steps must be >= 1", "pass --gradient_accumulate_steps 1")
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else (1.0 / self.iters if self.iters else 5e-3)
+
+    @property
+    def minmax_step_size(self) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else self.step_size
+
+
+PRESETS = {
+    "light": {"iters": 50},
+    "default": {},
+    "best": {"iters": 1000, "nsamples": 512},
+}
+
+FORMATS = ("auto_round", "fake")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run happens.
+
+    Args:
+        output_dir: target folder; written as `<output_dir>.lowbit-partial` and renamed at the end.
+        formats: export formats, e.g. ("auto_round",).
+        device: "cpu", "cuda", "cuda:1", or "auto" (first GPU when present, else the CPU).
+        quant_lm_head: quantize lm_head too (kept in full precision by default).
+        overwrite: replace an existing output folder.
+        max_shard_bytes: flush an output shard once it holds this many bytes.
+    """
+
+    output_dir: str = "out"
+    formats: tuple[str, ...] = ("auto_round",)
+    device: str = "auto"
+    quant_lm_head: bool = False
+    overwrite: bool = False
+    max_shard_bytes: int = 2 * 1024**3
+
+    def __post_init__(self):
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise LowbitError(f"unsupported export format {unknown[0]!r}", f"use one of {', '.join(FORMATS)}")
+        if not self.formats:
+            raise LowbitError("no export format given", "pass --format auto_round")
+
+
+def replace(config, **changes):
+    """dataclasses.replace that re-runs validation (frozen dataclasses validate in __post_init__)."""
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = [
+    "Scheme",
+    "CalibConfig",
+    "RtnConfig",
+    "AutoRoundConfig",
+    "RunConfig",
+    "PRESETS",
+    "FORMATS",
+    "SUPPORTED_BITS",
+    "METHODS",
+    "replace",
+    "field",
+]

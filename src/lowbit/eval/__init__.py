@@ -1,0 +1,6 @@
+"""Perplexity and generation checks."""
+
+from .perplexity import perplexity
+from .generate import generate
+
+__all__ = ["perplexity", "generate"]

@@ -1,0 +1,59 @@
+"""Append tensors to numbered safetensors shards as they are produced, then write the index.
+
+Tensors are buffered until `max_shard_bytes`, then flushed to `model-NNNNN.safetensors`, so RAM holds
+at most one shard's worth of output. `model.safetensors.index.json` (the transformers sharded layout)
+maps every tensor to its file; a single shard is renamed to plain `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+
+
+class ShardWriter:
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self.shards: list[str] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.weight_map or name in self.buffer:
+                raise ValueError(f"tensor {name} written twice")
+            t = t.detach().to("cpu").contiguous()
+            self.buffer[name] = t
+            self.buffered += t.numel() * t.element_size()
+        if self.buffered >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        tmp = self.folder / (name + ".tmp")
+        save_file(self.buffer, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.folder / name)  # a shard file is either complete or absent
+        self.shards.append(name)
+        for key in self.buffer:
+            self.weight_map[key] = name
+        self.total_bytes += self.buffered
+        self.buffer, self.buffered = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self.folder / self.shards[0], self.folder / "model.safetensors")
+            return
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))

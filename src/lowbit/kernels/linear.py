@@ -1,0 +1,82 @@
+"""QuantLinear: a drop-in nn.Linear holding the auto_round / GPTQ int32 layout.
+
+Buffers (W [N, K], G groups): qweight int32 [K*bits/32, N], qzeros int32 [G, N*bits/32],
+scales fp16 [G, N], optional bias [N]. `zero_offset` is 1 for GPTQ-v1 style checkpoints (stored
+zero = zero - 1) and 0 otherwise.
+
+forward() dequantizes with torch and calls F.linear. A faster path (a Triton kernel on CUDA) plugs in
+through `set_forward_impl`: it receives the layer and the input and returns the output, or None to fall
+back to the torch path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.pack import unpack_bitstream
+
+_FAST_FORWARD: Callable | None = None
+
+
+def set_forward_impl(fn: Callable | None) -> None:
+    """Install a fast path `fn(layer, x) -> Tensor | None` used before the torch fallback."""
+    global _FAST_FORWARD
+    _FAST_FORWARD = fn
+
+
+class QuantLinear(torch.nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        zero_offset: int = 0,
+        dtype: torch.dtype = torch.float16,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = bits
+        self.group_size = in_features if group_size == -1 else group_size
+        self.zero_offset = zero_offset
+        groups = -(-in_features // self.group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes, int32 [K, N]."""
+        return unpack_bitstream(self.qweight, self.bits, dim=0)
+
+    def zeros(self) -> torch.Tensor:
+        """Zero points, int32 [G, N] (stored offset undone)."""
+        return unpack_bitstream(self.qzeros, self.bits, dim=1) + self.zero_offset
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_hat [N, K] = scale * (q - zero), in `dtype` (default: the scales' dtype)."""
+        k = self.in_features
+        scales = self.scales.float().repeat_interleave(self.group_size, dim=0)[:k]  # [K, N]
+        zeros = self.zeros().float().repeat_interleave(self.group_size, dim=0)[:k]  # [K, N]
+        w = (self.codes().float() - zeros) * scales  # [K, N]
+        return w.t().to(dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FAST_FORWARD is not None:
+            out = _FAST_FORWARD(self, x)
+            if out is not None:
+                return out
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize_weight(x.dtype), bias)

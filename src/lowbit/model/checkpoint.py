@@ -1,0 +1,78 @@
+"""A Hugging Face checkpoint folder opened lazily: config plus a tensor-name -> shard-file index.
+
+Only safetensors headers are read when the checkpoint opens; a tensor's bytes are read when asked for,
+so a block can be loaded without touching the rest of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig
+
+from ..errors import LowbitError
+
+
+class Checkpoint:
+    """config.json + *.safetensors in one folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise LowbitError(f"model path {str(path)!r} is not a folder", "pass a Hugging Face checkpoint folder, a .gguf file or 'default'")
+        if not (self.path / "config.json").is_file():
+            raise LowbitError(f"{self.path} has no config.json", "point at the folder that holds config.json and the *.safetensors weights")
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            bins = list(self.path.glob("*.bin"))
+            hint = "convert the *.bin weights with save_pretrained(safe_serialization=True)" if bins else "the folder must hold *.safetensors weights"
+            raise LowbitError(f"{self.path} has no *.safetensors weights", hint)
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+        except Exception as err:  # transformers raises many types here; the message is what matters
+            raise LowbitError(f"cannot read {self.path / 'config.json'}: {err}", "check the file is a valid transformers config") from None
+        self.index: dict[str, Path] = {}
+        self.dtypes: dict[str, str] = {}
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        self.index[name] = file
+            except (SafetensorError, OSError, ValueError) as err:
+                raise LowbitError(f"corrupt safetensors file {file.name}: {err}", "re-download or re-save the checkpoint") from None
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.index.values()))
+
+    def has(self, name: str) -> bool:
+        return name in self.index
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard (memory-mapped: only its bytes are touched)."""
+        file = self.index.get(name)
+        if file is None:
+            raise LowbitError(f"tensor {name!r} is missing from the checkpoint at {self.path}", "the checkpoint is incomplete or for another architecture")
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(file, framework="pt")
+        try:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LowbitError(f"cannot read tensor {name!r} from {file.name}: {err}", "the file is corrupt; re-download or re-save the checkpoint") from None
+
+    def names_under(self, prefix: str) -> list[str]:
+        dotted = prefix + "."
+        return [n for n in self.index if n.startswith(dotted)]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,96 @@
+"""Resource accounting for the end-of-run summary: wall time, peak RSS, peak VRAM per device."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class RssSampler:
+    """Samples the current RSS in a thread: ru_maxrss is process-lifetime, this measures one phase."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def peak_vram_bytes() -> dict[str, int]:
+    if not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+
+
+def gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+@dataclass
+class RunSummary:
+    seconds: float = 0.0
+    peak_rss: int = 0
+    peak_vram: dict[str, int] = field(default_factory=dict)
+    quantized: list[str] = field(default_factory=list)
+    kept_fp: dict[str, str] = field(default_factory=dict)  # module -> reason
+    output_dir: str = ""
+    checkpoint_bytes: int = 0
+    output_bytes: int = 0
+    method: str = ""
+    scheme: str = ""
+    block_losses: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        vram = ", ".join(f"{d} {gib(b)}" for d, b in self.peak_vram.items()) or "no GPU used"
+        reasons: dict[str, list[str]] = {}
+        for name, why in self.kept_fp.items():
+            reasons.setdefault(why, []).append(name)
+        kept = "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)}: {why})" for why, names in reasons.items())
+        return [
+            f"lowbit summary: {self.method} {self.scheme} -> {self.output_dir}",
+            f"  time {self.seconds:.1f} s | peak RSS {gib(self.peak_rss)} (checkpoint {gib(self.checkpoint_bytes)}) | peak VRAM {vram}",
+            f"  quantized {len(self.quantized)} linears | output {gib(self.output_bytes)}",
+            f"  kept in full precision: {kept or 'nothing'}",
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds": round(self.seconds, 2),
+            "peak_rss_bytes": self.peak_rss,
+            "peak_vram_bytes": self.peak_vram,
+            "quantized": self.quantized,
+            "kept_fp": self.kept_fp,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "output_bytes": self.output_bytes,
+            "method": self.method,
+            "scheme": self.scheme,
+            "block_losses": self.block_losses,
+        }

@@ -1,0 +1,308 @@
+"""The one block loop: capture -> algorithm -> pack -> propagate -> free.
+
+Memory stays bounded by one block plus the calibration cache: the model is a meta skeleton, each block's
+weights are streamed from the checkpoint when its turn comes and sent back to `meta` after, and packed
+tensors go to the output shards as soon as a shard is full. The output is built in
+`<output_dir>.lowbit-partial` with a progress file; a run that dies resumes from the last flushed shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .algorithms import BlockContext, algorithm
+from .arch import ArchSpec, spec_for
+from .atomic import atomic_folder, check_target, partial_path
+from .calib.capture import BlockInputs, capture_block_inputs, run_block
+from .calib.corpora import load_text
+from .calib.samples import calibration_windows
+from .config import AutoRoundConfig, CalibConfig, RtnConfig, RunConfig, Scheme
+from .errors import LowbitError
+from .export import FORMAT_WRITERS, ShardWriter
+from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
+from .model.skeleton import submodule
+from .quant import QuantResult
+from .quant.pack import unpack_bitstream
+from .report import RssSampler, RunSummary, peak_vram_bytes
+
+PROGRESS = "lowbit_progress.json"
+LOG = "lowbit_log.json"
+# files that describe the tokenizer and generation; copied verbatim into the output
+TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*", "*.model", "vocab*", "merges.txt", "added_tokens.json", "preprocessor_config.json", "processor_config.json")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LowbitError(f"device {device!r} requested but no CUDA GPU is visible", "pass --device cpu")
+    return torch.device(device)
+
+
+def compute_dtype(device: torch.device, ckpt: Checkpoint) -> torch.dtype:
+    """fp32 on the CPU (exact, and CPUs gain little from 16-bit); the checkpoint's 16-bit dtype on GPUs."""
+    if device.type == "cpu":
+        return torch.float32
+    source = getattr(ckpt.config, "dtype", None) or getattr(ckpt.config, "torch_dtype", None)
+    return torch.bfloat16 if str(source).endswith("bfloat16") else torch.float16
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise LowbitError(f"weight {name} contains NaN or inf", "fix or re-export the checkpoint; non-finite weights cannot be quantized")
+
+
+def plan_linears(block: torch.nn.Module, prefix: str, scheme: Scheme, formats) -> tuple[dict, dict]:
+    """Split a block's linears into (to quantize: name -> module, kept in fp: full name -> reason)."""
+    quantize, kept = {}, {}
+    for name, module in block.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        reasons = [w.can_hold(scheme, module.out_features, module.in_features) for w in formats]
+        reason = next((r for r in reasons if r), None)
+        if reason:
+            kept[f"{prefix}.{name}"] = reason
+        else:
+            quantize[name] = module
+    return quantize, kept
+
+
+def method_name(method) -> str:
+    return method if isinstance(method, str) else method.name
+
+
+def method_dict(method, calib: CalibConfig | None) -> dict:
+    out = {}
+    if isinstance(method, AutoRoundConfig):
+        out.update(iters=method.iters, lr=method.step_size, minmax_lr=method.minmax_step_size)
+    if calib is not None:
+        out.update(nsamples=calib.nsamples, seqlen=calib.seqlen)
+    return out
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def load_progress(folder: Path, key: str) -> dict | None:
+    path = folder / PROGRESS
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    return state if state.get("fingerprint") == key else None
+
+
+def save_progress(folder: Path, key: str, blocks_done: int, writer: ShardWriter) -> None:
+    state = {"fingerprint": key, "blocks_done": blocks_done, "shards": writer.shards, "weight_map": writer.weight_map, "total_bytes": writer.total_bytes}
+    tmp = folder / (PROGRESS + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(folder / PROGRESS)
+
+
+def set_dequantized(linears: dict, results: dict[str, QuantResult]) -> None:
+    """Make each linear compute with its quantized weight (the next block must see quantized outputs)."""
+    for name, result in results.items():
+        w = linears[name].weight
+        w.data = result.dequantize().to(device=w.device, dtype=w.dtype)
+
+
+def replay_quantized(folder: Path, writer: ShardWriter, prefix: str, linears: dict, scheme: Scheme, fmt) -> None:
+    """On resume: put a finished block's written (packed) weights back into its linears."""
+    from safetensors import safe_open
+
+    for name, linear in linears.items():
+        full = f"{prefix}.{name}"
+        with safe_open(folder / writer.weight_map[f"{full}.qweight"], framework="pt") as f:
+            codes = unpack_bitstream(f.get_tensor(f"{full}.qweight"), scheme.bits, 0).t()  # [N, K]
+            zeros = unpack_bitstream(f.get_tensor(f"{full}.qzeros"), scheme.bits, 1).t() + fmt.zero_offset(scheme)  # [N, G]
+            scales = f.get_tensor(f"{full}.scales").t().float()
+        result = QuantResult(scheme, codes, scales, zeros)
+        linear.weight.data = result.dequantize().to(linear.weight)
+
+
+def copy_side_files(source: Path, target: Path) -> None:
+    for pattern in TOKENIZER_GLOBS:
+        for f in source.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, target / f.name)
+
+
+def quantize(
+    model: str,
+    method: str | RtnConfig | AutoRoundConfig = "rtn",
+    scheme: Scheme = Scheme(),
+    calib: CalibConfig = CalibConfig(),
+    run: RunConfig = RunConfig(),
+    progress: bool = True,
+) -> RunSummary:
+    """Quantize a checkpoint block by block and export it. Returns the run summary.
+
+    Args:
+        model: checkpoint folder, .gguf file or "default".
+        method: "rtn", "autoround" or a method config (RtnConfig, AutoRoundConfig).
+        scheme: bits / group size / symmetry for every quantized linear.
+        calib: calibration text and sizes (ignored by RTN).
+        run: output folder, formats, device, lm_head handling.
+    """
+    started = time.time()
+    target = Path(run.output_dir)
+    check_target(target, run.overwrite)  # before any work: refuse early
+    name = method_name(method)
+    method_cfg = method if not isinstance(method, str) else (AutoRoundConfig() if name == "autoround" else RtnConfig())
+    block_fn, needs_calib = algorithm(name)
+    formats = [FORMAT_WRITERS[f] for f in run.formats]
+    ckpt = Checkpoint(resolve_model(model))
+    spec = spec_for(ckpt.config)
+    device = resolve_device(run.device)
+    dtype = compute_dtype(device, ckpt)
+    storage = device if device.type == "cpu" or not getattr(method_cfg, "low_gpu_mem", False) else torch.device("cpu")
+    summary = RunSummary(method=name, scheme=f"W{scheme.bits}A16 g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", output_dir=str(target), checkpoint_bytes=ckpt.total_bytes)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    key = fingerprint(str(ckpt.path), name, method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
+    partial = partial_path(target)
+    state = load_progress(partial, key) if partial.exists() else None
+    if partial.exists() and state is None:
+        shutil.rmtree(partial)  # a partial run of other settings: start over
+
+    with RssSampler() as rss, atomic_folder(target, run.overwrite) as folder:
+        skeleton = build_skeleton(ckpt.config, dtype=dtype)
+        blocks = submodule(skeleton, spec.blocks)
+        writer = ShardWriter(folder, run.max_shard_bytes)
+        done = 0
+        if state:
+            writer.shards, writer.weight_map, writer.total_bytes = state["shards"], state["weight_map"], state["total_bytes"]
+            done = state["blocks_done"]
+        inputs = capture(skeleton, ckpt, spec, calib, device, dtype, storage, blocks) if needs_calib else None
+
+        bar = tqdm(range(len(blocks)), desc=f"lowbit {name}", unit="block", disable=not progress)
+        pending = []  # blocks whose tensors sit in the writer's buffer
+        for i in bar:
+            prefix = f"{spec.blocks}.{i}"
+            block = load_module(skeleton, prefix, ckpt, spec, device, dtype)
+            for pname, p in block.named_parameters():
+                check_finite(f"{prefix}.{pname}", p)
+            linears, kept = plan_linears(block, prefix, scheme, formats)
+            summary.kept_fp.update(kept)
+            summary.quantized.extend(f"{prefix}.{n}" for n in linears)
+            if i < done:  # resumed: the block is on disk; only its outputs are needed
+                if inputs is not None:
+                    replay_quantized(folder, writer, prefix, linears, scheme, formats[0])
+                    inputs.hidden = run_block(block, inputs.hidden, inputs.kwargs_for(i, device), calib.batch_size, device, storage)
+                free_module(block)
+                continue
+            ctx = BlockContext(
+                index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec,
+                device=device, storage=storage, batch_size=calib.batch_size,
+                inputs=None if inputs is None else inputs.hidden,
+                kwargs=None if inputs is None else inputs.kwargs_for(i, device),
+                log=bar.write,
+            )
+            results = block_fn(ctx, method_cfg)
+            if getattr(ctx, "losses", None):
+                summary.block_losses.append((i, *ctx.losses))
+            if inputs is not None and i < len(blocks) - 1:
+                if getattr(method_cfg, "enable_quanted_input", True):
+                    set_dequantized(linears, results)
+                    inputs.hidden = run_block(block, inputs.hidden, ctx.kwargs, calib.batch_size, device, storage)
+                else:
+                    fp_out = run_block(block, inputs.hidden, ctx.kwargs, calib.batch_size, device, storage)
+                    inputs.hidden = fp_out
+            writer.add(block_tensors(block, prefix, linears, results, formats[0]))
+            pending.append(i)
+            if not writer.buffer:  # flushed: everything up to this block is durable
+                save_progress(folder, key, i + 1, writer)
+                pending = []
+            free_module(block)
+        bar.close()
+        if inputs is not None:
+            del inputs
+
+        writer.add(outside_tensors(skeleton, ckpt, spec, run, scheme, formats[0], summary))
+        writer.finish()
+        tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+        write_config(folder, ckpt, spec, scheme, summary, method_dict(method_cfg, calib if needs_calib else None), untie=run.quant_lm_head and tied, fmt=formats[0])
+        copy_side_files(ckpt.path, folder)
+        (folder / PROGRESS).unlink(missing_ok=True)
+        summary.output_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        summary.seconds = time.time() - started
+        summary.peak_vram = peak_vram_bytes()
+        summary.peak_rss = rss.peak
+        (folder / LOG).write_text(json.dumps(summary.to_dict(), indent=2))
+    summary.peak_rss = max(summary.peak_rss, rss.peak)
+    return summary
+
+
+def capture(skeleton, ckpt, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks) -> BlockInputs:
+    """Tokenize the calibration text and record every block's inputs (only pre-block modules loaded)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    windows = calibration_windows(tokenizer, load_text(calib.dataset), calib)
+    loaded = [load_module(skeleton, path, ckpt, spec, device, dtype) for path in (spec.embed, *spec.pre_block)]
+    inputs = capture_block_inputs(skeleton, blocks, windows, device, storage)
+    for module in loaded:
+        free_module(module)
+    return inputs
+
+
+def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantResult], fmt) -> dict[str, torch.Tensor]:
+    """Packed tensors of the quantized linears plus every other parameter of the block, as it is now."""
+    out = {}
+    for name, result in results.items():
+        out.update(fmt.layer_tensors(f"{prefix}.{name}", result))
+    skip = {f"{n}.weight" for n in linears} | {f"{n}.bias" for n in linears}
+    for name, t in block.state_dict().items():
+        if name not in skip:
+            out[f"{prefix}.{name}"] = t
+    return out
+
+
+def outside_tensors(skeleton, ckpt: Checkpoint, spec: ArchSpec, run: RunConfig, scheme: Scheme, fmt, summary: RunSummary) -> dict:
+    """Everything outside the blocks, copied from the checkpoint; lm_head quantized (RTN) if asked."""
+    from .quant import quantize_weight
+
+    out = {}
+    block_prefix = spec.blocks + "."
+    for name in ckpt.index:
+        if name.startswith(block_prefix):
+            continue
+        t = ckpt.tensor(name)
+        check_finite(name, t)
+        out[name] = t
+    head = f"{spec.lm_head}.weight"
+    weight = out.pop(head, None)
+    if run.quant_lm_head:
+        if weight is None:  # tied: the head reads the embedding
+            weight = ckpt.tensor(f"{spec.embed}.weight")
+        n, k = weight.shape
+        reason = fmt.can_hold(scheme, n, k)
+        if reason is None:
+            out.update(fmt.layer_tensors(spec.lm_head, quantize_weight(weight.float(), scheme)))
+            summary.quantized.append(spec.lm_head)
+            return out
+        summary.kept_fp[spec.lm_head] = reason
+        out[head] = weight
+        return out
+    if weight is not None:
+        out[head] = weight
+    summary.kept_fp[spec.lm_head] = "lm_head stays in full precision (pass --quant_lm_head to quantize it)"
+    summary.kept_fp[spec.embed] = "embeddings stay in full precision"
+    return out
+
+
+def write_config(folder: Path, ckpt: Checkpoint, spec: ArchSpec, scheme: Scheme, summary: RunSummary, method: dict, untie: bool, fmt) -> None:
+    config = ckpt.config.to_dict()
+    if untie:
+        config["tie_word_embeddings"] = False
+    kept = [k for k in summary.kept_fp if k.startswith(spec.blocks + ".")]
+    config["quantization_config"] = fmt.quantization_config(scheme, spec.blocks, kept, method, __version__)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
