@@ -207,7 +207,7 @@ def quantize(
                 log=bar.write,
             )
             results = block_fn(ctx, method_cfg)
-            if getattr(ctx, "losses", None):
+            if ctx.losses:
                 summary.block_losses.append((i, *ctx.losses))
             if inputs is not None and i < len(blocks) - 1:
                 if getattr(method_cfg, "enable_quanted_input", True):

@@ -31,3 +31,4 @@ class BlockContext:
     inputs: list[torch.Tensor] | None = None
     kwargs: dict | None = None
     log: object = None  # callable(str) for per-block progress lines
+    losses: tuple[float, float] | None = None  # (loss at start, best loss), set by calibrated methods
