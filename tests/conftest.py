@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny offline models built with from_config, the real default model, GPU skips."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if has_gpu else 0
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lowbit_home(tmp_path_factory):
+    """Keep converted models and texts in the user's cache unless LOWBIT_HOME is set (CI reuses setup's)."""
+    os.environ.setdefault("LOWBIT_HOME", str(tmp_path_factory.mktemp("lowbit_home")))
+    return os.environ["LOWBIT_HOME"]
+
+
+def save_tiny_llama(path, hidden=256, intermediate=512, layers=2, vocab=512, heads=4, kv_heads=2, tie=False, seed=0):
+    """A random tiny Llama checkpoint on disk (offline, from_config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512, tie_word_embeddings=tie,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    path = tmp_path / "tiny-llama"
+    model = save_tiny_llama(path)
+    return path, model

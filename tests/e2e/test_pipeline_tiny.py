@@ -1,0 +1,114 @@
+"""The whole pipeline on a tiny random Llama: quantize -> export -> load, against an independent reference."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lowbit
+from lowbit.export.auto_round import layer_tensors
+from tests.reference import reference_rtn_model
+
+
+def quantize_tiny(src, out, scheme, **run):
+    return lowbit.quantize(str(src), "rtn", scheme, run=lowbit.RunConfig(output_dir=str(out), device="cpu", **run), progress=False)
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, False), (4, 64, True), (3, 128, False), (2, 32, False), (8, -1, True)])
+def test_loaded_logits_match_reference_rtn(tiny_llama, tmp_path, bits, group_size, sym):
+    src, fp_model = tiny_llama
+    out = tmp_path / "q"
+    summary = quantize_tiny(src, out, lowbit.Scheme(bits, group_size, sym))
+    assert len(summary.quantized) == 2 * 7
+    model = lowbit.load(out)
+    x = torch.randint(0, 512, (2, 24))
+    want = reference_rtn_model(fp_model, bits, group_size, sym)(x).logits
+    got = model(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_layout_and_config(tiny_llama, tmp_path):
+    src, _ = tiny_llama
+    out = tmp_path / "q"
+    quantize_tiny(src, out, lowbit.Scheme(4, 128, False))
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "auto-round" and qc["packing_format"] == "auto_round"
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["block_name_to_quantize"]) == (4, 128, False, "model.layers")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        q = f.get_tensor("model.layers.0.mlp.down_proj.qweight")  # down: K=512 in, N=256 out
+        z = f.get_tensor("model.layers.0.mlp.down_proj.qzeros")
+        s = f.get_tensor("model.layers.0.mlp.down_proj.scales")
+    assert (q.dtype, tuple(q.shape)) == (torch.int32, (512 * 4 // 32, 256))
+    assert (z.dtype, tuple(z.shape)) == (torch.int32, (4, 256 * 4 // 32))
+    assert (s.dtype, tuple(s.shape)) == (torch.float16, (4, 256))
+    assert "model.layers.0.mlp.down_proj.weight" not in names and "model.layers.0.mlp.down_proj.g_idx" not in names
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names and "model.norm.weight" in names
+    assert not list(tmp_path.glob("*.lowbit-partial"))
+
+
+def test_symmetric_export_stores_zero_minus_one(tiny_llama, tmp_path):
+    src, _ = tiny_llama
+    out = tmp_path / "q"
+    quantize_tiny(src, out, lowbit.Scheme(4, 128, True))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["packing_format"] == "auto_round:auto_gptq"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        z = f.get_tensor("model.layers.1.self_attn.q_proj.qzeros")
+    assert torch.all(z == 0x77777777)  # zero 8 stored as 7 in every nibble
+
+
+def test_tied_lm_head_quantized_on_request(tmp_path):
+    from tests.conftest import save_tiny_llama
+
+    src = tmp_path / "tied"
+    save_tiny_llama(src, tie=True)
+    out = tmp_path / "q"
+    summary = quantize_tiny(src, out, lowbit.Scheme(4, 128, False), quant_lm_head=True)
+    assert "lm_head" in summary.quantized
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    model = lowbit.load(out)
+    assert type(model.lm_head).__name__ == "QuantLinear"
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_resume_after_a_crash_gives_the_same_output(tiny_llama, tmp_path, monkeypatch):
+    import lowbit.runner as runner
+
+    src, _ = tiny_llama
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    quantize_tiny(src, clean, lowbit.Scheme(4, 128, False), max_shard_bytes=1)
+    real = runner.block_tensors
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in block 1")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "block_tensors", dying)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize_tiny(src, crashed, lowbit.Scheme(4, 128, False), max_shard_bytes=1)
+    assert not crashed.exists() and (tmp_path / "crashed.lowbit-partial").is_dir()
+    monkeypatch.setattr(runner, "block_tensors", real)
+    calls.clear()
+    quantize_tiny(src, crashed, lowbit.Scheme(4, 128, False), max_shard_bytes=1)
+    assert crashed.is_dir() and not (tmp_path / "crashed.lowbit-partial").exists()
+    a, b = lowbit.load(clean), lowbit.load(crashed)
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(ta, tb), name
+
+
+def test_layer_tensors_pack_what_quantize_produced():
+    w = torch.randn(64, 96)
+    result = lowbit.quant.quantize_weight(w, lowbit.Scheme(4, 32, False))
+    t = layer_tensors("x", result)
+    from lowbit.kernels import QuantLinear
+
+    layer = QuantLinear(96, 64, 4, 32)
+    layer.load_state_dict({"qweight": t["x.qweight"], "qzeros": t["x.qzeros"], "scales": t["x.scales"]})
+    torch.testing.assert_close(layer.dequantize_weight(torch.float32), result.dequantize())
