@@ -1,6 +1,7 @@
 """Write a folder atomically: build it as `<target>.lowbit-partial` beside the target, rename at the end.
 
-A run that dies leaves no half-written target; the partial folder stays so the run can resume.
+A run that dies leaves no half-written target; the partial folder stays so the run can resume, except
+after an input error (LowbitError), which no resume can fix.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ def atomic_folder(target: str | Path, overwrite: bool = False, resume: bool = Tr
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    yield partial
+    try:
+        yield partial
+    except LowbitError:
+        # bad input is not resumable (the input must change): leave nothing behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if target.exists():
         old = target.with_name(target.name + ".lowbit-old")
         os.replace(target, old)
