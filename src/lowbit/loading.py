@@ -58,13 +58,15 @@ def cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 t.data = t.data.to(dtype)
 
 
-def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None):
+def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None):
     """Load a quantized folder. Returns a transformers model in eval mode.
 
     Args:
         path: output folder of `lowbit quantize` (or another auto_round / gptq export).
         device_map: None (CPU), "auto", a device string, or an accelerate device map dict.
         dtype: activation dtype; default float32 on the CPU, float16 on GPUs.
+        max_memory: with device_map="auto", the most memory per device (accelerate's form, e.g.
+            {0: "2GiB", 1: "2GiB", "cpu": "30GiB"}); None lets accelerate use what is free.
     """
     path = Path(path)
     ckpt = Checkpoint(path)
@@ -92,7 +94,10 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None):
         device_map = {"": str(device_map)}
     no_split = getattr(model, "_no_split_modules", None) or []
     model.tie_weights()
-    model = load_checkpoint_and_dispatch(model, str(path), device_map=device_map, no_split_module_classes=no_split)
+    model = load_checkpoint_and_dispatch(model, str(path), device_map=device_map, max_memory=max_memory, no_split_module_classes=no_split)
     cast_floats(model, dtype)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.post_load()  # the kernels' internal layout, built once on the layer's device
     model.lowbit_quantization_config = qc
     return model.eval()

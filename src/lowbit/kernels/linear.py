@@ -4,9 +4,16 @@ Buffers (W [N, K], G groups): qweight int32 [K*bits/32, N], qzeros int32 [G, N*b
 scales fp16 [G, N], optional bias [N]. `zero_offset` is 1 for GPTQ-v1 style checkpoints (stored
 zero = zero - 1) and 0 otherwise.
 
-forward() dequantizes with torch and calls F.linear. A faster path (a Triton kernel on CUDA) plugs in
-through `set_forward_impl`: it receives the layer and the input and returns the output, or None to fall
-back to the torch path.
+forward() picks the compute path by device: on CUDA (2, 4 or 8 bits, Triton installed) the fused Triton
+kernels through the `lowbit::quant_linear` custom op, which reads the internal layout of repack.py; on the
+CPU (and for 3 bits) it dequantizes with torch and calls F.linear. `post_load()` builds the internal
+layout once (the zeros unpacked into the non-persistent buffer `zeros_fast`; qweight and scales are
+shared as they are); lowbit.load() calls it, and forward() calls it on first use otherwise (call it
+yourself before torch.compile: a compiled forward must not create buffers). After changing qweight,
+qzeros or scales in place, call post_load() again.
+
+`set_forward_impl` can still install an override `fn(layer, x) -> Tensor | None` tried first (None falls
+through to the paths above).
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.pack import unpack_bitstream
+from .repack import Packed, from_gptq
+from .triton import HAVE_TRITON
+
+if HAVE_TRITON:
+    from . import ops  # registers torch.ops.lowbit.*
 
 _FAST_FORWARD: Callable | None = None
 
@@ -53,6 +65,7 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:
             self.bias = None
+        self.register_buffer("zeros_fast", None, persistent=False)  # fp16 [G, N], built by post_load()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -73,10 +86,26 @@ class QuantLinear(torch.nn.Module):
         w = (self.codes().float() - zeros) * scales  # [K, N]
         return w.t().to(dtype or self.scales.dtype)
 
+    def post_load(self) -> None:
+        """Build the kernels' internal layout from the checkpoint buffers (once, after loading)."""
+        self.zeros_fast = from_gptq(self.qweight, self.qzeros, self.scales, self.bits, self.group_size, self.zero_offset).zeros
+
+    def packed(self) -> Packed:
+        """The internal layout (repack.py) the Triton kernels read."""
+        if self.zeros_fast is None or self.zeros_fast.device != self.qweight.device:
+            self.post_load()
+        return Packed(self.qweight, self.scales, self.zeros_fast, self.bits, self.group_size)
+
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        return HAVE_TRITON and x.is_cuda and self.bits in (2, 4, 8) and x.dtype in (torch.float16, torch.bfloat16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _FAST_FORWARD is not None:
             out = _FAST_FORWARD(self, x)
             if out is not None:
                 return out
+        if self.uses_triton(x):
+            p = self.packed()
+            return ops.quant_linear(x, p.qweight, p.scales, p.zeros, self.bias, self.bits, self.group_size)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)

@@ -1,0 +1,72 @@
+"""The one internal layout the fast kernels read, and the repacks that build it from checkpoint layouts.
+
+Internal layout `Packed` for W [N=out, K=in], G = ceil(K / group_size) groups (the last may be partial):
+    qweight  int32 [K * bits / 32, N]  codes packed along K as a little-endian bit stream: for 4 bits,
+                                       code k of a column sits in word k // 8 at bits 4 * (k % 8).
+                                       This is exactly GPTQ / auto_round's qweight, so those checkpoints
+                                       share the tensor (no copy); AWQ's is repacked into it.
+    scales   fp16  [G, N]              as in the checkpoint
+    zeros    fp16  [G, N]              zero points unpacked, stored offset undone (exact: integers < 256)
+Dequant: W[n, k] = scales[k // group_size, n] * (code[k, n] - zeros[k // group_size, n]).
+
+Why this layout: a [BLOCK_K * bits / 32, BLOCK_N] tile of qweight is a set of rows contiguous along N, so a
+warp reads whole 128-byte lines with 16-byte loads, and the shifts that unpack a word give consecutive k
+(what tl.dot wants along its reduction axis). Zeros unpacked to fp16 cost 2 bytes per group and column
+(+3% bytes at 4 bits, group 128) and save a shift-and-mask per group in the kernel's inner loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.pack import pack_bitstream, unpack_bitstream
+
+# AutoAWQ's GEMM packing: the 8 nibbles of a word hold output columns in this order
+# (word w, nibble j holds column 8*w + AWQ_ORDER[j]).
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+@dataclass
+class Packed:
+    qweight: torch.Tensor  # int32 [K * bits / 32, N]
+    scales: torch.Tensor  # fp16 [G, N]
+    zeros: torch.Tensor  # fp16 [G, N]
+    bits: int
+    group_size: int  # never -1 here: per-channel is group_size == K
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the weight."""
+        return self.qweight.shape[1], self.qweight.shape[0] * 32 // self.bits
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, zero_offset: int) -> Packed:
+    """auto_round / GPTQ tensors -> Packed. qweight is shared, not copied; only the zeros are unpacked."""
+    zeros = unpack_bitstream(qzeros, bits, dim=1) + zero_offset  # int32 [G, N]
+    return Packed(qweight, scales, zeros.to(torch.float16), bits, group_size)
+
+
+def _awq_unpack(words: torch.Tensor) -> torch.Tensor:
+    """int32 [R, N/8] in AWQ's interleaved nibble order -> int32 [R, N] codes in column order."""
+    shifts = torch.tensor([4 * AWQ_ORDER.index(c) for c in range(8)], device=words.device, dtype=torch.int32)
+    codes = (words.unsqueeze(-1) >> shifts) & 0xF  # [R, N/8, 8]: codes[..., c] is column 8*w + c
+    return codes.reshape(words.shape[0], -1)
+
+
+def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Packed:
+    """AutoAWQ GEMM tensors (4 bits: qweight int32 [K, N/8], qzeros int32 [G, N/8], scales fp16 [G, N]) -> Packed."""
+    codes_kn = _awq_unpack(qweight)  # [K, N]
+    zeros = _awq_unpack(qzeros)  # [G, N], AWQ stores zeros as is
+    return Packed(pack_bitstream(codes_kn, 4, dim=0), scales, zeros.to(torch.float16), 4, group_size)
+
+
+def awq_pack(codes_kn: torch.Tensor) -> torch.Tensor:
+    """Reference AWQ packer (tests and benchmarks): int [R, N] codes -> int32 [R, N/8] interleaved."""
+    r, n = codes_kn.shape
+    c = codes_kn.to(torch.int64).reshape(r, n // 8, 8)
+    word = torch.zeros(r, n // 8, dtype=torch.int64, device=codes_kn.device)
+    for j, col in enumerate(AWQ_ORDER):
+        word |= (c[..., col] & 0xF) << (4 * j)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)

@@ -1,0 +1,210 @@
+"""Fused dequantize-matmul: out [M, N] = x [M, K] @ W^T [K, N], W read from `Packed` (2/4/8 bits).
+
+One kernel, two regimes picked by `pick_config` from M:
+
+* small M (decode, M <= 64): memory bound, so the goal is to stream the packed weight once at full
+  bandwidth. The K loop is split over SPLIT_K programs per output tile (enough programs to fill the SMs
+  even when N is small), partial sums meet in an fp32 buffer through atomic adds. When a K chunk lies in
+  one group (group_size % BLOCK_K == 0) the scale and zero are applied *after* the dot, per chunk:
+      sum_k x_k * s * (q_k - z) = s * (x . q - z * sum_k x_k)
+  so the inner loop only unpacks codes (exact in fp16/bf16) and feeds tl.dot; no per-weight multiply.
+* larger M: compute bound, a grouped-order tiled GEMM that dequantizes each [BLOCK_K, BLOCK_N] tile to the
+  activation dtype (in fp32, one rounding) and accumulates with tl.dot; the dequantize cost is shared by
+  BLOCK_M rows. For the largest M, `pick_config` may instead return None: dequantize the whole weight once
+  (dequant.py) and call cuBLAS, which wins once the matmul dwarfs the extra weight traffic.
+
+All accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..repack import Packed
+from . import device_guard, interpreting
+from .dequant import _unpack_tile, dequantize
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b with b rounded to a's dtype first. DOT_F32 runs the product in exact fp32: only for
+    bf16 under TRITON_INTERPRET=1, whose bf16 tl.dot returns garbage (Triton 3.9); the GPU never sets it."""
+    if DOT_F32:  # (the interpreter also botches int -> bf16 casts, so go through fp32)
+        b = b.to(tl.float32).to(a.dtype).to(tl.float32)
+        return tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
+def _qmm_kernel(
+    # pointers: x [M, K], packed weight (qweight [K*BITS/32, N], scales/zeros [G, N]), bias [N], out [M, N]
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, chunks_per_split,
+    # strides of the row dimension (x and out have a contiguous last dimension)
+    stride_xm, stride_om,
+    # meta-parameters
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    VALS: tl.constexpr = 32 // BITS  # codes per int32 word
+    # Axis 0 enumerates output tiles in grouped order (GROUP_M row-tiles share each weight column-tile
+    # while it sits in L2); axis 1 is the K split.
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    c_start = pid_k * chunks_per_split
+    c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
+    for c in range(c_start, c_end):
+        offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+        offs_w = c * (BLOCK_K // VALS) + tl.arange(0, BLOCK_K // VALS)  # packed rows [BK / VALS]
+        # Out-of-range k read x = 0 and codes = 0, so they add nothing on either path.
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < K // VALS) & n_ok[None, :], other=0)
+        codes = _unpack_tile(words, BITS, BLOCK_K, BLOCK_N)  # int32 [BK, BN]
+        if GROUP_PER_CHUNK:
+            g = (c * BLOCK_K) // GROUP_SIZE  # the one group of this chunk
+            s = tl.load(scales_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
+            z = tl.load(zeros_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
+            if SCALE_AFTER_DOT:
+                d = _dot(x, codes, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_F32)  # [BM, BN] = x . q
+                xs = tl.sum(x.to(tl.float32), axis=1)  # [BM] = sum_k x
+                acc += (d - xs[:, None] * z[None, :]) * s[None, :]
+            else:
+                w = (codes.to(tl.float32) - z[None, :]) * s[None, :]
+                acc = _dot(x, w, acc, DOT_F32)
+        else:  # groups smaller than the chunk: per-k scale and zero rows
+            group = offs_k // GROUP_SIZE  # [BK]
+            gmask = (offs_k[:, None] < K) & n_ok[None, :]
+            s = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            z = tl.load(zeros_ptr + group[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            w = (codes.to(tl.float32) - z) * s  # [BK, BN]
+            acc = _dot(x, w, acc, DOT_F32)
+
+    if HAS_BIAS:  # added once, by the first K split
+        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    omask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:  # out is an fp32 buffer the K splits add into
+        tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters of `_qmm_kernel`; split_k is the number of programs sharing one tile's K loop."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    scale_after_dot: bool = True
+    group_m: int = 8
+
+
+# M from which dequantize + cuBLAS replaces the fused kernel (set from bench/kernels.py on an H100).
+DEQUANT_MIN_M = 1024
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
+    """Kernel choice by M; None means dequantize + cuBLAS."""
+    if m >= DEQUANT_MIN_M:
+        return None
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        block_n, block_k = 128, 128
+        if group_size % block_k and group_size < k and group_size % 64 == 0:
+            block_k = 64  # keep one group per chunk for the scale-after-dot path
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        chunks = triton.cdiv(k, block_k)
+        split = 1
+        while tiles * split < 2 * sm_count and chunks // (split * 2) >= 4:
+            split *= 2
+        return Config(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4, scale_after_dot=True)
+    block_m = 64 if m <= 128 else 128
+    return Config(block_m, 128, 64, split_k=1, num_warps=4 if m <= 128 else 8, num_stages=4 if m <= 128 else 3, scale_after_dot=False)
+
+
+def quant_matmul(
+    x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, config: Config | None | str = "auto", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ dequant(p) (+ bias), in x's dtype (fp16 or bf16).
+
+    config: "auto" (pick_config), a Config, or None (dequantize + cuBLAS).
+    out: optional [M, N] tensor of x's dtype to write into (tests poison it first).
+    """
+    n, k = p.shape
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"activations must be fp16 or bf16, got {x.dtype}")
+    if p.bits not in (2, 4, 8):
+        raise ValueError(f"the fused kernel reads 2, 4 or 8 bits, not {p.bits}")
+    if x.device != p.qweight.device or (bias is not None and bias.device != x.device):
+        raise ValueError(f"x on {x.device}, weight on {p.qweight.device}: move them to one device")
+    if p.scales.shape != p.zeros.shape or p.scales.shape[1] != n or p.scales.shape[0] != -(-k // p.group_size):
+        raise ValueError(f"scales {tuple(p.scales.shape)} / zeros {tuple(p.zeros.shape)} do not fit W [{n}, {k}] at group {p.group_size}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
+        raise ValueError(f"out must be a [{m}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
+    if isinstance(config, str):
+        config = pick_config(m, n, k, p.bits, p.group_size, _sm_count(x.device))
+    if config is None:
+        w = dequantize(p, x.dtype)  # [K, N]
+        if bias is None:
+            return torch.mm(x, w, out=out)
+        return torch.addmm(bias.to(x.dtype), x, w, out=out)
+
+    cfg = config
+    gs_whole = p.group_size >= k  # one group (per-channel): every chunk lies in it
+    group_per_chunk = gs_whole or p.group_size % cfg.block_k == 0
+    chunks = triton.cdiv(k, cfg.block_k)
+    per_split = triton.cdiv(chunks, cfg.split_k)
+    split = triton.cdiv(chunks, per_split)  # no empty splits
+    atomic = split > 1
+    # With a K split the partial sums meet in a zeroed fp32 buffer, cast into `out` at the end.
+    target = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else out
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    with device_guard(p.qweight):
+        _qmm_kernel[grid](
+            x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target,
+            m, n, k, per_split,
+            x.stride(0), target.stride(0),
+            BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
+            GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=cfg.scale_after_dot and group_per_chunk,
+            DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out.copy_(target) if atomic else out

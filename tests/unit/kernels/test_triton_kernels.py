@@ -1,0 +1,232 @@
+"""Triton kernels against a float64 torch reference built straight from random codes, zeros and scales
+(never from the code under test). Outputs are poisoned with NaN first, so an unwritten element fails.
+
+Small shapes run everywhere (CPU under TRITON_INTERPRET=1 in CI); `gpu` tests add large shapes, CUDA graphs
+and a second device. Shapes are chosen so N and K are not multiples of the tiles and the last group is
+partial (K % group_size != 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels.repack import Packed, awq_pack, from_awq, from_gptq
+from lowbit.kernels.triton.dequant import dequantize
+from lowbit.kernels.triton.matmul import Config, quant_matmul
+from lowbit.quant.pack import pack_bitstream
+
+# relative error ||out - ref|| / ||ref|| allowed per activation dtype (fp32 accumulation; the rest is the
+# rounding of the weight tile and of the output to 16 bits)
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def random_layer(n: int, k: int, bits: int, group_size: int, sym: bool, seed: int):
+    """Random codes [K, N], zeros [G, N], scales fp16 [G, N] and their float64 W^T [K, N]."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = k if group_size == -1 else group_size
+    g = -(-k // gs)
+    codes = torch.randint(0, 2**bits, (k, n), generator=gen)
+    zeros = torch.full((g, n), 2 ** (bits - 1)) if sym else torch.randint(0, 2**bits, (g, n), generator=gen)
+    scales = (torch.rand(g, n, generator=gen) * 0.05 + 0.005).half()
+    group = torch.arange(k) // gs
+    w_t = (codes.double() - zeros.double()[group]) * scales.double()[group]  # [K, N]
+    return codes, zeros, scales, gs, w_t
+
+
+def gptq_packed(codes, zeros, scales, bits, gs, zero_offset, device) -> Packed:
+    """Through the checkpoint layout (qzeros store zero - zero_offset) and the load-time repack."""
+    qweight = pack_bitstream(codes, bits, dim=0)
+    qzeros = pack_bitstream(zeros - zero_offset, bits, dim=1)
+    p = from_gptq(qweight.to(device), qzeros.to(device), scales.to(device), bits, gs, zero_offset)
+    return p
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output: an element was not written"
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+# (M, N, K): N, K off the tiles; K = 160 with group 64/128 leaves a partial last group
+SMALL = [(1, 40, 160), (5, 72, 96), (33, 24, 224)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_matmul_small(device, bits, group_size, sym, dtype):
+    for i, (m, n, k) in enumerate(SMALL):
+        seed = hash((bits, group_size, sym, str(dtype), i)) % 2**31
+        codes, zeros, scales, gs, w_t = random_layer(n, k, bits, group_size, sym, seed)
+        p = gptq_packed(codes, zeros, scales, bits, gs, int(sym), device)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+        bias = torch.randn(n).to(dtype) if i % 2 else None
+        ref = x.double() @ w_t + (0 if bias is None else bias.double())
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+        got = quant_matmul(x.to(device), p, None if bias is None else bias.to(device), out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert rel_err(out, ref) < TOL[dtype], (m, n, k)
+
+
+# Every code path of the kernel, forced: split-K with scale-after-dot, per-element dequant with one group
+# per chunk, groups smaller than the chunk, the grouped GEMM order with several M tiles, dequant + matmul.
+CONFIGS = {
+    "splitk_after_dot": Config(16, 32, 32, split_k=3),
+    "splitk_per_element": Config(16, 32, 32, split_k=2, scale_after_dot=False),
+    "gemm_small_groups": Config(16, 32, 64, group_m=2, scale_after_dot=False),
+    "dequant_cublas": None,
+}
+
+
+@pytest.mark.parametrize("path", list(CONFIGS))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quant_matmul_paths(device, path, bits):
+    m, n, k, gs = 50, 48, 224, 32  # 4 M-tiles of 16, N and K off the tiles, 7 groups
+    codes, zeros, scales, gs, w_t = random_layer(n, k, bits, gs, False, seed=bits * 7 + len(path))
+    p = gptq_packed(codes, zeros, scales, bits, gs, 0, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(n)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=device)
+    quant_matmul(x.half().to(device), p, bias.half().to(device), config=CONFIGS[path], out=out)
+    assert rel_err(out, x.half().double() @ w_t + bias.half().double()) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize(device, bits, dtype):
+    codes, zeros, scales, gs, w_t = random_layer(48, 96, bits, 64, False, seed=bits)
+    p = gptq_packed(codes, zeros, scales, bits, gs, 0, device)
+    out = torch.full((96, 48), float("nan"), dtype=dtype, device=device)
+    dequantize(p, dtype, out=out)
+    tol = 1e-6 if dtype == torch.float32 else TOL[dtype] / 2
+    assert rel_err(out, w_t) < tol
+
+
+def test_awq_repack_matches_reference(device):
+    n, k, gs = 64, 96, 32
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, gs, False, seed=11)
+    qweight = awq_pack(codes)  # [K, N/8]
+    qzeros = awq_pack(zeros)  # [G, N/8]
+    # the interleave is real: packing in plain order gives other words
+    assert not torch.equal(qweight, pack_bitstream(codes, 4, dim=1))
+    p = from_awq(qweight.to(device), qzeros.to(device), scales.to(device), gs)
+    out = torch.full((k, n), float("nan"), dtype=torch.float32, device=device)
+    assert rel_err(dequantize(p, torch.float32, out=out), w_t) < 1e-6
+
+
+def test_awq_pack_known_word():
+    # columns 0..7 hold codes 0..7: nibble j holds column AWQ_ORDER[j] -> 0x75316420
+    word = awq_pack(torch.arange(8).reshape(1, 8))
+    assert word.item() == 0x75316420
+
+
+def test_shape_checks(device):
+    codes, zeros, scales, gs, _ = random_layer(32, 64, 4, 32, False, seed=0)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
+    with pytest.raises(ValueError):
+        quant_matmul(torch.randn(2, 63, dtype=torch.float16, device=device), p)
+    with pytest.raises(ValueError):
+        quant_matmul(torch.randn(2, 64, device=device), p)  # fp32 activations
+
+
+def test_custom_op_and_fake(device):
+    from lowbit.kernels import ops
+
+    codes, zeros, scales, gs, w_t = random_layer(24, 64, 4, 32, False, seed=5)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
+    x = torch.randn(2, 3, 64, dtype=torch.float16, device=device)
+    out = torch.ops.lowbit.quant_linear(x, p.qweight, p.scales, p.zeros, None, 4, gs)
+    assert out.shape == (2, 3, 24)
+    assert rel_err(out.reshape(6, 24), x.reshape(6, 64).double().cpu() @ w_t) < TOL[torch.float16]
+    torch.library.opcheck(ops.quant_linear, (x, p.qweight, p.scales, p.zeros, None, 4, gs), test_utils=("test_schema", "test_faketensor"))
+
+    compiled = torch.compile(lambda t: ops.quant_linear(t, p.qweight, p.scales, p.zeros, None, 4, gs) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), out * 2)
+
+
+def test_quantlinear_picks_path(device):
+    """QuantLinear: torch path on the CPU; on CUDA, Triton, agreeing with the torch path."""
+    from lowbit.kernels.linear import QuantLinear
+
+    n, k, gs = 48, 160, 64
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, gs, True, seed=9)
+    layer = QuantLinear(k, n, 4, gs, zero_offset=1)
+    layer.qweight.copy_(pack_bitstream(codes, 4, dim=0))
+    layer.qzeros.copy_(pack_bitstream(zeros - 1, 4, dim=1))
+    layer.scales.copy_(scales)
+    x = torch.randn(3, k)
+    assert not layer.uses_triton(x)
+    torch.testing.assert_close(layer.dequantize_weight(torch.float64).t(), w_t)
+    if device == "cuda":
+        layer = layer.cuda()
+        xh = x.half().cuda()
+        assert layer.uses_triton(xh)
+        assert rel_err(layer(xh), x.half().double() @ w_t) < TOL[torch.float16]
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+def _gpu(n_devices: int = 1):
+    if not torch.cuda.is_available() or torch.cuda.device_count() < n_devices:
+        pytest.skip(f"needs {n_devices} CUDA device(s)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 1024])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, False), (4, 32, True), (8, -1, True), (4, 64, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_large(m, bits, group_size, sym, dtype):
+    _gpu()
+    n, k = 4100, 2176  # off every tile; K % 128 = 0 but K % 256 != 0, partial groups at 1 when gs=-1
+    codes, zeros, scales, gs, w_t = random_layer(n, k, bits, group_size, sym, seed=m)
+    p = gptq_packed(codes, zeros, scales, bits, gs, int(sym), "cuda")
+    x = torch.randn(m, k).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    quant_matmul(x.cuda(), p, out=out)
+    assert rel_err(out, x.double() @ w_t) < TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph():
+    _gpu()
+    from lowbit.kernels import ops
+
+    codes, zeros, scales, gs, w_t = random_layer(512, 1024, 4, 128, False, seed=1)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, "cuda")
+    x = torch.randn(1, 1024, dtype=torch.float16, device="cuda")
+    f = lambda: ops.quant_linear(x, p.qweight, p.scales, p.zeros, None, 4, gs)  # noqa: E731
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        f()  # warm up (compile) outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = f()
+    x.copy_(torch.randn(1, 1024, dtype=torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, x.double().cpu() @ w_t) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_gpu_other_device_than_current():
+    """Weight and input on cuda:1 while cuda:0 is current: the launch must follow the weight."""
+    _gpu(2)
+    from lowbit.kernels.linear import QuantLinear
+
+    n, k, gs = 256, 512, 128
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, gs, False, seed=2)
+    layer = QuantLinear(k, n, 4, gs)
+    layer.qweight.copy_(pack_bitstream(codes, 4, dim=0))
+    layer.qzeros.copy_(pack_bitstream(zeros, 4, dim=1))
+    layer.scales.copy_(scales)
+    layer = layer.to("cuda:1")
+    torch.cuda.set_device(0)
+    for m in (1, 300, 2048):  # split-K, GEMM and dequantize + cuBLAS
+        x = torch.randn(m, k, dtype=torch.float16)
+        out = layer(x.to("cuda:1"))
+        assert out.device == torch.device("cuda:1")
+        assert rel_err(out, x.double() @ w_t) < TOL[torch.float16]
