@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,13 +14,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "multigpu" in item.keywords and gpus < 2:
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def lowbit_home(tmp_path_factory):
-    """Keep converted models and texts in the user's cache unless LOWBIT_HOME is set (CI reuses setup's)."""
-    os.environ.setdefault("LOWBIT_HOME", str(tmp_path_factory.mktemp("lowbit_home")))
-    return os.environ["LOWBIT_HOME"]
 
 
 def save_tiny_llama(path, hidden=256, intermediate=512, layers=2, vocab=512, heads=4, kv_heads=2, tie=False, seed=0):

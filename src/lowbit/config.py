@@ -111,6 +111,8 @@ class AutoRoundConfig:
         gradient_accumulate_steps: batches per optimizer step.
         seed: seed for sampling batches.
         low_gpu_mem: keep cached inputs on the CPU (pinned) instead of the GPU.
+        amp: 16-bit autocast on CUDA while tuning (the block's 16-bit dtype, else bf16); the CPU is fp32.
+        compile: torch.compile the fake-quantization math (off by default: compiling costs time up front).
     """
 
     name: str = "autoround"
@@ -122,6 +124,8 @@ class AutoRoundConfig:
     gradient_accumulate_steps: int = 1
     seed: int = 42
     low_gpu_mem: bool = False
+    amp: bool = True
+    compile: bool = False
 
     def __post_init__(self):
         if self.iters < 0:
@@ -165,7 +169,7 @@ class RunConfig:
     device: str = "auto"
     quant_lm_head: bool = False
     overwrite: bool = False
-    max_shard_bytes: int = 2 * 1024**3
+    max_shard_bytes: int = 512 * 1024**2
 
     def __post_init__(self):
         unknown = [f for f in self.formats if f not in FORMATS]

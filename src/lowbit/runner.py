@@ -47,12 +47,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def compute_dtype(device: torch.device, ckpt: Checkpoint) -> torch.dtype:
-    """fp32 on the CPU (exact, and CPUs gain little from 16-bit); the checkpoint's 16-bit dtype on GPUs."""
+def source_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The checkpoint's float dtype (config.json `dtype`/`torch_dtype`); full-precision outputs keep it."""
+    name = str(getattr(ckpt.config, "dtype", None) or getattr(ckpt.config, "torch_dtype", None) or "float32")
+    return getattr(torch, name.removeprefix("torch."), torch.float32)
+
+
+def compute_dtype(device: torch.device, ckpt: Checkpoint, calibrated: bool) -> torch.dtype:
+    """Block weights' dtype while quantizing. RTN reads each weight once (upcast per chunk), so it keeps the
+    checkpoint's dtype and half the block memory; calibrated methods run the block: fp32 on the CPU (CPUs gain
+    little from 16-bit), the checkpoint's 16-bit dtype on GPUs."""
+    source = source_dtype(ckpt)
+    if not calibrated:
+        return source
     if device.type == "cpu":
         return torch.float32
-    source = getattr(ckpt.config, "dtype", None) or getattr(ckpt.config, "torch_dtype", None)
-    return torch.bfloat16 if str(source).endswith("bfloat16") else torch.float16
+    return torch.bfloat16 if source == torch.bfloat16 else torch.float16
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -162,7 +172,7 @@ def quantize(
     ckpt = Checkpoint(resolve_model(model))
     spec = spec_for(ckpt.config)
     device = resolve_device(run.device)
-    dtype = compute_dtype(device, ckpt)
+    dtype = compute_dtype(device, ckpt, needs_calib)
     storage = device if device.type == "cpu" or not getattr(method_cfg, "low_gpu_mem", False) else torch.device("cpu")
     summary = RunSummary(method=name, scheme=f"W{scheme.bits}A16 g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", output_dir=str(target), checkpoint_bytes=ckpt.total_bytes)
     if device.type == "cuda":
@@ -184,7 +194,6 @@ def quantize(
         inputs = capture(skeleton, ckpt, spec, calib, device, dtype, storage, blocks) if needs_calib else None
 
         bar = tqdm(range(len(blocks)), desc=f"lowbit {name}", unit="block", disable=not progress)
-        pending = []  # blocks whose tensors sit in the writer's buffer
         for i in bar:
             prefix = f"{spec.blocks}.{i}"
             block = load_module(skeleton, prefix, ckpt, spec, device, dtype)
@@ -216,11 +225,9 @@ def quantize(
                 else:
                     fp_out = run_block(block, inputs.hidden, ctx.kwargs, calib.batch_size, device, storage)
                     inputs.hidden = fp_out
-            writer.add(block_tensors(block, prefix, linears, results, formats[0]))
-            pending.append(i)
+            writer.add(block_tensors(block, prefix, linears, results, formats[0], source_dtype(ckpt)))
             if not writer.buffer:  # flushed: everything up to this block is durable
                 save_progress(folder, key, i + 1, writer)
-                pending = []
             free_module(block)
         bar.close()
         if inputs is not None:
@@ -254,15 +261,15 @@ def capture(skeleton, ckpt, spec: ArchSpec, calib: CalibConfig, device, dtype, s
     return inputs
 
 
-def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantResult], fmt) -> dict[str, torch.Tensor]:
-    """Packed tensors of the quantized linears plus every other parameter of the block, as it is now."""
+def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantResult], fmt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Packed tensors of the quantized linears plus every other parameter of the block as it is now, in `dtype`."""
     out = {}
     for name, result in results.items():
         out.update(fmt.layer_tensors(f"{prefix}.{name}", result))
     skip = {f"{n}.weight" for n in linears} | {f"{n}.bias" for n in linears}
     for name, t in block.state_dict().items():
         if name not in skip:
-            out[f"{prefix}.{name}"] = t
+            out[f"{prefix}.{name}"] = t.to(dtype) if t.is_floating_point() else t
     return out
 
 

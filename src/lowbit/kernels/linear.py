@@ -105,7 +105,8 @@ class QuantLinear(torch.nn.Module):
             if out is not None:
                 return out
         if self.uses_triton(x):
-            p = self.packed()
-            return ops.quant_linear(x, p.qweight, p.scales, p.zeros, self.bias, self.bits, self.group_size)
+            if self.zeros_fast is None:
+                self.post_load()
+            return ops.quant_linear(x, self.qweight, self.scales, self.zeros_fast, self.bias, self.bits, self.group_size)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)

@@ -137,6 +137,9 @@ class QuantResult:
         return dequantize(self.codes, self.scale, self.zero, self.scheme.group_size)
 
 
+ROWS_PER_CHUNK = 1024  # rows quantized at once: bounds the float32 temporaries to ~1024 x K x 4 bytes each
+
+
 @torch.no_grad()
 def quantize_weight(
     w: torch.Tensor,
@@ -146,13 +149,19 @@ def quantize_weight(
     max_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> QuantResult:
-    """Quantize W [N, K] into a QuantResult (codes on the CPU-friendly uint8 dtype)."""
-    scale, zero = compute_qparams(w, scheme, min_scale, max_scale)
-    codes = quantize_codes(w, scale, zero, scheme, v)
+    """Quantize W [N, K] into a QuantResult (uint8 codes), a chunk of rows at a time (rows are independent)."""
+    codes, scales, zeros = [], [], []
+    for start in range(0, w.shape[0], ROWS_PER_CHUNK):
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        scale, zero = compute_qparams(w[rows], scheme, pick(min_scale), pick(max_scale))
+        codes.append(quantize_codes(w[rows], scale, zero, scheme, pick(v)).to(torch.uint8))
+        scales.append(scale)
+        zeros.append(zero.to(torch.uint8))
     return QuantResult(
         scheme=scheme,
-        codes=codes.to(torch.uint8),
-        scale=scale,
-        zero=zero.to(torch.uint8),
+        codes=torch.cat(codes),
+        scale=torch.cat(scales),
+        zero=torch.cat(zeros),
         bias=None if bias is None else bias.detach().clone(),
     )

@@ -18,6 +18,7 @@ All accumulation is fp32.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,7 @@ class Config:
 DEQUANT_MIN_M = 1024
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4

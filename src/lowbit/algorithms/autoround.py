@@ -1,0 +1,378 @@
+"""AutoRound / SignRound (Cheng et al., arXiv 2309.05516) on one block.
+
+For every linear of the block, learn
+- V [N, K] in [-0.5, 0.5]: an offset added before rounding, q = round(W / s + V) + z, init 0 (= RTN);
+- per-group factors on the group's range, min_scale / max_scale [N, G] in [0, 1], init 1 (= RTN),
+by signed gradient descent (p -= lr_t * sign(grad), lr_t decaying linearly from lr to 0) on the MSE
+between the block's output with fake-quantized weights and its full-precision output on the cached
+calibration inputs. The parameters of the lowest loss seen are kept, and the codes come from
+`quantize_weight`, the same grid RTN uses, so the exported codes are exactly the trained ones.
+
+Speed: the fake quantization of a weight is one autograd node with a hand-written backward
+(`fq_forward` / `fq_backward`, pure functions on [N, G, gs] group views), instead of the ~20 generic
+nodes autograd would record through `primitives.fake_quantize`: fewer passes over the weights and
+fewer saved tensors. The group view, its min/max and the padding are computed once per block, not
+once per step. A unit test checks the gradients against autograd through `primitives.fake_quantize`.
+
+The block is never changed permanently: its linears are swapped for fake-quant wrappers in their
+parent modules during training and put back in a `finally`; `requires_grad` flags are restored.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..calib.capture import block_output
+from ..config import AutoRoundConfig, Scheme
+from ..quant import QuantResult, quantize_weight
+from ..quant.primitives import SCALE_FLOOR, group_view
+from . import register_algorithm
+from .base import BlockContext
+
+V_BOUND = 0.5  # |V| <= 0.5: a weight moves at most to the neighbouring grid point
+MINMAX_BOUNDS = (0.0, 1.0)  # the factors only shrink a group's range (auto-round clamps to [0, 1])
+
+
+# ---------------------------------------------------------------- the grid, forward and backward
+
+
+def group_qparams(lo, hi, min_scale, max_scale, maxq: int, sym: bool):
+    """Scale and zero of each group; all [N, G, 1] float32.
+
+    lo / hi: the group's min clamped to <= 0 and max clamped to >= 0 (constants).
+    Returns (s, z, a, b, s_raw): a = lo * min_scale, b = hi * max_scale the tuned range ends, s_raw the
+    scale before the floor clamp and the fp16 rounding (export formats store fp16 scales).
+    """
+    a, b = lo * min_scale, hi * max_scale
+    if sym:
+        s_raw = 2 * torch.maximum(-a, b) / maxq
+    else:
+        s_raw = (b - a) / maxq
+    s = s_raw.clamp(min=SCALE_FLOOR).half().float()
+    if sym:
+        z = torch.full_like(s, float((maxq + 1) // 2))
+    else:
+        z = (-a / s).round().clamp(0, maxq)
+    return s, z, a, b, s_raw
+
+
+def fq_forward(x, lo, hi, v, min_scale, max_scale, maxq: int, sym: bool, out_dtype: torch.dtype):
+    """Fake-quantize one weight in its group view.
+
+    x, v: [N, G, gs] float32; lo, hi, min_scale, max_scale: [N, G, 1].
+    Returns (w_hat [N, G, gs] in out_dtype, saved tensors for `fq_backward`).
+    """
+    s, z, a, b, s_raw = group_qparams(lo, hi, min_scale, max_scale, maxq, sym)
+    c = (x / s).add_(v).round_().add_(z)  # codes before the clamp, [N, G, gs]
+    inside = (c >= 0) & (c <= maxq)  # where d q / d c = 1 (clamp's gradient)
+    qz = c.clamp_(0, maxq).sub_(z)  # q - z: small integers, exact in fp16
+    w_hat = (qz * s).to(out_dtype)
+    return w_hat, (qz.to(torch.float16), inside, s, z, a, b, s_raw)
+
+
+def fq_backward(g, x, lo, hi, saved, maxq: int, sym: bool):
+    """Gradients of fq_forward's output w.r.t. (v, min_scale, max_scale), straight-through rounding.
+
+    g: [N, G, gs] upstream gradient. With u = x / s + v, c = round(u) + z, q = clamp(c), w = s (q - z):
+      dL/dv = g s [c inside]
+      dL/ds = sum_gs g ((q - z) - [c inside] x / s)      (q, z held; u depends on s through x / s)
+      dL/dz = -s sum_gs g (1 - [c inside])                (asym only; z = clamp(round(-a / s)))
+    then through z = -a / s, s = clamp(s_raw) and s_raw = (b - a) / maxq (asym) or
+    2 max(-a, b) / maxq (sym; ties split the gradient in half as torch.maximum does),
+    and a = lo * min_scale, b = hi * max_scale. Returns (dv [N, G, gs], dmin [N, G, 1], dmax [N, G, 1]).
+    """
+    qz, inside, s, z, a, b, s_raw = saved
+    g = g.float()
+    dv = (g * s).mul_(inside)
+    ds = (qz.float() - (x / s).mul_(inside)).mul_(g).sum(-1, keepdim=True)
+    if sym:
+        ds = ds * (s_raw >= SCALE_FLOOR)
+        dabs = ds * (2.0 / maxq)
+        na = -a
+        da = -torch.where(na > b, dabs, torch.where(na == b, dabs / 2, torch.zeros_like(dabs)))
+        db = torch.where(b > na, dabs, torch.where(na == b, dabs / 2, torch.zeros_like(dabs)))
+    else:
+        dz = -s * (g * (~inside)).sum(-1, keepdim=True)
+        z_raw_rounded = (-a / s).round()
+        dz_raw = dz * ((z_raw_rounded >= 0) & (z_raw_rounded <= maxq))
+        ds = ds + dz_raw * a / (s * s)  # z_raw = -a / s
+        ds = ds * (s_raw >= SCALE_FLOOR)
+        da = -ds / maxq - dz_raw / s
+        db = ds / maxq
+    return dv, da * lo, db * hi
+
+
+class FakeQuant(torch.autograd.Function):
+    """One autograd node for fq_forward / fq_backward (fns lets the caller pass compiled versions)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, v, min_scale, max_scale, maxq, sym, out_dtype, fns):
+        w_hat, saved = fns[0](x, lo, hi, v, min_scale, max_scale, maxq, sym, out_dtype)
+        ctx.save_for_backward(x, lo, hi, *saved)
+        ctx.maxq, ctx.sym, ctx.fns = maxq, sym, fns
+        return w_hat
+
+    @staticmethod
+    def backward(ctx, g):
+        x, lo, hi, *saved = ctx.saved_tensors
+        dv, dmin, dmax = ctx.fns[1](g, x, lo, hi, tuple(saved), ctx.maxq, ctx.sym)
+        return None, None, None, dv, dmin, dmax, None, None, None, None
+
+
+# ---------------------------------------------------------------- per-linear trainable state
+
+
+@dataclass
+class LinearState:
+    """What is learned for one linear, plus its constant group view.
+
+    x: [N, G, gs] float32 weight, the partial last group zero-padded; lo / hi: [N, G, 1];
+    v: [N, G, gs]; min_scale / max_scale: [N, G, 1]; k: the real in_features.
+    """
+
+    scheme: Scheme
+    x: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    v: torch.Tensor
+    min_scale: torch.Tensor
+    max_scale: torch.Tensor
+    k: int
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, scheme: Scheme, tune_minmax: bool) -> "LinearState":
+        x = group_view(w.detach().float(), scheme.group_size)  # [N, G, gs]
+        lo = x.amin(-1, keepdim=True).clamp(max=0)
+        hi = x.amax(-1, keepdim=True).clamp(min=0)
+        ones = torch.ones_like(lo)
+        return cls(
+            scheme=scheme, x=x, lo=lo, hi=hi,
+            v=torch.zeros_like(x, requires_grad=True),
+            min_scale=ones.clone().requires_grad_(tune_minmax),
+            max_scale=ones.clone().requires_grad_(tune_minmax),
+            k=w.shape[1],
+        )
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in (self.v, self.min_scale, self.max_scale) if p.requires_grad]
+
+    def weight_hat(self, out_dtype: torch.dtype, fns) -> torch.Tensor:
+        """Fake-quantized weight [N, K] in out_dtype, differentiable in the learned parameters."""
+        n = self.x.shape[0]
+        w = FakeQuant.apply(self.x, self.lo, self.hi, self.v, self.min_scale, self.max_scale, self.scheme.maxq, self.scheme.sym, out_dtype, fns)
+        return w.reshape(n, -1)[:, : self.k]  # [N, G*gs] -> [N, K]
+
+    def export(self, v: torch.Tensor, min_scale: torch.Tensor, max_scale: torch.Tensor):
+        """Group-view parameters -> (v [N, K], min_scale [N, G], max_scale [N, G]) for quantize_weight."""
+        n = self.x.shape[0]
+        return v.reshape(n, -1)[:, : self.k], min_scale.squeeze(-1), max_scale.squeeze(-1)
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """Stands in for an nn.Linear during training: y = x W_hat^T + b with W_hat from a LinearState."""
+
+    def __init__(self, linear: torch.nn.Linear, state: LinearState, out_dtype: torch.dtype, fns):
+        super().__init__()
+        self.bias = linear.bias
+        self.state, self.out_dtype, self.fns = state, out_dtype, fns
+
+    def forward(self, x):
+        w = self.state.weight_hat(self.out_dtype, self.fns)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
+
+
+@contextmanager
+def fake_quant_swapped(block: torch.nn.Module, linears: dict, states: dict, out_dtype, fns):
+    """Swap each named linear for a FakeQuantLinear in its parent; always put the originals back."""
+    swapped = []
+    try:
+        for name, linear in linears.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, attr, FakeQuantLinear(linear, states[name], out_dtype, fns))
+            swapped.append((parent, attr, linear))
+        yield
+    finally:
+        for parent, attr, linear in swapped:
+            setattr(parent, attr, linear)
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """No gradients for the block's own parameters while V and the factors train."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------- optimizer, schedule, loss
+
+
+def linear_lr(base: float, step: int, iters: int) -> float:
+    """auto-round's LinearLR(start 1, end 0): base at step 0, decaying to 0 at step `iters`."""
+    return base * (1.0 - step / iters)
+
+
+@torch.no_grad()
+def sign_sgd_step(groups: list[tuple[list[torch.Tensor], float, tuple[float, float]]]) -> None:
+    """p <- clamp(p - lr sign(grad), bounds) for each (params, lr, bounds) group; clears the grads."""
+    for params, lr, (low, high) in groups:
+        for p in params:
+            if p.grad is not None:
+                p.add_(p.grad.sign(), alpha=-lr).clamp_(low, high)
+                p.grad = None
+
+
+def block_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE over every element, in fp32; pred / target [b, T, H]."""
+    return F.mse_loss(pred.float(), target.float())
+
+
+class IndexSampler:
+    """Shuffled sample indices, `size` at a time; reshuffles when fewer than `size` remain (like auto-round)."""
+
+    def __init__(self, n: int, size: int, seed: int):
+        self.n, self.size = n, size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos = torch.randperm(n, generator=self.gen).tolist(), 0
+
+    def next(self) -> list[int]:
+        if self.pos + self.size > self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+        out = self.order[self.pos : self.pos + self.size]
+        self.pos += self.size
+        return out
+
+
+# ---------------------------------------------------------------- placement of the cached tensors
+
+
+def cache_on_device(device: torch.device, nbytes: int, low_gpu_mem: bool) -> bool:
+    """Keep inputs / fp targets on the GPU when they take at most half of its free memory."""
+    if device.type != "cuda" or low_gpu_mem:
+        return device.type != "cuda"
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
+
+
+def place(t: torch.Tensor, on_device: bool, device: torch.device) -> torch.Tensor:
+    if on_device:
+        return t.to(device)
+    t = t.to("cpu")
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def gather(samples: list[torch.Tensor], indices: list[int], device: torch.device) -> torch.Tensor:
+    """[len(indices), T, H] on device from per-sample [1, T, H] tensors (async copies from pinned memory)."""
+    return torch.cat([samples[i].to(device, non_blocking=True) for i in indices])
+
+
+def autocast_dtype(block: torch.nn.Module, device: torch.device, config: AutoRoundConfig) -> torch.dtype | None:
+    """16-bit autocast on CUDA (the block's own 16-bit dtype, else bf16); None (fp32) on the CPU."""
+    if device.type != "cuda" or not config.amp:
+        return None
+    dtype = next(block.parameters()).dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def step_sizes(config: AutoRoundConfig, scheme: Scheme) -> tuple[float, float]:
+    """(lr for V, lr for the factors); auto-round doubles the default lr at <= 3 bits with >= 1000 iters."""
+    if config.lr is None and config.iters >= 1000 and scheme.bits <= 3:
+        lr = 2.0 / config.iters
+        return lr, config.minmax_lr if config.minmax_lr is not None else lr
+    return config.step_size, config.minmax_step_size
+
+
+_COMPILED = None
+
+
+def grid_fns(compile_: bool):
+    global _COMPILED
+    if not compile_:
+        return (fq_forward, fq_backward)
+    if _COMPILED is None:
+        _COMPILED = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
+    return _COMPILED
+
+
+# ---------------------------------------------------------------- the block
+
+
+def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> dict[str, QuantResult]:
+    config = config or AutoRoundConfig()
+    linears, device = ctx.linears, ctx.device
+    if not linears or config.iters == 0 or not ctx.inputs:
+        return {n: quantize_weight(l.weight.data, ctx.schemes[n], bias=l.bias) for n, l in linears.items()}
+    started = time.time()
+    block = ctx.block.eval()
+    amp = autocast_dtype(block, device, config)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    out_dtype = amp or next(block.parameters()).dtype
+    kwargs = ctx.kwargs or {}
+    n, bs = len(ctx.inputs), min(ctx.batch_size, len(ctx.inputs))
+
+    # cached inputs and fp targets: on the GPU when they fit in half its free memory, else pinned CPU
+    on_device = cache_on_device(device, 2 * n * ctx.inputs[0].numel() * ctx.inputs[0].element_size(), config.low_gpu_mem)
+    inputs = [place(t, on_device, device) for t in ctx.inputs]
+    with torch.no_grad(), autocast():
+        targets = []
+        for start in range(0, n, bs):
+            y = block_output(block(gather(inputs, list(range(start, min(start + bs, n))), device), **kwargs))
+            targets.extend(place(t.unsqueeze(0), on_device, device) for t in y)
+
+    states = {name: LinearState.from_weight(l.weight, ctx.schemes[name], config.enable_minmax_tuning) for name, l in linears.items()}
+    fns = grid_fns(config.compile)
+    groups = []
+    for name, st in states.items():
+        lr, minmax_lr = step_sizes(config, st.scheme)
+        groups.append(([st.v], lr, (-V_BOUND, V_BOUND)))
+        if config.enable_minmax_tuning:
+            groups.append(([st.min_scale, st.max_scale], minmax_lr, MINMAX_BOUNDS))
+    best = {name: [p.detach().clone() for p in (st.v, st.min_scale, st.max_scale)] for name, st in states.items()}
+
+    global_bs = min(n, bs * config.gradient_accumulate_steps)
+    sampler = IndexSampler(n, global_bs, config.seed + ctx.index)
+    first_loss, best_loss, best_iter = None, float("inf"), 0
+    with frozen(block), fake_quant_swapped(block, linears, states, out_dtype, fns), torch.enable_grad():
+        for it in range(config.iters):
+            indices = sampler.next()
+            total = torch.zeros((), device=device)
+            for start in range(0, global_bs, bs):
+                idx = indices[start : start + bs]
+                with autocast():
+                    pred = block_output(block(gather(inputs, idx, device), **kwargs))
+                # mean over the global batch: each micro-batch weighs by its share of the samples
+                loss = block_loss(pred, gather(targets, idx, device)) * (len(idx) / global_bs)
+                loss.backward()
+                total += loss.detach()
+            value = total.item()  # one sync per step
+            if first_loss is None:
+                first_loss = value
+            if value < best_loss:  # these parameters produced this loss: keep them before stepping
+                best_loss, best_iter = value, it
+                for name, st in states.items():
+                    for dst, src in zip(best[name], (st.v, st.min_scale, st.max_scale)):
+                        dst.copy_(src.detach())
+            sign_sgd_step([(ps, linear_lr(lr, it, config.iters), bounds) for ps, lr, bounds in groups])
+
+    results = {}
+    for name, linear in linears.items():
+        v, mn, mx = states[name].export(*best[name])
+        results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx, bias=linear.bias)
+    ctx.losses = (first_loss, best_loss)
+    if ctx.log:
+        ctx.log(f"block {ctx.index}: loss {first_loss:.4g} -> {best_loss:.4g} (best at iter {best_iter}/{config.iters}), {time.time() - started:.1f}s")
+    return results
+
+
+register_algorithm("autoround", quantize_block, needs_calibration=True)
