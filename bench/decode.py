@@ -1,0 +1,95 @@
+"""End-to-end decode: tokens/s of a random-weight model with Llama-3-8B shapes, fp16 vs lowbit W4 g128,
+through transformers `generate` with a static cache (which compiles the forward with CUDA graphs).
+
+    PYTHONPATH=src python bench/decode.py [--layers 32] [--batches 1 8] [--new-tokens 128]
+
+The W4 model is the fp16 one with every linear of the blocks swapped for a QuantLinear holding random
+codes (the kernels' speed does not depend on the values). lm_head stays fp16, as in lowbit's exports.
+Writes bench/results/decode-<date>.json after every measurement; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+
+from lowbit.kernels.linear import QuantLinear  # noqa: E402
+
+
+def build(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=False,
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).half().eval()
+    return model
+
+
+def quantize_random(model, group_size: int = 128) -> None:
+    """Swap every nn.Linear inside the blocks for a W4 QuantLinear with random codes, zeros and scales."""
+    for block in model.model.layers:
+        for name, lin in list(block.named_modules()):
+            if not isinstance(lin, torch.nn.Linear):
+                continue
+            q = QuantLinear(lin.in_features, lin.out_features, 4, group_size, device="cuda")
+            q.qweight.random_(-(2**31), 2**31 - 1)
+            q.qzeros.random_(-(2**31), 2**31 - 1)
+            q.scales.uniform_(1e-4, 3e-4)  # small: activations stay finite through 32 random blocks
+            q.post_load()
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, q)
+            del lin
+
+
+def tokens_per_s(model, batch: int, new_tokens: int) -> float:
+    ids = torch.randint(0, 1000, (batch, 16), device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+    for _ in range(2):  # compile + capture, then one warm run
+        model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    return batch * new_tokens / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    env = environment()
+    results = {"env": env, "layers": args.layers, "new_tokens": args.new_tokens, "tokens_per_s": {}}
+    model = build(args.layers)
+    for kind in ("fp16", "w4"):
+        if kind == "w4":
+            quantize_random(model)
+            torch.cuda.empty_cache()
+        for b in args.batches:
+            tps = tokens_per_s(model, b, args.new_tokens)
+            results["tokens_per_s"][f"{kind}_b{b}"] = tps
+            write_json("decode", results)
+            print(kind, b, f"{tps:.1f} tokens/s", flush=True)
+    print(f"\nDecode, Llama-3-8B shapes ({args.layers} layers), static cache + compile, {env['gpus'][0]}, {env['date']}")
+    print(f"{'batch':>5} {'fp16 tok/s':>11} {'W4 tok/s':>9} {'speedup':>8}")
+    tp = results["tokens_per_s"]
+    for b in args.batches:
+        f, w = tp.get(f"fp16_b{b}"), tp.get(f"w4_b{b}")
+        if f and w:
+            print(f"{b:>5} {f:11.1f} {w:9.1f} {w / f:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

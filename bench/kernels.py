@@ -1,0 +1,180 @@
+"""W4A16 (and W8) kernel benchmark: lowbit's Triton kernels vs fp16 cuBLAS vs torch's int4 tinygemm vs
+AutoAWQ's Triton GEMM, over M and the Llama-3-8B/70B layer shapes. Checks correctness on the GPU first.
+
+    PYTHONPATH=src python bench/kernels.py [--quick] [--sweep] [--bits 4] [--group-size 128]
+
+--sweep also times a grid of kernel configs per (shape, M) and records the best (to tune pick_config).
+AutoAWQ's kernel is timed only when its file from the `autoawq` sdist sits at .cache/awq_triton/gemm.py
+(ignored; never committed), called as AutoAWQ's WQLinear_GEMM calls it (split_k_iters=8; dequantize +
+matmul for M >= 1024). Prints a table of speedups over fp16 last; writes bench/results/kernels-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timer, environment, write_json  # noqa: E402
+
+from lowbit.kernels.repack import Packed, awq_pack  # noqa: E402
+from lowbit.kernels.triton.matmul import Config, pick_config, quant_matmul  # noqa: E402
+from lowbit.quant.pack import pack_bitstream  # noqa: E402
+
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+# (K, N) of Llama-3-8B (q/o 4096x4096, gate/up 4096x14336, down 14336x4096) and 70B
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_awq():
+    path = ROOT / ".cache" / "awq_triton" / "gemm.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("awq_triton_gemm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Layer:
+    """One random quantized layer in every format the benchmark compares."""
+
+    def __init__(self, k: int, n: int, bits: int, group_size: int, seed: int = 0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        gs = k if group_size == -1 else group_size
+        groups = -(-k // gs)
+        self.k, self.n, self.bits, self.gs = k, n, bits, gs
+        self.codes = torch.randint(0, 2**bits, (k, n), generator=g, device="cuda", dtype=torch.int32)  # [K, N]
+        self.zeros = torch.randint(0, 2**bits, (groups, n), generator=g, device="cuda", dtype=torch.int32)
+        self.scales = (torch.rand(groups, n, generator=g, device="cuda") * 0.01 + 0.001).half()
+        self.packed = Packed(pack_bitstream(self.codes, bits, dim=0), self.scales, self.zeros.half(), bits, gs)
+        self.w_fp16 = self.dequant().t().contiguous().half()  # [N, K], what nn.Linear holds
+
+    def dequant(self) -> torch.Tensor:
+        group = torch.arange(self.k, device="cuda") // self.gs
+        return (self.codes.float() - self.zeros.float()[group]) * self.scales.float()[group]  # [K, N]
+
+    def tinygemm(self):
+        """torch int4 tinygemm (bf16 activations): packed weight and scale/zero tensor, or None."""
+        if self.bits != 4:
+            return None
+        try:
+            # tinygemm reads codes in [0, 16) with w = (q - 8) * scale + zero_bf16: zero' = (8 - z) * scale
+            q = self.codes.t().contiguous()  # [N, K]
+            u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2]
+            packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+            sz = torch.stack([self.scales.float(), (8 - self.zeros.float()) * self.scales.float()], dim=-1).to(torch.bfloat16)  # [G, N, 2]
+            return packed, sz.contiguous()
+        except Exception as exc:  # noqa: BLE001 - report and go on without it
+            print(f"tinygemm unavailable: {exc}")
+            return None
+
+    def awq(self):
+        """AutoAWQ GEMM tensors: qweight [K, N/8], qzeros [G, N/8], scales [G, N]."""
+        return awq_pack(self.codes), awq_pack(self.zeros), self.scales
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def sweep_configs(m: int):
+    """Candidate configs per M regime (for --sweep)."""
+    if m <= 64:
+        bm = max(16, 1 << (m - 1).bit_length())
+        for bn in (64, 128, 256):
+            for bk in (64, 128):
+                for split in (1, 2, 4, 8, 16):
+                    yield Config(bm, bn, bk, split_k=split, num_warps=4 if bn < 256 else 8, num_stages=4)
+    else:
+        for bm, bn, bk, w, s in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 8, 3)]:
+            if bm <= max(64, m):
+                yield Config(bm, bn, bk, num_warps=w, num_stages=s, scale_after_dot=False)
+        yield None  # dequantize + cuBLAS
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="two shapes, fewer M")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args()
+    torch.cuda.set_device(0)
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
+    shapes = SHAPES[:1] + SHAPES[4:5] if args.quick else SHAPES
+    ms = [1, 16, 64, 1024] if args.quick else MS
+    awq = load_awq() if args.bits == 4 else None
+    timer = Timer()
+    env = environment()
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    rows, checks = [], []
+    for k, n in shapes:
+        layer = Layer(k, n, args.bits, args.group_size)
+        tg = layer.tinygemm()
+        aw = layer.awq() if awq else None
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").half()
+            xb = x.bfloat16()
+            ref = x.float() @ layer.dequant()  # [M, N] fp32 reference
+            row = {"K": k, "N": n, "M": m}
+            # correctness first, on this very input
+            err = {"ours": rel_err(quant_matmul(x, layer.packed), ref), "ours_bf16": rel_err(quant_matmul(xb, layer.packed), ref)}
+            if tg:
+                err["tinygemm"] = rel_err(torch.ops.aten._weight_int4pack_mm(xb, tg[0], layer.gs, tg[1]), ref)
+            if aw:
+                awq_out = awq_call(awq, x, aw, m)
+                err["awq"] = rel_err(awq_out, ref)
+            checks.append({"K": k, "N": n, "M": m, **err})
+            # timings (microseconds)
+            row["fp16_us"] = timer(lambda: F.linear(x, layer.w_fp16))
+            row["ours_us"] = timer(lambda: quant_matmul(x, layer.packed))
+            row["ours_cfg"] = repr(pick_config(m, n, k, args.bits, layer.gs, sm))
+            if tg:
+                row["tinygemm_us"] = timer(lambda: torch.ops.aten._weight_int4pack_mm(xb, tg[0], layer.gs, tg[1]))
+            if aw:
+                row["awq_us"] = timer(lambda: awq_call(awq, x, aw, m))
+            if args.sweep:
+                best = (float("inf"), None)
+                for cfg in sweep_configs(m):
+                    t = timer(lambda: quant_matmul(x, layer.packed, config=cfg))
+                    best = min(best, (t, repr(cfg)), key=lambda b: b[0])
+                row["best_us"], row["best_cfg"] = best
+            rows.append(row)
+            print(row, {key: f"{v:.1e}" for key, v in err.items()}, flush=True)
+        del layer, tg, aw
+        torch.cuda.empty_cache()
+        bad = [c for c in checks if c["ours"] > 3e-3 or c["ours_bf16"] > 1.5e-2]
+        write_json("kernels", {"env": env, "bits": args.bits, "group_size": args.group_size, "rows": rows, "checks": checks, "failed_checks": bad})
+    print_table(rows, env, args)
+    if bad:
+        print(f"CORRECTNESS FAILED in {len(bad)} cases: {bad[:3]}")
+        sys.exit(1)
+
+
+def awq_call(awq, x, aw, m):
+    qweight, qzeros, scales = aw
+    if m >= 1024:  # AutoAWQ's WQLinear_GEMM: dequantize + matmul from 1024 tokens on
+        return torch.matmul(x, awq.awq_dequantize_triton(qweight, scales, qzeros).to(x.dtype))
+    return awq.awq_gemm_triton(x, qweight, scales, qzeros, split_k_iters=8)
+
+
+def print_table(rows, env, args):
+    cols = ["ours", "best", "tinygemm", "awq"]
+    print(f"\nW{args.bits}A16 g{args.group_size}, speedup over fp16 cuBLAS (F.linear), median, L2 flushed; {env['gpus'][0]}, {env['date']}, torch {env['torch']}, triton {env['triton']}")
+    print(f"{'KxN':>12} {'M':>5} {'fp16 us':>9} " + " ".join(f"{c:>9}" for c in cols))
+    for r in rows:
+        cells = [f"{r['fp16_us'] / r[c + '_us']:9.2f}" if c + "_us" in r else f"{'-':>9}" for c in cols]
+        print(f"{r['K']:>5}x{r['N']:<6} {r['M']:>5} {r['fp16_us']:9.1f} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
