@@ -1,0 +1,250 @@
+"""AutoRound on a tiny random Llama block (offline, CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.algorithms import BlockContext, algorithm
+from lowbit.algorithms.autoround import (
+    MINMAX_BOUNDS,
+    V_BOUND,
+    FakeQuant,
+    IndexSampler,
+    fq_backward,
+    fq_forward,
+    quantize_block,
+    sign_sgd_step,
+)
+from lowbit.algorithms.rtn import quantize_block as rtn_block
+from lowbit.arch import spec_for
+from lowbit.calib.capture import block_output, capture_block_inputs, run_block
+from lowbit.config import AutoRoundConfig, Scheme
+from lowbit.quant.primitives import fake_quantize, group_view, quantize_weight
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=128, architectures=["LlamaForCausalLM"],
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """The tiny model and block 0's cached inputs for 8 windows of 32 tokens."""
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    inputs = capture_block_inputs(model, model.model.layers, windows, "cpu", "cpu")
+    return model, inputs
+
+
+def make_ctx(captured, scheme=Scheme(4, 32, sym=False), batch_size=4, index=0):
+    model, inputs = captured
+    block = model.model.layers[index]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    return BlockContext(
+        index=index, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec_for(model.config),
+        device=torch.device("cpu"), storage=torch.device("cpu"), batch_size=batch_size,
+        inputs=inputs.hidden, kwargs=inputs.kwargs_for(index, "cpu"), log=None,
+    )
+
+
+def block_mse(ctx, results) -> float:
+    """MSE of the block with the results' dequantized weights vs the fp block, on all cached inputs."""
+    fp = torch.cat(run_block(ctx.block, ctx.inputs, ctx.kwargs, 8, "cpu", "cpu"))
+    saved = {n: l.weight.data.clone() for n, l in ctx.linears.items()}
+    try:
+        for n, r in results.items():
+            ctx.linears[n].weight.data = r.dequantize()
+        q = torch.cat(run_block(ctx.block, ctx.inputs, ctx.kwargs, 8, "cpu", "cpu"))
+    finally:
+        for n, w in saved.items():
+            ctx.linears[n].weight.data = w
+    return F.mse_loss(q, fp).item()
+
+
+def test_registered():
+    fn, needs_calibration = algorithm("autoround")
+    assert fn is quantize_block and needs_calibration
+
+
+def autograd_reference(w, scheme, v, min_scale, max_scale):
+    """The grid written naively for autograd: like primitives.fake_quantize, except that the fp16 rounding
+    of the scale passes the gradient through in fp32 (a plain .half() would round the gradient to fp16)."""
+    x = group_view(w, scheme.group_size)  # [N, G, gs]
+    wmin = x.amin(-1).clamp(max=0) * min_scale  # [N, G]
+    wmax = x.amax(-1).clamp(min=0) * max_scale
+    if scheme.sym:
+        s = (2 * torch.maximum(-wmin, wmax) / scheme.maxq).clamp(min=1e-5)
+    else:
+        s = ((wmax - wmin) / scheme.maxq).clamp(min=1e-5)
+    s = s + (s.half().float() - s).detach()
+    ste = lambda t: t + (t.round() - t).detach()  # noqa: E731
+    z = torch.full_like(s, float((scheme.maxq + 1) // 2)) if scheme.sym else ste(-wmin / s).clamp(0, scheme.maxq)
+    s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+    vg = F.pad(v, (0, x.shape[1] * x.shape[2] - w.shape[1])).reshape(x.shape)
+    q = (ste(x / s + vg) + z).clamp(0, scheme.maxq)
+    return (s * (q - z)).reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, sym=False), Scheme(2, 24, sym=False), Scheme(3, 32, sym=True), Scheme(8, -1, sym=False)])
+def test_fake_quant_matches_primitives_value_and_gradients(scheme):
+    """The hand-written backward equals autograd through the same grid (partial groups too), and the
+    values equal primitives.fake_quantize bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 40, generator=gen)  # K=40: with gs 24 the last group is 16 wide
+    w[0, :8] = 0.0  # a row start with ties and zeros
+    n, k = w.shape
+    groups = scheme.groups(k)
+    v0 = torch.rand(n, k, generator=gen) - 0.5
+    mn0 = 0.6 + 0.4 * torch.rand(n, groups, generator=gen)
+    mx0 = 0.6 + 0.4 * torch.rand(n, groups, generator=gen)
+    g = torch.randn(n, k, generator=gen)
+
+    v, mn, mx = (t.clone().requires_grad_() for t in (v0, mn0, mx0))
+    ref = autograd_reference(w, scheme, v, mn, mx)
+    (ref * g).sum().backward()
+    prim = fake_quantize(w, scheme, v0, mn0, mx0)
+
+    x = group_view(w, scheme.group_size)  # [N, G, gs]
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    vg = F.pad(v0, (0, x.shape[1] * x.shape[2] - k)).reshape(x.shape).requires_grad_()
+    mn2, mx2 = mn0.unsqueeze(-1).requires_grad_(), mx0.unsqueeze(-1).requires_grad_()
+    out = FakeQuant.apply(x, lo, hi, vg, mn2, mx2, scheme.maxq, scheme.sym, torch.float32, (fq_forward, fq_backward))
+    out = out.reshape(n, -1)[:, :k]
+    (out * g).sum().backward()
+
+    torch.testing.assert_close(out, prim, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(vg.grad.reshape(n, -1)[:, :k], v.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mn2.grad.squeeze(-1), mn.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mx2.grad.squeeze(-1), mx.grad, rtol=1e-4, atol=1e-5)
+    assert v.grad.abs().sum() > 0 and mx.grad.abs().sum() > 0
+
+
+def test_sign_sgd_step_moves_by_lr_and_clamps():
+    v = torch.tensor([0.0, 0.49, -0.49]).requires_grad_()
+    v.grad = torch.tensor([1.0, -3.0, 2.0])
+    sign_sgd_step([([v], 0.05, (-V_BOUND, V_BOUND))])
+    torch.testing.assert_close(v.detach(), torch.tensor([-0.05, 0.5, -0.5]))
+    assert v.grad is None
+    s = torch.tensor([1.0, 0.02]).requires_grad_()
+    s.grad = torch.tensor([-1.0, 1.0])
+    sign_sgd_step([([s], 0.1, MINMAX_BOUNDS)])
+    torch.testing.assert_close(s.detach(), torch.tensor([1.0, 0.0]))
+
+
+def test_index_sampler_covers_samples_and_is_seeded():
+    a, b = IndexSampler(10, 4, seed=3), IndexSampler(10, 4, seed=3)
+    first = [a.next() for _ in range(6)]
+    assert first == [b.next() for _ in range(6)]
+    assert sorted(first[0] + first[1]) == sorted(set(first[0] + first[1]))  # no repeats within an epoch
+    assert all(len(x) == 4 for x in first)
+
+
+def test_loss_decreases_and_w4_block_beats_rtn(captured):
+    ctx = make_ctx(captured)
+    results = quantize_block(ctx, AutoRoundConfig(iters=60))
+    first, best = ctx.losses
+    assert best < 0.8 * first
+    assert set(results) == set(ctx.linears)
+    for n, r in results.items():
+        assert r.codes.shape == ctx.linears[n].weight.shape and r.codes.dtype == torch.uint8
+        assert int(r.codes.max()) <= 15
+    rtn = rtn_block(ctx)
+    assert block_mse(ctx, results) < 0.8 * block_mse(ctx, rtn)
+
+
+def test_best_loss_parameters_are_returned(captured):
+    """With one batch holding every sample, each step's loss is the full loss: the returned weights must
+    reproduce the best one exactly (not the last step's); a huge lr makes later steps worse."""
+    ctx = make_ctx(captured, batch_size=8)
+    results = quantize_block(ctx, AutoRoundConfig(iters=12, lr=0.3))
+    first, best = ctx.losses
+    assert best <= first
+    assert block_mse(ctx, results) == pytest.approx(best, rel=1e-4)
+
+
+def test_v_stays_within_bounds(captured, monkeypatch):
+    """Every step leaves V in [-0.5, 0.5] and the factors in [0, 1], even with a step size that would push
+    them far past; and (without min/max tuning, so the grid is RTN's) every code is within 1 of RTN's."""
+    import lowbit.algorithms.autoround as ar
+
+    seen = []
+
+    def checked_step(groups):
+        real(groups)
+        for params, _, (low, high) in groups:
+            for p in params:
+                seen.append((float(p.detach().min()), float(p.detach().max()), low, high))
+
+    real = ar.sign_sgd_step
+    monkeypatch.setattr(ar, "sign_sgd_step", checked_step)
+    quantize_block(make_ctx(captured), AutoRoundConfig(iters=6, lr=3.0, minmax_lr=3.0))
+    assert seen and all(low <= lo and hi <= high for lo, hi, low, high in seen)
+    assert any(lo == -V_BOUND for lo, _, low, _ in seen if low == -V_BOUND)  # the bound was hit
+    monkeypatch.undo()
+
+    ctx = make_ctx(captured, scheme=Scheme(4, 32, sym=True))
+    results = quantize_block(ctx, AutoRoundConfig(iters=30, enable_minmax_tuning=False))
+    rtn = rtn_block(ctx)
+    moved = 0
+    for n in results:
+        assert torch.equal(results[n].scale, rtn[n].scale)
+        diff = (results[n].codes.int() - rtn[n].codes.int()).abs()
+        assert int(diff.max()) <= 1
+        moved += int(diff.sum())
+    assert moved > 0
+
+
+def test_block_is_restored(captured):
+    ctx = make_ctx(captured)
+    before = {n: p.detach().clone() for n, p in ctx.block.named_parameters()}
+    flags = {n: p.requires_grad for n, p in ctx.block.named_parameters()}
+    quantize_block(ctx, AutoRoundConfig(iters=3))
+    assert all(type(m) is torch.nn.Linear for m in ctx.linears.values())
+    for n, m in ctx.block.named_modules():
+        assert "FakeQuant" not in type(m).__name__, n
+    for n, p in ctx.block.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad == flags[n]
+        assert p.grad is None
+
+
+def test_deterministic_for_a_fixed_seed(captured):
+    runs = []
+    for seed in (5, 5, 6):
+        ctx = make_ctx(captured)
+        results = quantize_block(ctx, AutoRoundConfig(iters=8, seed=seed))
+        runs.append((ctx.losses, results))
+    (l0, r0), (l1, r1), (l2, _) = runs
+    assert l0 == l1
+    for n in r0:
+        assert torch.equal(r0[n].codes, r1[n].codes) and torch.equal(r0[n].scale, r1[n].scale)
+    assert l2 != l0  # another seed samples other batches
+
+
+def test_exported_codes_are_the_trained_ones(captured):
+    """quantize_weight with the trained parameters gives the same weights the training forward used."""
+    ctx = make_ctx(captured, scheme=Scheme(3, 24, sym=False))
+    w = ctx.linears["mlp.down_proj"].weight.data  # K=160: 24 does not divide it
+    gen = torch.Generator().manual_seed(2)
+    v = (torch.rand(w.shape, generator=gen) - 0.5) * 0.8
+    mn = 0.5 + 0.5 * torch.rand(w.shape[0], Scheme(3, 24).groups(w.shape[1]), generator=gen)
+    r = quantize_weight(w, Scheme(3, 24, sym=False), v=v, min_scale=mn)
+    torch.testing.assert_close(r.dequantize(), fake_quantize(w, Scheme(3, 24, sym=False), v=v, min_scale=mn), rtol=0, atol=0)
+
+
+def test_no_calibration_or_zero_iters_is_rtn(captured):
+    ctx = make_ctx(captured)
+    results = quantize_block(ctx, AutoRoundConfig(iters=0))
+    rtn = rtn_block(ctx)
+    for n in results:
+        assert torch.equal(results[n].codes, rtn[n].codes)
+    assert ctx.losses is None
+
