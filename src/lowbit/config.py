@@ -142,6 +142,60 @@ class AutoRoundConfig:
         return self.minmax_lr if self.minmax_lr is not None else self.step_size
 
 
+@dataclass(frozen=True)
+class AwqConfig:
+    """AWQ (Lin et al., arXiv 2306.00978): activation-aware per-channel scales folded into the preceding op,
+    then a per-group clipping search, then round-to-nearest on the scaled and clipped weights.
+
+    Args:
+        n_grid: points of the grid over the exponent alpha in [0, 1) (and over the clipping ratios).
+        duo_scaling: scale s = x_mean^alpha / w_mean^(1 - alpha) (AutoAWQ) instead of x_mean^alpha (llm-awq).
+        apply_clip: search a per-group clipping of max |w| after scaling.
+        explicit: the user asked for AWQ by name: an architecture without scale groups is an error
+            instead of a logged fallback to RTN.
+    """
+
+    name: str = "awq"
+    n_grid: int = 20
+    duo_scaling: bool = True
+    apply_clip: bool = True
+    explicit: bool = True
+
+    def __post_init__(self):
+        if self.n_grid < 1:
+            raise LowbitError(f"n_grid={self.n_grid} must be >= 1", "pass --awq_n_grid 20")
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """GPTQ (Frantar et al., arXiv 2210.17323): column-by-column rounding with second-order error feedback.
+
+    Args:
+        damp_percent: dampening added to the Hessian's diagonal, as a fraction of its mean.
+        block_size: columns per lazy batch update.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        static_groups: with act_order, compute each group's (scale, zero) up front on the original weight,
+            so the export needs no g_idx (lowbit's formats store none, so act_order requires it).
+        true_sequential: quantize q/k/v, then o, then gate/up, then down, each with inputs recomputed through
+            the linears already quantized in this block.
+    """
+
+    name: str = "gptq"
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = True
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.damp_percent < 1:
+            raise LowbitError(f"damp_percent={self.damp_percent} must be in (0, 1)", "pass --damp_percent 0.01")
+        if self.block_size < 1:
+            raise LowbitError(f"block_size={self.block_size} must be >= 1", "pass --gptq_block_size 128")
+        if self.act_order and not self.static_groups:
+            raise LowbitError("act_order without static_groups needs a g_idx that lowbit's formats do not store", "keep static_groups=True with act_order")
+
+
 PRESETS = {
     "light": {"iters": 50},
     "default": {},
@@ -189,6 +243,8 @@ __all__ = [
     "CalibConfig",
     "RtnConfig",
     "AutoRoundConfig",
+    "AwqConfig",
+    "GptqConfig",
     "RunConfig",
     "PRESETS",
     "FORMATS",

@@ -24,7 +24,7 @@ from .atomic import atomic_folder, check_target, partial_path
 from .calib.capture import BlockInputs, capture_block_inputs, run_block
 from .calib.corpora import load_text
 from .calib.samples import calibration_windows
-from .config import AutoRoundConfig, CalibConfig, RtnConfig, RunConfig, Scheme
+from .config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RtnConfig, RunConfig, Scheme
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
@@ -166,7 +166,7 @@ def quantize(
     target = Path(run.output_dir)
     check_target(target, run.overwrite)  # before any work: refuse early
     name = method_name(method)
-    method_cfg = method if not isinstance(method, str) else (AutoRoundConfig() if name == "autoround" else RtnConfig())
+    method_cfg = method if not isinstance(method, str) else {"autoround": AutoRoundConfig, "awq": AwqConfig, "gptq": GptqConfig}.get(name, RtnConfig)()
     block_fn, needs_calib = algorithm(name)
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = Checkpoint(resolve_model(model))

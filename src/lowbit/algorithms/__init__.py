@@ -31,5 +31,13 @@ try:  # optional methods register themselves when their module exists
     from . import autoround  # noqa: F401
 except ImportError:
     pass
+try:
+    from . import awq  # noqa: F401
+except ImportError:
+    pass
+try:
+    from . import gptq  # noqa: F401
+except ImportError:
+    pass
 
 __all__ = ["BlockContext", "algorithm", "register_algorithm"]

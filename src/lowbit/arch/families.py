@@ -37,6 +37,7 @@ GEMMA3 = register(
             ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
         ),
+        norm_weight_offset=1.0,  # Gemma3RMSNorm computes x_hat * (1 + weight)
     ),
     "Gemma3ForCausalLM",
 )

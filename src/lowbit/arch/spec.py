@@ -33,6 +33,8 @@ class ArchSpec:
         lm_head: the output projection; kept in full precision unless asked otherwise.
         keep_fp: sub-models never quantized (vision towers, projectors).
         scale_groups: AWQ scale groups inside a block.
+        norm_weight_offset: the block's norms compute x_hat * (offset + weight): 0 for Llama-style
+            norms, 1 for Gemma's; AWQ folds a scale s into a norm as (offset + weight) / s - offset.
     """
 
     blocks: str
@@ -43,6 +45,7 @@ class ArchSpec:
     lm_head: str = "lm_head"
     keep_fp: tuple[str, ...] = ()
     scale_groups: tuple[ScaleGroup, ...] = field(default=())
+    norm_weight_offset: float = 0.0
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
