@@ -76,6 +76,8 @@ CONFIGS = {
     "splitk_per_element": Config(16, 32, 32, split_k=2, scale_after_dot=False),
     "gemm_small_groups": Config(16, 32, 64, group_m=2, scale_after_dot=False),
     "dequant_cublas": None,
+    # split unpack: block_k * bits / 32 >= 16 on the GPU (tl.dot's smallest depth), so block_k = 512 / bits
+    "split_unpack_small_groups": "split",
 }
 
 
@@ -88,8 +90,27 @@ def test_quant_matmul_paths(device, path, bits):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
     bias = torch.randn(n)
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device=device)
-    quant_matmul(x.half().to(device), p, bias.half().to(device), config=CONFIGS[path], out=out)
+    config = Config(16, 32, 512 // bits, split_k=2, scale_after_dot=False, split_unpack=True) if CONFIGS[path] == "split" else CONFIGS[path]
+    quant_matmul(x.half().to(device), p, bias.half().to(device), config=config, out=out)
     assert rel_err(out, x.half().double() @ w_t + bias.half().double()) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [128, -1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_unpack_after_dot(device, bits, group_size, dtype):
+    """Split unpack with the scale applied after the dot (one group per chunk); K = 320 leaves a partial
+    last group at 128 and, for 2 bits (block_k 256), a partial last chunk."""
+    m, n, k = 5, 48, 320
+    block_k = min(512 // bits, 128)
+    if block_k * bits // 32 < 16:
+        block_k = 512 // bits  # 2 bits: 256-wide chunks, so group 128 no longer holds one chunk
+    codes, zeros, scales, gs, w_t = random_layer(n, k, bits, group_size, False, seed=bits + group_size)
+    p = gptq_packed(codes, zeros, scales, bits, gs, 0, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    quant_matmul(x.to(device), p, config=Config(16, 32, block_k, split_k=2, split_unpack=True), out=out)
+    assert rel_err(out, x.double() @ w_t) < TOL[dtype]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -185,7 +206,8 @@ def test_gpu_large(m, bits, group_size, sym, dtype):
     x = torch.randn(m, k).to(dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
     quant_matmul(x.cuda(), p, out=out)
-    assert rel_err(out, x.double() @ w_t) < TOL[dtype]
+    ref = (x.double().cuda() @ w_t.cuda()).cpu()  # float64 on the GPU: the CPU is slow at M=1024
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -13,6 +13,11 @@ One kernel, two regimes picked by `pick_config` from M:
   BLOCK_M rows. For the largest M, `pick_config` may instead return None: dequantize the whole weight once
   (dequant.py) and call cuBLAS, which wins once the matmul dwarfs the extra weight traffic.
 
+Unpacking: a [BK*bits/32, BN] tile of int32 words holds codes for BK consecutive k. Either it is expanded
+to [BK, BN] by a broadcast shift and a reshape (one dot of depth BK), or (Config.split_unpack) shifted
+once per code position j, giving VALS = 32/bits tiles [BK/VALS, BN] whose rows are k = r*VALS + j, each
+paired with the stride-VALS columns of x (VALS dots of depth BK/VALS, no reshape, x re-read from L1).
+
 All accumulation is fp32.
 """
 
@@ -41,6 +46,31 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
+         GROUP_SIZE: tl.constexpr, GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+    """One sub-tile: x [BM, T] times codes q [T, BN] at inputs kk [T]. Returns (acc, d, xs).
+
+    SCALE_AFTER_DOT: d += x . q and xs += sum_k x (the caller applies scale and zero once per chunk).
+    Otherwise the codes are dequantized here (in fp32, rounded once to x's dtype) and acc += x @ w; with
+    GROUP_PER_CHUNK the chunk's scale/zero rows s, z [BN] are given, else per-k rows are loaded.
+    """
+    if SCALE_AFTER_DOT:
+        d = _dot(x, q, d, DOT_F32)
+        xs += tl.sum(x.to(tl.float32), axis=1)
+    else:
+        if GROUP_PER_CHUNK:
+            w = (q.to(tl.float32) - z[None, :]) * s[None, :]
+        else:  # groups smaller than the chunk
+            group = kk // GROUP_SIZE  # [T]
+            gmask = (kk[:, None] < K) & n_ok[None, :]
+            sk = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            zk = tl.load(zeros_ptr + group[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            w = (q.to(tl.float32) - zk) * sk
+        acc = _dot(x, w, acc, DOT_F32)
+    return acc, d, xs
+
+
+@triton.jit
 def _qmm_kernel(
     # pointers: x [M, K], packed weight (qweight [K*BITS/32, N], scales/zeros [G, N]), bias [N], out [M, N]
     x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
@@ -50,7 +80,7 @@ def _qmm_kernel(
     stride_xm, stride_om,
     # meta-parameters
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS  # codes per int32 word
@@ -73,31 +103,38 @@ def _qmm_kernel(
 
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
+    R: tl.constexpr = BLOCK_K // VALS  # packed rows per chunk
     for c in range(c_start, c_end):
-        offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
-        offs_w = c * (BLOCK_K // VALS) + tl.arange(0, BLOCK_K // VALS)  # packed rows [BK / VALS]
-        # Out-of-range k read x = 0 and codes = 0, so they add nothing on either path.
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        offs_w = c * R + tl.arange(0, R)  # packed rows [R]
+        # Out-of-range k read x = 0 and codes = 0, so they add nothing on any path.
         words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < K // VALS) & n_ok[None, :], other=0)
-        codes = _unpack_tile(words, BITS, BLOCK_K, BLOCK_N)  # int32 [BK, BN]
         if GROUP_PER_CHUNK:
             g = (c * BLOCK_K) // GROUP_SIZE  # the one group of this chunk
             s = tl.load(scales_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
             z = tl.load(zeros_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
-            if SCALE_AFTER_DOT:
-                d = _dot(x, codes, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_F32)  # [BM, BN] = x . q
-                xs = tl.sum(x.to(tl.float32), axis=1)  # [BM] = sum_k x
-                acc += (d - xs[:, None] * z[None, :]) * s[None, :]
-            else:
-                w = (codes.to(tl.float32) - z[None, :]) * s[None, :]
-                acc = _dot(x, w, acc, DOT_F32)
-        else:  # groups smaller than the chunk: per-k scale and zero rows
-            group = offs_k // GROUP_SIZE  # [BK]
-            gmask = (offs_k[:, None] < K) & n_ok[None, :]
-            s = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + group[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-            w = (codes.to(tl.float32) - z) * s  # [BK, BN]
-            acc = _dot(x, w, acc, DOT_F32)
+        else:
+            s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # unused: _mac loads per-k rows
+            z = s
+        d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x . q of this chunk (SCALE_AFTER_DOT)
+        xs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_k x of this chunk (SCALE_AFTER_DOT)
+        if SPLIT_UNPACK:
+            # No reshape: the j-th code of every word is k = c*BK + r*VALS + j, so shift the whole word
+            # tile once per j and pair it with the matching strided columns of x (VALS dots of K = R).
+            offs_r = tl.arange(0, R)
+            for j in tl.static_range(VALS):
+                kk = c * BLOCK_K + offs_r * VALS + j  # [R]
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+                q = (words >> (j * BITS)) & ((1 << BITS) - 1)  # [R, BN]
+                acc, d, xs = _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
+                                  GROUP_SIZE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32)
+        else:
+            kk = c * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+            q = _unpack_tile(words, BITS, BLOCK_K, BLOCK_N)  # int32 [BK, BN]
+            acc, d, xs = _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
+                              GROUP_SIZE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32)
+        if SCALE_AFTER_DOT:
+            acc += (d - xs[:, None] * z[None, :]) * s[None, :]
 
     if HAS_BIAS:  # added once, by the first K split
         b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -122,6 +159,7 @@ class Config:
     num_stages: int = 3
     scale_after_dot: bool = True
     group_m: int = 8
+    split_unpack: bool = False  # VALS dots of K = block_k*bits/32 instead of one reshaped [BK, BN] tile
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (set from bench/kernels.py on an H100).
@@ -189,6 +227,8 @@ def quant_matmul(
         return torch.addmm(bias.to(x.dtype), x, w, out=out)
 
     cfg = config
+    if cfg.split_unpack and x.is_cuda and cfg.block_k * p.bits // 32 < 16:
+        raise ValueError(f"split_unpack needs block_k * bits / 32 >= 16 (tl.dot's smallest K), got block_k={cfg.block_k}")
     gs_whole = p.group_size >= k  # one group (per-channel): every chunk lies in it
     group_per_chunk = gs_whole or p.group_size % cfg.block_k == 0
     chunks = triton.cdiv(k, cfg.block_k)
@@ -205,7 +245,7 @@ def quant_matmul(
             x.stride(0), target.stride(0),
             BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
             GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=cfg.scale_after_dot and group_per_chunk,
-            DOT_F32=interpreting() and x.dtype == torch.bfloat16,
+            DOT_F32=interpreting() and x.dtype == torch.bfloat16, SPLIT_UNPACK=cfg.split_unpack,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
