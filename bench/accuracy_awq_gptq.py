@@ -1,0 +1,100 @@
+"""Accuracy of RTN, AWQ and GPTQ on SmolLM2-135M (ANCHORS protocol), on the CPU.
+
+Each (method, bits) run quantizes the default model at W<bits> g128 asym, loads the export back with
+lowbit.load and measures perplexity on "austen-eval" (Pride and Prejudice, 40 x 512) and "kjv" (out of
+domain). Calibration: the first `nsamples` windows of `seqlen` tokens of "austen" (Emma + Mansfield
+Park). Results go to bench/results/accuracy-awq-gptq-<method>-w<bits>g128.json; finished runs are
+skipped, so an interrupted invocation resumes. The table is printed at the end (or with --table).
+
+    nice python bench/accuracy_awq_gptq.py --methods rtn,gptq,awq --bits 4,3 --nsamples 64 --seqlen 512
+    python bench/accuracy_awq_gptq.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PREFIX = "accuracy-awq-gptq-"
+EVAL_TEXTS = ("austen-eval", "kjv")
+LABELS = {"rtn": "RTN", "awq": "lowbit AWQ", "gptq": "lowbit GPTQ", "llmc-awq": "llm-compressor AWQ", "llmc-gptq": "llm-compressor GPTQ"}
+
+
+def evaluate(model, tokenizer) -> dict[str, float]:
+    from lowbit.calib.corpora import load_text
+    from lowbit.eval.perplexity import perplexity
+
+    return {name: perplexity(model, tokenizer, load_text(name)) for name in EVAL_TEXTS}
+
+
+def method_config(name: str):
+    import lowbit
+
+    return {"rtn": lowbit.RtnConfig(), "awq": lowbit.AwqConfig(), "gptq": lowbit.GptqConfig()}[name]
+
+
+def run_one(method: str, bits: int, args) -> dict:
+    import lowbit
+    from transformers import AutoTokenizer
+
+    scheme = lowbit.Scheme(bits=bits, group_size=128, sym=False)
+    calib = lowbit.CalibConfig(dataset="austen", nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q"
+        t0 = time.time()
+        summary = lowbit.quantize("default", method_config(method), scheme, calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=args.progress)
+        seconds = time.time() - t0
+        ppl = evaluate(lowbit.load(str(out)), AutoTokenizer.from_pretrained(out))
+    return {"quantize_seconds": seconds, "ppl": ppl, "block_losses": [list(x) for x in summary.block_losses]}
+
+
+def table() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(PREFIX + "*.json"))]
+    order = list(LABELS)
+    lines = ["| scheme | method | calibration | austen-eval ppl | kjv ppl | quantize time (s) |", "|---|---|---|---|---|---|"]
+    fmt = lambda x: f"{x:.4g}" if x > 1000 else f"{x:.2f}"  # noqa: E731
+    for r in sorted(rows, key=lambda r: (-r["bits"], order.index(r["method"]))):
+        cal = "-" if r["method"] == "rtn" else f"{r['nsamples']} x {r['seqlen']}"
+        lines.append(f"| W{r['bits']} g{r['group_size']} asym | {LABELS[r['method']]} | {cal} | {fmt(r['ppl']['austen-eval'])} | {fmt(r['ppl']['kjv'])} | {r['quantize_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="rtn,gptq,awq")
+    p.add_argument("--bits", default="4,3")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--table", action="store_true", help="only print the table from bench/results")
+    args = p.parse_args()
+    if not args.table:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for bits in (int(b) for b in args.bits.split(",")):
+            for method in args.methods.split(","):
+                path = RESULTS / f"{PREFIX}{method}-w{bits}g128.json"
+                if path.exists():
+                    continue
+                out = run_one(method, bits, args)
+                out.update(
+                    method=method, bits=bits, group_size=128, sym=False, nsamples=args.nsamples, seqlen=args.seqlen,
+                    batch_size=args.batch_size, torch=torch.__version__, threads=torch.get_num_threads(),
+                    machine=f"{platform.machine()} {os.cpu_count()} cores",
+                )
+                path.write_text(json.dumps(out, indent=2))
+                print(f"{path.name}: {json.dumps(out['ppl'])} in {out['quantize_seconds']:.0f}s", flush=True)
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

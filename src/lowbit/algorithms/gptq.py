@@ -1,0 +1,225 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) on one block.
+
+For a linear with weight W [N, K] and calibration inputs X [n, K], GPTQ minimises ||X W^T - X Q^T||^2
+column by column: column j is rounded, and its error, divided by the diagonal of the inverse Hessian, is
+spread over the columns not yet rounded through row j of the upper Cholesky factor U of H^-1, where
+H = 2 X^T X / n. Updates are applied lazily: inside a block of `block_size` columns immediately, to the
+columns after the block once per block (one matmul instead of one rank-1 update per column).
+
+The grid is lowbit's: when the column loop enters a group, its (scale, zero) come from `compute_qparams`
+on that group's *current* columns (already corrected by the errors of the columns before it, including
+updates still pending for the columns past the current lazy block), so codes, scales and zeros are exactly
+what the export formats store, partial last group included. With act_order the columns are visited by
+decreasing H diagonal and the group parameters are computed up front on the original weight (static
+groups): the codes stay in natural column order and no g_idx is needed.
+
+Within a block the linears are quantized in the order the forward reaches them, grouped by shared input
+(q/k/v, then o, then gate/up, then down: "true sequential"), each stage's Hessians accumulated by forward
+hooks with the earlier stages' weights already quantized.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..config import GptqConfig, Scheme
+from ..quant import QuantResult, quantize_weight
+from ..quant.primitives import compute_qparams
+from . import register_algorithm
+from .base import BlockContext
+
+MAX_DAMP_TRIES = 5  # dampening x10 per retry when H + damp I is still not positive definite
+
+
+# ---------------------------------------------------------------- the math, as pure functions
+
+
+def accumulate_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold inputs x [..., K] into the running mean H = 2 X^T X / n over all rows seen. Returns (H [K, K], n).
+
+    Scaling the old sum by n / (n + m) before adding keeps H an average (no overflow in long runs).
+    """
+    x = x.reshape(-1, x.shape[-1]).float()  # [m, K]
+    m = x.shape[0]
+    if h is None:
+        h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    h.mul_(n / (n + m))
+    x = x * math.sqrt(2 / (n + m))
+    h.addmm_(x.t(), x)
+    return h, n + m
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp I)^-1, damp = damp_percent * mean(diag H); [K, K]."""
+    eye = torch.eye(h.shape[0], device=h.device)
+    damp = damp_percent * h.diagonal().mean()
+    for _ in range(MAX_DAMP_TRIES):
+        try:
+            lower = torch.linalg.cholesky(h + damp * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:
+            damp = damp * 10
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp:.3g}")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: Scheme,
+    block_size: int = 128,
+    damp_percent: float = 0.01,
+    act_order: bool = False,
+) -> tuple[QuantResult, float]:
+    """Quantize W [N, K] given H [K, K]. Returns (QuantResult on W's device, GPTQ's loss sum_j err_j^2 / 2).
+
+    Dead inputs (H_jj = 0: the channel is always zero) get H_jj = 1 and W[:, j] = 0; they cannot change
+    the output.
+    """
+    W = w.detach().float().clone()  # [N, K], updated in place as errors are spread
+    H = h.detach().float().clone()
+    n_rows, k = W.shape
+    gs = scheme.group_size_for(k)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scale = torch.zeros(n_rows, scheme.groups(k), device=W.device)  # [N, G]
+    zero = torch.zeros_like(scale)
+    perm = torch.arange(k, device=W.device)
+    if act_order:  # static groups on the original weight, then visit columns by decreasing H_jj
+        scale, zero = compute_qparams(W, scheme)
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_factor(H, damp_percent)  # [K, K] upper
+
+    codes = torch.zeros_like(W)  # [N, K] in visiting order
+    losses = torch.zeros(n_rows, device=W.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # [N, B] this lazy block, updated column by column
+        err1 = torch.zeros_like(W1)  # [N, B] scaled errors, for the lazy update of the columns after i2
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not act_order and col % gs == 0:
+                # entering a group: its current columns are W1[:, i:] inside the block plus the columns
+                # past i2 with this block's pending update (errors of columns i1..col-1) applied
+                end = min(col + gs, k)
+                current = W1[:, i : end - i1]
+                if end > i2:
+                    pending = W[:, i2:end] - err1[:, :i] @ U[i1:col, i2:end]
+                    current = torch.cat([current, pending], dim=1)
+                s, z = compute_qparams(current, scheme)  # [N, 1]: one (possibly partial) group
+                scale[:, col // gs], zero[:, col // gs] = s[:, 0], z[:, 0]
+            g = int(perm[col]) // gs
+            s, z = scale[:, g], zero[:, g]
+            x = W1[:, i]
+            q = ((x / s).round() + z).clamp(0, scheme.maxq)  # primitives.quantize_codes' formula, one column
+            codes[:, col] = q
+            e = (x - s * (q - z)) / U1[i, i]
+            losses += e.pow(2) / 2
+            W1[:, i:] -= e[:, None] @ U1[i : i + 1, i:]  # rank-1 update of this block's remaining columns
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy batch update
+    codes = codes[:, torch.argsort(perm)]  # back to natural column order
+    result = QuantResult(scheme, codes.to(torch.uint8), scale, zero.to(torch.uint8))
+    return result, losses.sum().item()
+
+
+# ---------------------------------------------------------------- the block
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def sequential_stages(ctx: BlockContext) -> list[list[str]]:
+    """The block's linears in forward order, consecutive ones reading the same input tensor grouped.
+
+    Found by running the block once on one sample with hooks; linears the forward never calls come last.
+    """
+    calls: list[tuple[str, torch.Tensor]] = []  # the tensors are kept alive so identity checks hold
+
+    def hook(name):
+        def fn(module, args):
+            if all(n != name for n, _ in calls):
+                calls.append((name, args[0]))
+
+        return fn
+
+    handles = [linear.register_forward_pre_hook(hook(n)) for n, linear in ctx.linears.items()]
+    try:
+        ctx.block(ctx.inputs[0].to(ctx.device), **(ctx.kwargs or {}))
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    for i, (name, x) in enumerate(calls):
+        if i and x is calls[i - 1][1]:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    called = {n for n, _ in calls}
+    stages += [[n] for n in ctx.linears if n not in called]
+    return stages
+
+
+@torch.no_grad()
+def stage_hessians(ctx: BlockContext, names: list[str]) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """H and row count per linear over all cached inputs; each forward stops after the stage's last linear."""
+    acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in names}
+    pending = set()
+
+    def hook(name):
+        def fn(module, args):
+            acc[name] = accumulate_hessian(*acc[name], args[0])
+            pending.discard(name)
+            if not pending:
+                raise _Stop
+
+        return fn
+
+    handles = [ctx.linears[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for start in range(0, len(ctx.inputs), ctx.batch_size):
+            pending.update(names)
+            try:
+                ctx.block(torch.cat(ctx.inputs[start : start + ctx.batch_size]).to(ctx.device), **(ctx.kwargs or {}))
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[str, QuantResult]:
+    config = config or GptqConfig()
+    if not ctx.linears or not ctx.inputs:
+        return {n: quantize_weight(l.weight.data, ctx.schemes[n], bias=l.bias) for n, l in ctx.linears.items()}
+    started = time.time()
+    ctx.block.eval()
+    stages = sequential_stages(ctx) if config.true_sequential else [list(ctx.linears)]
+    results, total = {}, 0.0
+    for names in stages:
+        hessians = stage_hessians(ctx, names)
+        for name in names:
+            linear, (h, n) = ctx.linears[name], hessians[name]
+            if h is None:  # never called: nothing to be faithful to
+                results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], bias=linear.bias)
+                continue
+            result, loss = gptq_quantize(linear.weight, h, ctx.schemes[name], config.block_size, config.damp_percent, config.act_order)
+            result.bias = None if linear.bias is None else linear.bias.detach().clone()
+            results[name], total = result, total + loss
+            # later stages must see this linear quantized (their inputs are recomputed through it)
+            linear.weight.data = result.dequantize().to(linear.weight)
+    if ctx.log:
+        ctx.log(f"block {ctx.index}: gptq {len(stages)} stages, error {total:.4g}, {time.time() - started:.1f}s")
+    return results
+
+
+register_algorithm("gptq", quantize_block, needs_calibration=True)
