@@ -1,0 +1,209 @@
+"""GPTQ: the pure math on tiny layers against a straightforward reference, and on a tiny random Llama."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.algorithms import BlockContext, algorithm
+from lowbit.algorithms.gptq import accumulate_hessian, gptq_quantize, quantize_block, sequential_stages
+from lowbit.arch import spec_for
+from lowbit.calib.capture import capture_block_inputs, run_block
+from lowbit.config import GptqConfig, Scheme
+from lowbit.quant.primitives import compute_qparams, quantize_weight
+
+
+def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """[n, k] inputs with correlated channels of unequal size, like a real layer's (where GPTQ gains)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    return (z @ mix) * torch.linspace(0.2, 3.0, k)
+
+
+def output_error(x, w, w_hat) -> float:
+    return (x @ (w - w_hat).t()).pow(2).sum().item()
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, damp_percent: float = 0.01):
+    """GPTQ written the slow, obvious way (OBS updates of an explicit inverse, one column at a time):
+    round column j on its group's grid (computed from the current weights when the group starts), move
+    the remaining columns by -err * Hinv[j, j+1:] / Hinv[j, j], then eliminate j from Hinv."""
+    W = w.double().clone()
+    H = h.double() + damp_percent * h.diagonal().mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
+    Hinv = torch.linalg.inv(H)
+    n, k = W.shape
+    gs = scheme.group_size_for(k)
+    codes = torch.zeros(n, k)
+    scales, zeros = [], []
+    for j in range(k):
+        if j % gs == 0:
+            s, z = compute_qparams(W[:, j : j + gs].float(), scheme)
+            scales.append(s[:, 0])
+            zeros.append(z[:, 0])
+            s, z = s[:, 0].double(), z[:, 0].double()
+        q = ((W[:, j] / s).round() + z).clamp(0, scheme.maxq)
+        codes[:, j] = q.float()
+        err = (W[:, j] - s * (q - z)) / Hinv[j, j]
+        W[:, j + 1 :] -= err[:, None] * Hinv[j, j + 1 :][None, :]
+        Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
+    return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def test_hessian_accumulates_to_two_xtx_over_n():
+    x = torch.randn(3, 7, 5)
+    h, n = None, 0
+    for chunk in x:  # [7, 5] at a time, in three calls
+        h, n = accumulate_hessian(h, n, chunk)
+    flat = x.reshape(-1, 5)
+    assert n == 21
+    torch.testing.assert_close(h, 2 * flat.t() @ flat / 21)
+
+
+@pytest.mark.parametrize("block_size", [128, 3])  # 3: groups of 4 straddle lazy blocks (pending updates)
+def test_matches_straightforward_reference_on_a_tiny_layer(block_size):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(10, 6)  # K=10 with groups of 4: 4 + 4 + a partial 2
+    x = correlated_inputs(64, 10)
+    h, _ = accumulate_hessian(None, 0, x)
+    scheme = Scheme(3, 4, sym=False)
+    result, _ = gptq_quantize(layer.weight, h, scheme, block_size=block_size)
+    codes, scales, zeros = reference_gptq(layer.weight.detach(), h, scheme)
+    torch.testing.assert_close(result.scale, scales, rtol=1e-5, atol=0)
+    assert torch.equal(result.zero.float(), zeros)
+    assert (result.codes.float() == codes).float().mean() >= 0.98  # float32 vs float64: a rare tie may flip
+    assert result.codes.dtype == torch.uint8 and result.scale.shape == (6, 3) and result.zero.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("scheme", [Scheme(3, 32, sym=False), Scheme(4, 32, sym=True), Scheme(2, -1, sym=False)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_beats_rtn_on_its_calibration_inputs(scheme, act_order):
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(96, 48)  # 96 = 3 groups of 32
+    x = correlated_inputs(512, 96, seed=2)
+    h, _ = accumulate_hessian(None, 0, x)
+    w = layer.weight.detach()
+    result, _ = gptq_quantize(w, h, scheme, act_order=act_order)
+    rtn = quantize_weight(w, scheme)
+    assert output_error(x, w, result.dequantize()) < 0.8 * output_error(x, w, rtn.dequantize())
+    if act_order:  # static groups: the grid is RTN's grid on the original weight
+        assert torch.equal(result.scale, rtn.scale) and torch.equal(result.zero, rtn.zero)
+
+
+def test_dead_inputs_are_zeroed_not_nan():
+    torch.manual_seed(2)
+    w = torch.randn(6, 8)
+    x = correlated_inputs(32, 8)
+    x[:, 3] = 0  # input channel 3 never fires
+    h, _ = accumulate_hessian(None, 0, x)
+    result, loss = gptq_quantize(w, h, Scheme(4, 4, sym=False))
+    w_hat = result.dequantize()
+    assert torch.isfinite(w_hat).all() and loss == loss
+    assert torch.all(w_hat[:, 3] == 0)  # the dead column is quantized as zero
+
+
+# ---------------------------------------------------------------- on a block
+
+
+def tiny_llama(heads=4, kv_heads=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        vocab_size=256, max_position_embeddings=128, architectures=["LlamaForCausalLM"],
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def captured():
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    return model, capture_block_inputs(model, model.model.layers, windows, "cpu", "cpu")
+
+
+def make_ctx(model, inputs, scheme):
+    block = model.model.layers[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    return BlockContext(
+        index=0, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec_for(model.config),
+        device=torch.device("cpu"), storage=torch.device("cpu"), batch_size=4, inputs=inputs.hidden, kwargs=inputs.kwargs_for(0, "cpu"),
+    )
+
+
+def block_mse(ctx, fp, results) -> float:
+    for n, r in results.items():
+        ctx.linears[n].weight.data = r.dequantize()
+    return F.mse_loss(torch.cat(run_block(ctx.block, ctx.inputs, ctx.kwargs, 8, "cpu", "cpu")), fp).item()
+
+
+def test_registered():
+    assert algorithm("gptq") == (quantize_block, True)
+
+
+def test_true_sequential_stages_follow_the_forward(captured):
+    model, inputs = captured
+    ctx = make_ctx(copy.deepcopy(model), inputs, Scheme())
+    assert sequential_stages(ctx) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
+    ]
+
+
+@pytest.mark.parametrize("config", [GptqConfig(), GptqConfig(act_order=True), GptqConfig(true_sequential=False)])
+def test_block_output_error_below_rtn(captured, config):
+    model, inputs = captured
+    scheme = Scheme(3, 32, sym=False)
+    fp = torch.cat(run_block(model.model.layers[0], inputs.hidden, inputs.kwargs_for(0, "cpu"), 8, "cpu", "cpu"))
+    rtn_ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
+    rtn = block_mse(rtn_ctx, fp, algorithm("rtn")[0](rtn_ctx, None))
+    ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
+    results = quantize_block(ctx, config)
+    assert set(results) == set(ctx.linears)
+    assert block_mse(ctx, fp, results) < 0.8 * rtn
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def save_tiny_model_with_tokenizer(path, text: str):
+    """A random tiny Llama plus a byte-level BPE tokenizer trained on `text` (everything offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import save_tiny_llama
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+    save_tiny_llama(path, hidden=128, intermediate=256, vocab=512)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_quantize_and_load_tiny_model(tmp_path):
+    text = " ".join(f"The {w} walked to the {v} and said {n} words." for w, v, n in zip(["cat", "dog", "man", "girl"] * 60, ["shop", "park", "sea"] * 80, range(240)))
+    (tmp_path / "calib.txt").write_text(text)
+    src = tmp_path / "tiny"
+    save_tiny_model_with_tokenizer(src, text)
+    out = tmp_path / "q"
+    calib = lowbit.CalibConfig(dataset=str(tmp_path / "calib.txt"), nsamples=4, seqlen=64, batch_size=2)
+    summary = lowbit.quantize(str(src), lowbit.GptqConfig(), lowbit.Scheme(4, 64, False), calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=False)
+    assert summary.method == "gptq" and len(summary.quantized) == 2 * 7
+    model = lowbit.load(out)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    from transformers import AutoModelForCausalLM
+
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    x = torch.randint(0, 400, (1, 32))
+    got, want = model(x).logits, fp(x).logits
+    assert torch.isfinite(got).all()
+    assert (got - want).norm() / want.norm() < 0.2  # close to fp, but quantized
+    assert not torch.equal(got, want)
