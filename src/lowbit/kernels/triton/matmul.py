@@ -162,11 +162,11 @@ class Config:
     split_unpack: bool = False  # VALS dots of K = block_k*bits/32 instead of one reshaped [BK, BN] tile
 
 
-# M from which dequantize + cuBLAS replaces the fused kernel (set from bench/kernels.py on an H100).
+# M from which dequantize + cuBLAS replaces the fused kernel (bench/kernels.py --sweep, H100, 2026-11-25:
+# the fused GEMM lost to it at M >= 1024 on every Llama shape).
 DEQUANT_MIN_M = 1024
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -174,22 +174,35 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
-    """Kernel choice by M; None means dequantize + cuBLAS."""
+    """Kernel choice by M; None means dequantize + cuBLAS.
+
+    From the sweep in bench/kernels.py (H100, W4 g128, the 8192x8192 / 8192x28672 / 28672x8192 shapes,
+    2026-11-25; see docs/kernels.md): M <= 16: split unpack, 16x128 tiles, 8-way K split (1.2-1.3x fp16,
+    twice the reshape variant); 16 < M <= 64: reshape unpack with a K split; larger M: the tiled GEMM
+    when its tiles fill the GPU, else dequantize + cuBLAS.
+    """
     if m >= DEQUANT_MIN_M:
         return None
+    chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
+    if m <= 16:
+        block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
+        split = 8
+        while split > 1 and chunks(block_k) // split < 4:
+            split //= 2
+        return Config(16, 128, block_k, split_k=split, num_warps=4, num_stages=4, split_unpack=True)
     if m <= 64:
-        block_m = max(16, triton.next_power_of_2(m))
-        block_n, block_k = 128, 128
+        block_m = 32 if m <= 32 else 64
+        block_n = 128 if m <= 32 else 64
+        block_k = 128
         if group_size % block_k and group_size < k and group_size % 64 == 0:
             block_k = 64  # keep one group per chunk for the scale-after-dot path
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        chunks = triton.cdiv(k, block_k)
-        split = 1
-        while tiles * split < 2 * sm_count and chunks // (split * 2) >= 4:
-            split *= 2
-        return Config(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4, scale_after_dot=True)
-    block_m = 64 if m <= 128 else 128
-    return Config(block_m, 128, 64, split_k=1, num_warps=4 if m <= 128 else 8, num_stages=4 if m <= 128 else 3, scale_after_dot=False)
+        split = 4 if m <= 32 else 2
+        while split > 1 and chunks(block_k) // split < 4:
+            split //= 2
+        return Config(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4)
+    if triton.cdiv(m, 128) * triton.cdiv(n, 128) < sm_count:
+        return None  # too few output tiles to fill the GPU: dequantize + cuBLAS
+    return Config(128, 128, 64, split_k=1, num_warps=4, num_stages=4, scale_after_dot=False)
 
 
 def quant_matmul(
