@@ -1,0 +1,185 @@
+"""Accuracy of RTN, lowbit's AutoRound and the auto-round package on SmolLM2 (ANCHORS protocol).
+
+One run per invocation, written to bench/results/accuracy-<method>-w<bits>g<gs>[-s<seed>].json; `--table`
+builds the markdown table from every JSON there. Calibration: the "austen" text (Emma + Mansfield Park),
+the first `nsamples` windows of `seqlen` tokens, the SAME token windows for both AutoRound implementations.
+Evaluation: `lowbit.eval.perplexity` on "austen-eval" (Pride and Prejudice, 40 x 512) and on "kjv".
+
+    python bench/accuracy.py --method ours --bits 4 --group 128 --seed 42
+    python bench/accuracy.py --method ref --bits 4 --group 128      # auto-round 0.16.1, in-process
+    python bench/accuracy.py --method rtn --bits 4 --group 128
+    python bench/accuracy.py --table > docs/accuracy-table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EVAL_TEXTS = ("austen-eval", "kjv")
+
+
+def evaluate(model, tokenizer) -> dict[str, float]:
+    from lowbit.calib.corpora import load_text
+    from lowbit.eval.perplexity import perplexity
+
+    return {name: perplexity(model, tokenizer, load_text(name)) for name in EVAL_TEXTS}
+
+
+def dequantized_model(out: Path):
+    """The fp32 model with each quantized linear's weight replaced by its dequantized export.
+
+    Reads the export back through `lowbit.load` (so the numbers are those of the written checkpoint) and
+    dequantizes each QuantLinear once: QuantLinear's CPU forward re-dequantizes on every call, which is
+    far too slow for 80 evaluation windows on 2 cores.
+    """
+    import lowbit
+    from lowbit.kernels.linear import QuantLinear
+    from lowbit.model import resolve_model
+    from transformers import AutoModelForCausalLM
+
+    quantized = lowbit.load(str(out))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("default"), dtype=torch.float32).eval()
+    n = 0
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantLinear):
+            model.get_submodule(name).weight.data = module.dequantize_weight(torch.float32)
+            n += 1
+    assert n > 0, "no quantized linear in the export"
+    return model
+
+
+def run_lowbit(args, method) -> dict:
+    import lowbit
+
+    scheme = lowbit.Scheme(bits=args.bits, group_size=args.group, sym=False)
+    calib = lowbit.CalibConfig(dataset="austen", nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q"
+        t0 = time.time()
+        summary = lowbit.quantize("default", method, scheme, calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=False)
+        seconds = time.time() - t0
+        from transformers import AutoTokenizer
+
+        model = dequantized_model(out)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        ppl = evaluate(model, tokenizer)
+    losses = [list(x) for x in summary.block_losses]
+    return {"quantize_seconds": seconds, "ppl": ppl, "block_losses": losses}
+
+
+def run_reference(args) -> dict:
+    """auto-round from PyPI, in-process, fed our own token windows (it cannot download a dataset here)."""
+    import auto_round
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.calib.corpora import load_text
+    from lowbit.calib.samples import calibration_windows
+    from lowbit.config import CalibConfig
+    from lowbit.model import resolve_model
+
+    path = resolve_model("default")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = calibration_windows(tokenizer, load_text("austen"), CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen))
+    dataset = [w.unsqueeze(0) for w in windows]  # a list of [1, seqlen] token tensors
+    t0 = time.time()
+    ar = AutoRound(
+        model, tokenizer, bits=args.bits, group_size=args.group, sym=False, iters=args.iters,
+        nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, dataset=dataset, seed=args.seed,
+    )
+    model, _ = ar.quantize()  # leaves the fake-quantized (quantize-dequantize) weights in the model
+    seconds = time.time() - t0
+    model = model.float().eval()
+    return {"quantize_seconds": seconds, "ppl": evaluate(model, tokenizer), "auto_round_version": auto_round.__version__}
+
+
+def run_fp(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.model import resolve_model
+
+    path = resolve_model("default")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return {"quantize_seconds": 0.0, "ppl": evaluate(model, AutoTokenizer.from_pretrained(path))}
+
+
+def result_name(args) -> str:
+    if args.method == "fp":
+        return "accuracy-fp.json"
+    seed = f"-s{args.seed}" if args.method != "rtn" else ""
+    return f"accuracy-{args.method}-w{args.bits}g{args.group}{seed}.json"
+
+
+def run(args) -> None:
+    import lowbit
+
+    torch.manual_seed(args.seed)
+    if args.method == "rtn":
+        out = run_lowbit(args, "rtn")
+    elif args.method == "ours":
+        out = run_lowbit(args, lowbit.AutoRoundConfig(iters=args.iters, seed=args.seed))
+    elif args.method == "ref":
+        out = run_reference(args)
+    else:
+        out = run_fp(args)
+    out.update(
+        method=args.method, bits=args.bits, group_size=args.group, sym=False, seed=args.seed, iters=args.iters,
+        nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, torch=torch.__version__,
+        threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / result_name(args)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"{path.name}: {json.dumps(out['ppl'])} in {out['quantize_seconds']:.0f}s")
+
+
+LABELS = {"rtn": "RTN", "ours": "lowbit AutoRound", "ref": "auto-round 0.16.1 AutoRound"}
+
+
+def table() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("accuracy-*.json"))]
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    lines = ["| scheme | method | seed | austen-eval ppl | kjv ppl | quantize time (s) |", "|---|---|---|---|---|---|"]
+    if fp:
+        lines.append(f"| fp32 | unquantized | - | {fp['ppl']['austen-eval']:.2f} | {fp['ppl']['kjv']:.2f} | - |")
+    order = {"rtn": 0, "ref": 1, "ours": 2}
+    for r in sorted((r for r in rows if r["method"] != "fp"), key=lambda r: (-r["bits"], order[r["method"]], r["seed"])):
+        seed = "-" if r["method"] == "rtn" else str(r["seed"])
+        fmt = lambda x: f"{x:.4g}" if x > 1000 else f"{x:.2f}"  # noqa: E731
+        lines.append(
+            f"| W{r['bits']} g{r['group_size']} asym | {LABELS[r['method']]} | {seed} | {fmt(r['ppl']['austen-eval'])} | {fmt(r['ppl']['kjv'])} | {r['quantize_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("rtn", "ours", "ref", "fp"), default="ours")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--table", action="store_true", help="print the table built from bench/results/accuracy-*.json")
+    args = p.parse_args()
+    if args.table:
+        print(table())
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
