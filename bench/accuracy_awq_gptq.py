@@ -35,10 +35,10 @@ def evaluate(model, tokenizer) -> dict[str, float]:
     return {name: perplexity(model, tokenizer, load_text(name)) for name in EVAL_TEXTS}
 
 
-def method_config(name: str):
+def method_config(name: str, args):
     import lowbit
 
-    return {"rtn": lowbit.RtnConfig(), "awq": lowbit.AwqConfig(), "gptq": lowbit.GptqConfig()}[name]
+    return {"rtn": lowbit.RtnConfig(), "awq": lowbit.AwqConfig(search_samples=args.awq_search_samples), "gptq": lowbit.GptqConfig()}[name]
 
 
 def run_one(method: str, bits: int, args) -> dict:
@@ -50,7 +50,7 @@ def run_one(method: str, bits: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
         t0 = time.time()
-        summary = lowbit.quantize("default", method_config(method), scheme, calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=args.progress)
+        summary = lowbit.quantize("default", method_config(method, args), scheme, calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=args.progress)
         seconds = time.time() - t0
         ppl = evaluate(lowbit.load(str(out)), AutoTokenizer.from_pretrained(out))
     return {"quantize_seconds": seconds, "ppl": ppl, "block_losses": [list(x) for x in summary.block_losses]}
@@ -63,6 +63,8 @@ def table() -> str:
     fmt = lambda x: f"{x:.4g}" if x > 1000 else f"{x:.2f}"  # noqa: E731
     for r in sorted(rows, key=lambda r: (-r["bits"], order.index(r["method"]))):
         cal = "-" if r["method"] == "rtn" else f"{r['nsamples']} x {r['seqlen']}"
+        if r.get("awq_search_samples"):
+            cal += f" (grid scored on {r['awq_search_samples']})"
         lines.append(f"| W{r['bits']} g{r['group_size']} asym | {LABELS[r['method']]} | {cal} | {fmt(r['ppl']['austen-eval'])} | {fmt(r['ppl']['kjv'])} | {r['quantize_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -74,9 +76,13 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--awq_search_samples", type=int, default=None, help="windows scoring AWQ's scale grid (default all)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids spin-waits on a loaded CPU)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--table", action="store_true", help="only print the table from bench/results")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.table:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -88,6 +94,7 @@ def main() -> None:
                 out = run_one(method, bits, args)
                 out.update(
                     method=method, bits=bits, group_size=128, sym=False, nsamples=args.nsamples, seqlen=args.seqlen,
+                    awq_search_samples=args.awq_search_samples if method == "awq" else None,
                     batch_size=args.batch_size, torch=torch.__version__, threads=torch.get_num_threads(),
                     machine=f"{platform.machine()} {os.cpu_count()} cores",
                 )

@@ -153,6 +153,9 @@ class AwqConfig:
         apply_clip: search a per-group clipping of max |w| after scaling.
         explicit: the user asked for AWQ by name: an architecture without scale groups is an error
             instead of a logged fallback to RTN.
+        search_samples: calibration windows (rounded up to whole batches) that score each scale candidate,
+            None for all; the activation statistics always use every window. The search costs about
+            n_grid block forwards over these windows, so fewer makes AWQ affordable on a CPU.
     """
 
     name: str = "awq"
@@ -160,10 +163,13 @@ class AwqConfig:
     duo_scaling: bool = True
     apply_clip: bool = True
     explicit: bool = True
+    search_samples: int | None = None
 
     def __post_init__(self):
         if self.n_grid < 1:
             raise LowbitError(f"n_grid={self.n_grid} must be >= 1", "pass --awq_n_grid 20")
+        if self.search_samples is not None and self.search_samples < 1:
+            raise LowbitError(f"search_samples={self.search_samples} must be >= 1", "pass None to score on every calibration window")
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,9 @@ def search_group(ctx: BlockContext, group, stats: Stats, config: AwqConfig) -> t
     """Grid-search one group's scale. Returns (the scale, loss of no scaling, best loss); block unchanged."""
     mod_name = inspected_module(group.linears)
     module = ctx.block.get_submodule(mod_name) if mod_name else ctx.block
-    calls = stats.calls[mod_name]
+    calls = stats.calls[mod_name]  # one (args, kwargs) per batch of ctx.batch_size windows
+    if config.search_samples is not None:
+        calls = calls[: max(1, -(-config.search_samples // ctx.batch_size))]
     quantized = [n for n in group.linears if n in ctx.linears]
     originals = {n: ctx.block.get_submodule(n).weight.data.clone() for n in quantized}
     targets = [module_output(module, a, k, ctx.device) for a, k in calls]
