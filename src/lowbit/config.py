@@ -208,7 +208,8 @@ PRESETS = {
     "best": {"iters": 1000, "nsamples": 512},
 }
 
-FORMATS = ("auto_round", "fake")
+FORMATS = ("auto_round", "auto_gptq", "auto_awq", "compressed-tensors")
+FORMAT_ALIASES = {"compressed_tensors": "compressed-tensors", "llm_compressor": "compressed-tensors", "gptq": "auto_gptq", "awq": "auto_awq"}
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ class RunConfig:
     max_shard_bytes: int = 512 * 1024**2
 
     def __post_init__(self):
+        object.__setattr__(self, "formats", tuple(FORMAT_ALIASES.get(f, f) for f in self.formats))
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
             raise LowbitError(f"unsupported export format {unknown[0]!r}", f"use one of {', '.join(FORMATS)}")

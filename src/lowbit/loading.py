@@ -1,9 +1,11 @@
-"""lowbit.load: open a quantized export (ours or a compatible auto_round/GPTQ-layout checkpoint) as a
-transformers model whose quantized linears are QuantLinear modules.
+"""lowbit.load: open a quantized checkpoint as a transformers model whose quantized linears are QuantLinear.
 
-The model is built on `meta`, the linears that have a `.qweight` tensor in the checkpoint are swapped for
-QuantLinear, and accelerate streams the tensors onto the devices of `device_map` (None: everything on
-the CPU; "auto": spread over the GPUs by free memory).
+Reads every format lowbit writes, from lowbit or from other tools: auto_round (quant_method
+"auto-round"), auto_gptq ("gptq", no act-order), auto_awq ("awq", GEMM) and compressed-tensors
+("pack-quantized"). The model is built on `meta`; linears that have quantized tensors in the checkpoint
+become QuantLinear; then every tensor is streamed from the shards straight to the device the device map
+gives its module (formats other than the GPTQ layout are converted layer by layer on the way), and
+accelerate's `dispatch_model` adds the hooks that move activations between devices.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 
+from .config import Scheme
 from .errors import LowbitError
+from .export import auto_awq, auto_gptq, auto_round, compressed_tensors
 from .kernels.linear import QuantLinear
 from .model.checkpoint import Checkpoint
 from .model.skeleton import build_skeleton
-
-# packing_format -> stored zero offset (GPTQ v1 stores zero - 1)
-ZERO_OFFSETS = {"auto_round": 0, "auto_round:auto_gptq": 1, "auto_gptq": 1}
+from .quant.pack import pack_bitstream
 
 
 def read_quantization_config(path: Path) -> dict:
@@ -31,22 +34,37 @@ def read_quantization_config(path: Path) -> dict:
     return qc
 
 
-def zero_offset_for(qc: dict) -> int:
+def checkpoint_format(qc: dict):
+    """(format module, global Scheme, marker tensor suffix) for a quantization_config."""
     method = qc.get("quant_method")
-    if method == "gptq":
-        return 1
     if method == "auto-round":
         fmt = qc.get("packing_format", "auto_round:auto_gptq")
-        if fmt in ZERO_OFFSETS:
-            return ZERO_OFFSETS[fmt]
-        raise LowbitError(f"unsupported auto-round packing_format {fmt!r}", f"lowbit reads {', '.join(ZERO_OFFSETS)}")
-    raise LowbitError(f"unsupported quant_method {method!r}", "lowbit loads auto-round and gptq checkpoints")
+        if fmt not in ("auto_round", "auto_round:auto_gptq", "auto_round:gptq"):
+            raise LowbitError(f"unsupported auto-round packing_format {fmt!r}", "lowbit reads auto_round and auto_round:auto_gptq")
+        module = auto_round if fmt == "auto_round" else auto_gptq
+        return module, Scheme(int(qc["bits"]), int(qc["group_size"]), fmt != "auto_round" if "sym" not in qc else bool(qc["sym"])), ".qweight"
+    if method == "gptq":
+        if qc.get("desc_act") and not qc.get("static_groups"):
+            raise LowbitError("act-order GPTQ checkpoints (desc_act without static_groups) are not supported yet", "re-export with desc_act=false or static_groups=true")
+        return auto_gptq, Scheme(int(qc["bits"]), int(qc["group_size"]), bool(qc.get("sym", True))), ".qweight"
+    if method == "awq":
+        if qc.get("version", "gemm").lower() != "gemm":
+            raise LowbitError(f"unsupported AWQ version {qc.get('version')!r}", "lowbit reads AWQ GEMM checkpoints")
+        return auto_awq, Scheme(int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", 128))), not qc.get("zero_point", True)), ".qweight"
+    if method == "compressed-tensors":
+        if qc.get("format") != "pack-quantized" or len(qc.get("config_groups", {})) != 1:
+            raise LowbitError("only single-group pack-quantized compressed-tensors checkpoints are supported", "re-export with one weight-only int scheme")
+        w = next(iter(qc["config_groups"].values()))["weights"]
+        return compressed_tensors, Scheme(int(w["num_bits"]), int(w.get("group_size") or -1), bool(w["symmetric"])), ".weight_packed"
+    raise LowbitError(f"unsupported quant_method {method!r}", "lowbit loads auto-round, gptq, awq and compressed-tensors checkpoints")
 
 
-def layer_scheme(qc: dict, name: str) -> tuple[int, int]:
-    """(bits, group_size) of one layer: extra_config overrides the global setting."""
+def layer_scheme(qc: dict, name: str, scheme: Scheme) -> Scheme:
+    """auto-round's extra_config may override bits / group size per layer."""
     extra = (qc.get("extra_config") or {}).get(name, {})
-    return int(extra.get("bits", qc["bits"])), int(extra.get("group_size", qc["group_size"]))
+    if not extra:
+        return scheme
+    return Scheme(int(extra.get("bits", scheme.bits)), int(extra.get("group_size", scheme.group_size)), bool(extra.get("sym", scheme.sym)))
 
 
 def cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -58,12 +76,35 @@ def cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 t.data = t.data.to(dtype)
 
 
+def device_for(device_map: dict, name: str):
+    """The device of the longest device-map prefix that contains `name`."""
+    best, device = -1, "cpu"
+    for prefix, dev in device_map.items():
+        if prefix == "" or name == prefix or name.startswith(prefix + "."):
+            if len(prefix) > best:
+                best, device = len(prefix), dev
+    return device if not isinstance(device, int) else f"cuda:{device}"
+
+
+def layer_buffers(fmt, ckpt: Checkpoint, name: str, scheme: Scheme, layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """The QuantLinear buffers of one layer: GPTQ-layout formats pass through, others are repacked."""
+    if fmt in (auto_round, auto_gptq):
+        return {b: ckpt.tensor(f"{name}.{b}") for b in ("qweight", "qzeros", "scales")}
+    result = fmt.read_layer(ckpt.tensor, name, scheme, layer.out_features, layer.in_features)
+    return {
+        "qweight": pack_bitstream(result.codes.t(), scheme.bits, 0),
+        "qzeros": pack_bitstream(result.zero.t(), scheme.bits, 1),
+        "scales": result.scale.t().to(torch.float16).contiguous(),
+    }
+
+
 def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None):
     """Load a quantized folder. Returns a transformers model in eval mode.
 
     Args:
-        path: output folder of `lowbit quantize` (or another auto_round / gptq export).
-        device_map: None (CPU), "auto", a device string, or an accelerate device map dict.
+        path: output folder of `lowbit quantize`, or an auto_round / gptq / awq / compressed-tensors export.
+        device_map: None (CPU), "auto" (spread over the GPUs by free memory), a device string, or an
+            accelerate device map dict.
         dtype: activation dtype; default float32 on the CPU, float16 on GPUs.
         max_memory: with device_map="auto", the most memory per device (accelerate's form, e.g.
             {0: "2GiB", 1: "2GiB", "cpu": "30GiB"}); None lets accelerate use what is free.
@@ -71,30 +112,55 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     path = Path(path)
     ckpt = Checkpoint(path)
     qc = read_quantization_config(path)
-    offset = zero_offset_for(qc)
+    fmt, scheme, marker = checkpoint_format(qc)
     on_gpu = device_map not in (None, "cpu") and torch.cuda.is_available()
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     config = ckpt.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we install our own modules; transformers must not
     model = build_skeleton(config, dtype=dtype)
-    quantized = sorted(n[: -len(".qweight")] for n in ckpt.index if n.endswith(".qweight"))
-    for name in quantized:
+
+    quantized = {}
+    offset = fmt.zero_offset(scheme) if fmt in (auto_round, auto_gptq) else 0
+    for name in sorted(n[: -len(marker)] for n in ckpt.index if n.endswith(marker)):
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        bits, group_size = layer_scheme(qc, name)
+        old = model.get_submodule(name)
+        s = layer_scheme(qc, name, scheme)
         with init_empty_weights(include_buffers=True):
-            layer = QuantLinear(old.in_features, old.out_features, bits, group_size, bias=old.bias is not None, zero_offset=offset, dtype=dtype)
-        setattr(parent, child, layer)
-    ckpt.close()
+            layer = QuantLinear(old.in_features, old.out_features, s.bits, s.group_size, bias=old.bias is not None, zero_offset=offset, dtype=dtype)
+        setattr(model.get_submodule(parent_name), child, layer)
+        quantized[name] = (layer, s)
+
+    no_split = getattr(model, "_no_split_modules", None) or []
     if device_map is None:
         device_map = {"": "cpu"}
-    elif isinstance(device_map, (str, torch.device)) and device_map != "auto":
-        device_map = {"": str(device_map)}
-    no_split = getattr(model, "_no_split_modules", None) or []
+    elif device_map == "auto":
+        model.tie_weights()
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    elif isinstance(device_map, (str, torch.device, int)):
+        device_map = {"": device_map}
+
+    for name, (layer, s) in quantized.items():
+        device = device_for(device_map, name)
+        for buf, value in layer_buffers(fmt, ckpt, name, s, layer).items():
+            set_module_tensor_to_device(model, f"{name}.{buf}", device, value=value)
+        if layer.bias is not None:
+            set_module_tensor_to_device(model, f"{name}.bias", device, value=ckpt.tensor(f"{name}.bias").to(dtype))
+    state_names = list(model.state_dict().keys())
+    tied = {f"{n}.weight" for n in ("lm_head",)} if getattr(config, "tie_word_embeddings", False) else set()
+    for name in state_names:
+        if name.rpartition(".")[0] in quantized or name in tied or not ckpt.has(name):
+            continue  # absent tensors stay on meta and are reported below
+        value = ckpt.tensor(name)
+        set_module_tensor_to_device(model, name, device_for(device_map, name), value=value.to(dtype) if value.is_floating_point() else value)
+    ckpt.close()
     model.tie_weights()
-    model = load_checkpoint_and_dispatch(model, str(path), device_map=device_map, max_memory=max_memory, no_split_module_classes=no_split)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if still_meta:
+        raise LowbitError(f"{path} lacks tensors the model needs, e.g. {still_meta[0]} ({len(still_meta)} in all)", "the checkpoint is incomplete or for another architecture")
+    devices = {str(d) for d in device_map.values()}
+    if len(devices) > 1:
+        model = dispatch_model(model, device_map=device_map)
     cast_floats(model, dtype)
     for module in model.modules():
         if isinstance(module, QuantLinear):

@@ -30,7 +30,6 @@ from .export import FORMAT_WRITERS, ShardWriter
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
 from .model.skeleton import submodule
 from .quant import QuantResult
-from .quant.pack import unpack_bitstream
 from .report import RssSampler, RunSummary, peak_vram_bytes
 
 PROGRESS = "lowbit_progress.json"
@@ -110,8 +109,8 @@ def load_progress(folder: Path, key: str) -> dict | None:
     return state if state.get("fingerprint") == key else None
 
 
-def save_progress(folder: Path, key: str, blocks_done: int, writer: ShardWriter) -> None:
-    state = {"fingerprint": key, "blocks_done": blocks_done, "shards": writer.shards, "weight_map": writer.weight_map, "total_bytes": writer.total_bytes}
+def save_progress(folder: Path, key: str, blocks_done: int, outputs: list) -> None:
+    state = {"fingerprint": key, "blocks_done": blocks_done, "writers": {out.fmt.NAME: out.state() for out in outputs}}
     tmp = folder / (PROGRESS + ".tmp")
     tmp.write_text(json.dumps(state))
     tmp.replace(folder / PROGRESS)
@@ -122,20 +121,6 @@ def set_dequantized(linears: dict, results: dict[str, QuantResult]) -> None:
     for name, result in results.items():
         w = linears[name].weight
         w.data = result.dequantize().to(device=w.device, dtype=w.dtype)
-
-
-def replay_quantized(folder: Path, writer: ShardWriter, prefix: str, linears: dict, scheme: Scheme, fmt) -> None:
-    """On resume: put a finished block's written (packed) weights back into its linears."""
-    from safetensors import safe_open
-
-    for name, linear in linears.items():
-        full = f"{prefix}.{name}"
-        with safe_open(folder / writer.weight_map[f"{full}.qweight"], framework="pt") as f:
-            codes = unpack_bitstream(f.get_tensor(f"{full}.qweight"), scheme.bits, 0).t()  # [N, K]
-            zeros = unpack_bitstream(f.get_tensor(f"{full}.qzeros"), scheme.bits, 1).t() + fmt.zero_offset(scheme)  # [N, G]
-            scales = f.get_tensor(f"{full}.scales").t().float()
-        result = QuantResult(scheme, codes, scales, zeros)
-        linear.weight.data = result.dequantize().to(linear.weight)
 
 
 def copy_side_files(source: Path, target: Path) -> None:
@@ -186,10 +171,12 @@ def quantize(
     with RssSampler() as rss, atomic_folder(target, run.overwrite) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
         blocks = submodule(skeleton, spec.blocks)
-        writer = ShardWriter(folder, run.max_shard_bytes)
+        refuse_unholdable(skeleton, spec, scheme, formats, run.quant_lm_head)
+        outputs = [FormatOutput(fmt, folder / fmt.NAME if len(formats) > 1 else folder, run.max_shard_bytes) for fmt in formats]
         done = 0
         if state:
-            writer.shards, writer.weight_map, writer.total_bytes = state["shards"], state["weight_map"], state["total_bytes"]
+            for out in outputs:
+                out.restore(state["writers"][out.fmt.NAME])
             done = state["blocks_done"]
         inputs = capture(skeleton, ckpt, spec, calib, device, dtype, storage, blocks) if needs_calib else None
 
@@ -204,7 +191,7 @@ def quantize(
             summary.quantized.extend(f"{prefix}.{n}" for n in linears)
             if i < done:  # resumed: the block is on disk; only its outputs are needed
                 if inputs is not None:
-                    replay_quantized(folder, writer, prefix, linears, scheme, formats[0])
+                    outputs[0].replay(prefix, linears, scheme)
                     inputs.hidden = run_block(block, inputs.hidden, inputs.kwargs_for(i, device), calib.batch_size, device, storage)
                 free_module(block)
                 continue
@@ -221,31 +208,77 @@ def quantize(
             if inputs is not None and i < len(blocks) - 1:
                 if getattr(method_cfg, "enable_quanted_input", True):
                     set_dequantized(linears, results)
-                    inputs.hidden = run_block(block, inputs.hidden, ctx.kwargs, calib.batch_size, device, storage)
-                else:
-                    fp_out = run_block(block, inputs.hidden, ctx.kwargs, calib.batch_size, device, storage)
-                    inputs.hidden = fp_out
-            writer.add(block_tensors(block, prefix, linears, results, formats[0], source_dtype(ckpt)))
-            if not writer.buffer:  # flushed: everything up to this block is durable
-                save_progress(folder, key, i + 1, writer)
+                inputs.hidden = run_block(block, inputs.hidden, ctx.kwargs, calib.batch_size, device, storage)
+            for out in outputs:
+                out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
+            if any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
+                for out in outputs:
+                    out.writer.flush()
+                save_progress(folder, key, i + 1, outputs)
             free_module(block)
         bar.close()
         if inputs is not None:
             del inputs
 
-        writer.add(outside_tensors(skeleton, ckpt, spec, run, scheme, formats[0], summary))
-        writer.finish()
         tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
-        write_config(folder, ckpt, spec, scheme, summary, method_dict(method_cfg, calib if needs_calib else None), untie=run.quant_lm_head and tied, fmt=formats[0])
-        copy_side_files(ckpt.path, folder)
+        method_info = method_dict(method_cfg, calib if needs_calib else None)
+        for out in outputs:
+            out.writer.add(outside_tensors(skeleton, ckpt, spec, run, scheme, out.fmt, summary))
+            out.writer.finish()
+            write_config(out.folder, ckpt, spec, scheme, summary, method_info, untie=run.quant_lm_head and tied, fmt=out.fmt)
+            copy_side_files(ckpt.path, out.folder)
         (folder / PROGRESS).unlink(missing_ok=True)
-        summary.output_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        summary.output_bytes = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
         summary.seconds = time.time() - started
         summary.peak_vram = peak_vram_bytes()
         summary.peak_rss = rss.peak
         (folder / LOG).write_text(json.dumps(summary.to_dict(), indent=2))
     summary.peak_rss = max(summary.peak_rss, rss.peak)
     return summary
+
+
+class FormatOutput:
+    """One export format's folder and shard writer (several formats write side by side)."""
+
+    def __init__(self, fmt, folder: Path, max_shard_bytes: int):
+        self.fmt, self.folder = fmt, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.writer = ShardWriter(folder, max_shard_bytes)
+
+    def state(self) -> dict:
+        return {"shards": self.writer.shards, "weight_map": self.writer.weight_map, "total_bytes": self.writer.total_bytes}
+
+    def restore(self, state: dict) -> None:
+        self.writer.shards, self.writer.weight_map, self.writer.total_bytes = state["shards"], state["weight_map"], state["total_bytes"]
+
+    def replay(self, prefix: str, linears: dict, scheme: Scheme) -> None:
+        """On resume: put a finished block's written weights back into its linears (dequantized)."""
+        from safetensors import safe_open
+
+        for name, linear in linears.items():
+            full = f"{prefix}.{name}"
+            files = {}
+
+            def get(tensor: str):
+                file = self.folder / self.writer.weight_map[tensor]
+                if file not in files:
+                    files[file] = safe_open(file, framework="pt")
+                return files[file].get_tensor(tensor)
+
+            result = self.fmt.read_layer(get, full, scheme, linear.out_features, linear.in_features)
+            linear.weight.data = result.dequantize().to(linear.weight)
+
+
+def refuse_unholdable(skeleton, spec: ArchSpec, scheme: Scheme, formats, quant_lm_head: bool) -> None:
+    """Before any work: a format that cannot hold the scheme for these layer shapes is refused by name."""
+    blocks = submodule(skeleton, spec.blocks)
+    in_features = {m.in_features for m in blocks.modules() if isinstance(m, torch.nn.Linear)}
+    if quant_lm_head:
+        in_features.add(submodule(skeleton, spec.lm_head).in_features)
+    for fmt in formats:
+        reason = fmt.refuse(scheme, in_features)
+        if reason:
+            raise LowbitError(reason)
 
 
 def capture(skeleton, ckpt, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks) -> BlockInputs:
@@ -313,3 +346,4 @@ def write_config(folder: Path, ckpt: Checkpoint, spec: ArchSpec, scheme: Scheme,
     kept = [k for k in summary.kept_fp if k.startswith(spec.blocks + ".")]
     config["quantization_config"] = fmt.quantization_config(scheme, spec.blocks, kept, method, __version__)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    fmt.extra_files(folder, config["quantization_config"])

@@ -21,9 +21,15 @@ import torch
 
 from ..config import Scheme
 from ..quant import QuantResult
-from ..quant.pack import pack_bitstream, packable
+from ..quant.pack import pack_bitstream, packable, unpack_bitstream
 
+NAME = "auto_round"
 QUANT_METHOD = "auto-round"
+
+
+def refuse(scheme: Scheme, in_features: set[int]) -> str | None:
+    """None: auto_round holds every bits / group size / symmetry lowbit makes (partial groups included)."""
+    return None
 
 
 def packing_format(scheme: Scheme) -> str:
@@ -44,7 +50,7 @@ def can_hold(scheme: Scheme, out_features: int, in_features: int) -> str | None:
     return None
 
 
-def layer_tensors(name: str, result: QuantResult) -> dict[str, torch.Tensor]:
+def layer_tensors(name: str, result: QuantResult, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     scheme = result.scheme
     codes_kn = result.codes.t()  # [K, N]
     zeros_gn = result.zero.t().to(torch.int32) - zero_offset(scheme)  # [G, N]
@@ -56,6 +62,17 @@ def layer_tensors(name: str, result: QuantResult) -> dict[str, torch.Tensor]:
     if result.bias is not None:
         out[f"{name}.bias"] = result.bias.to(torch.float16)
     return out
+
+
+def read_layer(get, name: str, scheme: Scheme, out_features: int, in_features: int) -> QuantResult:
+    """Inverse of layer_tensors; `get(tensor_name)` reads one tensor."""
+    codes = unpack_bitstream(get(f"{name}.qweight"), scheme.bits, 0).t()  # [N, K]
+    zeros = unpack_bitstream(get(f"{name}.qzeros"), scheme.bits, 1).t() + zero_offset(scheme)  # [N, G]
+    return QuantResult(scheme, codes.to(torch.uint8), get(f"{name}.scales").t().float(), zeros.to(torch.uint8))
+
+
+def extra_files(folder, config: dict) -> None:
+    """auto_round needs nothing beside config.json."""
 
 
 def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str) -> dict:

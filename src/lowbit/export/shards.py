@@ -1,7 +1,7 @@
 """Append tensors to numbered safetensors shards as they are produced, then write the index.
 
-Tensors are buffered until `max_shard_bytes`, then flushed to `model-NNNNN.safetensors`, so RAM holds
-at most one shard's worth of output. `model.safetensors.index.json` (the transformers sharded layout)
+Tensors are buffered until the caller flushes (at a block boundary, once `full`), each flush writing
+`model-NNNNN.safetensors`, so RAM holds about one shard's worth of output. `model.safetensors.index.json` (the transformers sharded layout)
 maps every tensor to its file; a single shard is renamed to plain `model.safetensors`.
 """
 
@@ -34,8 +34,11 @@ class ShardWriter:
             t = t.detach().to("cpu").contiguous()
             self.buffer[name] = t
             self.buffered += t.numel() * t.element_size()
-        if self.buffered >= self.max_shard_bytes:
-            self.flush()
+
+    @property
+    def full(self) -> bool:
+        """The buffer reached the shard size: the caller should flush (at a block boundary)."""
+        return self.buffered >= self.max_shard_bytes
 
     def flush(self) -> None:
         if not self.buffer:
