@@ -9,7 +9,7 @@ calibration inputs. The parameters of the lowest loss seen are kept, and the cod
 `quantize_weight`, the same grid RTN uses, so the exported codes are exactly the trained ones.
 
 Speed: the fake quantization of a weight is one autograd node with a hand-written backward
-(`fq_forward` / `fq_backward`, pure functions on [N, G, gs] group views), instead of the ~20 generic
+(`fq_forward` / `fq_backward` / `qparam_backward`, pure functions on [N, G, gs] group views), instead of the ~20 generic
 nodes autograd would record through `primitives.fake_quantize`: fewer passes over the weights and
 fewer saved tensors. The group view, its min/max and the padding are computed once per block, not
 once per step. A unit test checks the gradients against autograd through `primitives.fake_quantize`.
@@ -61,66 +61,75 @@ def group_qparams(lo, hi, min_scale, max_scale, maxq: int, sym: bool):
     return s, z, a, b, s_raw
 
 
-def fq_forward(x, lo, hi, v, min_scale, max_scale, maxq: int, sym: bool, out_dtype: torch.dtype):
-    """Fake-quantize one weight in its group view.
+def fq_forward(x, v, s, z, maxq: int, out_dtype: torch.dtype):
+    """Fake-quantize one weight in its group view, elementwise part (the one worth compiling).
 
-    x, v: [N, G, gs] float32; lo, hi, min_scale, max_scale: [N, G, 1].
-    Returns (w_hat [N, G, gs] in out_dtype, saved tensors for `fq_backward`).
+    x, v: [N, G, gs] float32; s, z: [N, G, 1] from group_qparams.
+    Returns (w_hat [N, G, gs] in out_dtype, q - z as fp16 (small integers: exact), inside: bool mask of
+    the codes the clamp left alone).
     """
-    s, z, a, b, s_raw = group_qparams(lo, hi, min_scale, max_scale, maxq, sym)
     c = (x / s).add_(v).round_().add_(z)  # codes before the clamp, [N, G, gs]
     inside = (c >= 0) & (c <= maxq)  # where d q / d c = 1 (clamp's gradient)
-    qz = c.clamp_(0, maxq).sub_(z)  # q - z: small integers, exact in fp16
-    w_hat = (qz * s).to(out_dtype)
-    return w_hat, (qz.to(torch.float16), inside, s, z, a, b, s_raw)
+    qz = c.clamp_(0, maxq).sub_(z)
+    return (qz * s).to(out_dtype), qz.to(torch.float16), inside
 
 
-def fq_backward(g, x, lo, hi, saved, maxq: int, sym: bool):
-    """Gradients of fq_forward's output w.r.t. (v, min_scale, max_scale), straight-through rounding.
+def fq_backward(g, x, s, qz, inside):
+    """Elementwise part of the backward: (dL/dv [N, G, gs], dL/ds holding z [N, G, 1], sum_gs g (1 - inside)).
 
-    g: [N, G, gs] upstream gradient. With u = x / s + v, c = round(u) + z, q = clamp(c), w = s (q - z):
+    With u = x / s + v, c = round(u) + z, q = clamp(c), w = s (q - z) and straight-through rounding:
       dL/dv = g s [c inside]
-      dL/ds = sum_gs g ((q - z) - [c inside] x / s)      (q, z held; u depends on s through x / s)
-      dL/dz = -s sum_gs g (1 - [c inside])                (asym only; z = clamp(round(-a / s)))
-    then through z = -a / s, s = clamp(s_raw) and s_raw = (b - a) / maxq (asym) or
-    2 max(-a, b) / maxq (sym; ties split the gradient in half as torch.maximum does),
-    and a = lo * min_scale, b = hi * max_scale. Returns (dv [N, G, gs], dmin [N, G, 1], dmax [N, G, 1]).
+      dL/ds = sum_gs g ((q - z) - [c inside] x / s)      (u depends on s through x / s)
+      dL/dz = -s sum_gs g (1 - [c inside])               (the caller multiplies by -s)
     """
-    qz, inside, s, z, a, b, s_raw = saved
     g = g.float()
-    dv = (g * s).mul_(inside)
-    ds = (qz.float() - (x / s).mul_(inside)).mul_(g).sum(-1, keepdim=True)
+    dv = g * s * inside
+    ds = (g * (qz.float() - inside * (x / s))).sum(-1, keepdim=True)
+    outside = (g * (~inside)).sum(-1, keepdim=True)
+    return dv, ds, outside
+
+
+def qparam_backward(ds, outside, lo, hi, s, a, b, s_raw, maxq: int, sym: bool):
+    """Chain dL/ds (and dL/dz = -s * outside) back to min_scale / max_scale; all [N, G, 1].
+
+    z = clamp(round(-a / s)) (asym), s = clamp(s_raw, floor), s_raw = (b - a) / maxq (asym) or
+    2 max(-a, b) / maxq (sym; ties split the gradient in half as torch.maximum does),
+    a = lo * min_scale, b = hi * max_scale.
+    """
     if sym:
         ds = ds * (s_raw >= SCALE_FLOOR)
         dabs = ds * (2.0 / maxq)
         na = -a
-        da = -torch.where(na > b, dabs, torch.where(na == b, dabs / 2, torch.zeros_like(dabs)))
-        db = torch.where(b > na, dabs, torch.where(na == b, dabs / 2, torch.zeros_like(dabs)))
+        half = torch.where(na == b, dabs / 2, torch.zeros_like(dabs))
+        da = -torch.where(na > b, dabs, half)
+        db = torch.where(b > na, dabs, half)
     else:
-        dz = -s * (g * (~inside)).sum(-1, keepdim=True)
-        z_raw_rounded = (-a / s).round()
-        dz_raw = dz * ((z_raw_rounded >= 0) & (z_raw_rounded <= maxq))
-        ds = ds + dz_raw * a / (s * s)  # z_raw = -a / s
-        ds = ds * (s_raw >= SCALE_FLOOR)
+        zr = (-a / s).round()
+        dz_raw = -s * outside * ((zr >= 0) & (zr <= maxq))
+        ds = (ds + dz_raw * a / (s * s)) * (s_raw >= SCALE_FLOOR)  # z_raw = -a / s
         da = -ds / maxq - dz_raw / s
         db = ds / maxq
-    return dv, da * lo, db * hi
+    return da * lo, db * hi
 
 
 class FakeQuant(torch.autograd.Function):
-    """One autograd node for fq_forward / fq_backward (fns lets the caller pass compiled versions)."""
+    """One autograd node for the grid. The per-group scale / zero math runs eagerly (tiny, and it must
+    round the scale to fp16 exactly as quantize_weight does); fns = (fq_forward, fq_backward), possibly
+    compiled, does the elementwise work over the weight."""
 
     @staticmethod
     def forward(ctx, x, lo, hi, v, min_scale, max_scale, maxq, sym, out_dtype, fns):
-        w_hat, saved = fns[0](x, lo, hi, v, min_scale, max_scale, maxq, sym, out_dtype)
-        ctx.save_for_backward(x, lo, hi, *saved)
+        s, z, a, b, s_raw = group_qparams(lo, hi, min_scale, max_scale, maxq, sym)
+        w_hat, qz, inside = fns[0](x, v, s, z, maxq, out_dtype)
+        ctx.save_for_backward(x, lo, hi, qz, inside, s, a, b, s_raw)
         ctx.maxq, ctx.sym, ctx.fns = maxq, sym, fns
         return w_hat
 
     @staticmethod
     def backward(ctx, g):
-        x, lo, hi, *saved = ctx.saved_tensors
-        dv, dmin, dmax = ctx.fns[1](g, x, lo, hi, tuple(saved), ctx.maxq, ctx.sym)
+        x, lo, hi, qz, inside, s, a, b, s_raw = ctx.saved_tensors
+        dv, ds, outside = ctx.fns[1](g, x, s, qz, inside)
+        dmin, dmax = qparam_backward(ds, outside, lo, hi, s, a, b, s_raw, ctx.maxq, ctx.sym)
         return None, None, None, dv, dmin, dmax, None, None, None, None
 
 

@@ -128,6 +128,25 @@ def test_fake_quant_matches_primitives_value_and_gradients(scheme):
     assert v.grad.abs().sum() > 0 and mx.grad.abs().sum() > 0
 
 
+def test_compiled_grid_matches_eager():
+    """torch.compile of the elementwise grid gives the same weights and gradients as eager."""
+    from lowbit.algorithms.autoround import grid_fns
+
+    gen = torch.Generator().manual_seed(0)
+    x = group_view(torch.randn(16, 96, generator=gen), 32)  # [16, 3, 32]
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    v0 = torch.rand(x.shape, generator=gen) - 0.5
+    outs = []
+    for fns in (grid_fns(False), grid_fns(True)):
+        v, mn, mx = v0.clone().requires_grad_(), torch.full_like(lo, 0.9).requires_grad_(), torch.ones_like(lo).requires_grad_()
+        y = FakeQuant.apply(x, lo, hi, v, mn, mx, 15, False, torch.float32, fns)
+        (y * y).sum().backward()
+        outs.append((y.detach(), v.grad, mn.grad, mx.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    for a, b in zip(outs[1][1:], outs[0][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_sign_sgd_step_moves_by_lr_and_clamps():
     v = torch.tensor([0.0, 0.49, -0.49]).requires_grad_()
     v.grad = torch.tensor([1.0, -3.0, 2.0])
