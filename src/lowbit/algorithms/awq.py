@@ -142,8 +142,9 @@ class Stats:
     """Collected in one pass of the block over the calibration inputs.
 
     abs_sum / count: per linear, sum over tokens of |x| per input channel [K] and the token count.
-    samples: per linear, up to CLIP_TOKENS input rows [T, K] spread evenly over all tokens.
-    calls: per inspected module, its (args, kwargs) for every batch, tensors on `storage`.
+    samples: per linear, up to CLIP_TOKENS input rows [T, K] spread evenly over all tokens; seen: rows
+        seen so far per linear (where the sampling stride continues).
+    calls: per inspected module, its (args, kwargs) for the first `max_calls` batches, tensors on `storage`.
     """
 
     abs_sum: dict = field(default_factory=dict)
@@ -157,7 +158,7 @@ class Stats:
 
 
 @torch.no_grad()
-def collect(ctx: BlockContext, modules: list[str]) -> Stats:
+def collect(ctx: BlockContext, modules: list[str], max_calls: int) -> Stats:
     stats = Stats()
     total = sum(t.shape[0] * t.shape[1] for t in ctx.inputs)
     stride = max(1, total // CLIP_TOKENS)
@@ -176,7 +177,9 @@ def collect(ctx: BlockContext, modules: list[str]) -> Stats:
 
     def module_hook(name):
         def hook(module, args, kwargs):
-            stats.calls.setdefault(name, []).append((_to(args, ctx.storage), _to(kwargs, ctx.storage)))
+            calls = stats.calls.setdefault(name, [])
+            if len(calls) < max_calls:
+                calls.append((_to(args, ctx.storage), _to(kwargs, ctx.storage)))
 
         return hook
 
@@ -231,8 +234,6 @@ def search_group(ctx: BlockContext, group, stats: Stats, config: AwqConfig) -> t
     mod_name = inspected_module(group.linears)
     module = ctx.block.get_submodule(mod_name) if mod_name else ctx.block
     calls = stats.calls[mod_name]  # one (args, kwargs) per batch of ctx.batch_size windows
-    if config.search_samples is not None:
-        calls = calls[: max(1, -(-config.search_samples // ctx.batch_size))]
     quantized = [n for n in group.linears if n in ctx.linears]
     originals = {n: ctx.block.get_submodule(n).weight.data.clone() for n in quantized}
     targets = [module_output(module, a, k, ctx.device) for a, k in calls]
@@ -297,7 +298,9 @@ def search(ctx: BlockContext, config: AwqConfig) -> tuple[AwqSearch, float, floa
     summed over groups. The block ends with the search applied (the clipping search reads the scaled
     weights), by the same functions `apply` uses, so `apply` on a fresh copy gives identical weights."""
     groups = usable_groups(ctx)
-    stats = collect(ctx, [inspected_module(g.linears) for g in groups])
+    samples = len(ctx.inputs) if config.search_samples is None else config.search_samples
+    max_calls = -(-samples // ctx.batch_size)  # batches whose windows score the grid
+    stats = collect(ctx, [inspected_module(g.linears) for g in groups], max_calls)
     result, before, after = AwqSearch(), 0.0, 0.0
     for g in groups:
         scale, loss0, loss = search_group(ctx, g, stats, config)

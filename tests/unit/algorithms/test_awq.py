@@ -141,7 +141,7 @@ def test_folding_into_a_gemma_norm_uses_the_offset():
     assert not torch.allclose(block_out(wrong, inputs), fp, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("config", [AwqConfig(), AwqConfig(duo_scaling=False, apply_clip=False)])
+@pytest.mark.parametrize("config", [AwqConfig(), AwqConfig(duo_scaling=False, apply_clip=False), AwqConfig(search_samples=4)])
 def test_beats_rtn_on_an_outlier_channel(config):
     model = tiny_llama(outlier=True)
     inputs = capture(model)
