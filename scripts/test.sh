@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+bash scripts/setup-peers.sh  # GPTQModel for the GPTQ/AWQ interop tests (its own torch)
 . .venv/bin/activate
 export TRITON_INTERPRET=1  # kernels run in Triton's interpreter on the CPU
 python -m pytest -q -rs "$@"
