@@ -25,19 +25,6 @@ def algorithm(name: str) -> tuple[Callable, bool]:
     return _ALGORITHMS[name]
 
 
-from . import rtn  # noqa: E402,F401  (registers)
-
-try:  # optional methods register themselves when their module exists
-    from . import autoround  # noqa: F401
-except ImportError:
-    pass
-try:
-    from . import awq  # noqa: F401
-except ImportError:
-    pass
-try:
-    from . import gptq  # noqa: F401
-except ImportError:
-    pass
+from . import autoround, awq, gptq, rtn  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["BlockContext", "algorithm", "register_algorithm"]
