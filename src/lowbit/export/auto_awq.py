@@ -16,6 +16,7 @@ import torch
 
 from ..config import Scheme
 from ..quant import QuantResult
+from .whole_groups import partial_group_refusal
 
 NAME = "auto_awq"
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column ORDER[i] of its 8-column run
@@ -28,11 +29,7 @@ def refuse(scheme: Scheme, in_features: set[int]) -> str | None:
         return "auto_awq holds only asymmetric (zero-point) groups; pass --asym, or use --format auto_round or auto_gptq for sym"
     if scheme.group_size == -1:
         return "auto_awq needs a positive group size; pass --group_size 128, or use --format auto_round for per-channel"
-    bad = sorted(k for k in in_features if k % scheme.group_size)
-    if bad:
-        return (f"auto_awq needs group_size to divide every layer's in_features, but {bad[0]} % {scheme.group_size} = "
-                f"{bad[0] % scheme.group_size}; pick a group size that divides it, or use --format auto_round or auto_gptq (partial groups)")
-    return None
+    return partial_group_refusal("auto_awq", scheme, in_features)
 
 
 def can_hold(scheme: Scheme, out_features: int, in_features: int) -> str | None:

@@ -17,6 +17,7 @@ import torch
 
 from ..config import Scheme
 from ..quant import QuantResult
+from .whole_groups import partial_group_refusal
 from ..quant.pack import pack_bitstream, unpack_bitstream
 
 NAME = "compressed-tensors"
@@ -26,11 +27,7 @@ COMPRESSED_TENSORS_VERSION = "0.20.0"  # the schema version written (the PyPI re
 def refuse(scheme: Scheme, in_features: set[int]) -> str | None:
     if scheme.group_size == -1:
         return None
-    bad = sorted(k for k in in_features if k % scheme.group_size)
-    if bad:
-        return (f"compressed-tensors needs group_size to divide every layer's in_features, but {bad[0]} % {scheme.group_size} = "
-                f"{bad[0] % scheme.group_size}; pick a group size that divides it, or use --format auto_round or auto_gptq (partial groups)")
-    return None
+    return partial_group_refusal("compressed-tensors", scheme, in_features)
 
 
 def can_hold(scheme: Scheme, out_features: int, in_features: int) -> str | None:
