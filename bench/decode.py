@@ -1,7 +1,7 @@
 """End-to-end decode: tokens/s of a random-weight model with Llama-3-8B shapes, fp16 vs lowbit W4 g128,
 through transformers `generate` with a static cache (which compiles the forward with CUDA graphs).
 
-    PYTHONPATH=src python bench/decode.py [--layers 32] [--batches 1 8] [--new-tokens 128]
+    PYTHONPATH=src python bench/decode.py [--layers 32] [--batches 1 8] [--new-tokens 128] [--vocab 128256] [--time-limit S]
 
 The W4 model is the fp16 one with every linear of the blocks swapped for a QuantLinear holding random
 codes (the kernels' speed does not depend on the values). lm_head stays fp16, as in lowbit's exports.
@@ -11,6 +11,7 @@ Writes bench/results/decode-<date>.json after every measurement; prints a table 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,12 +24,12 @@ from common import environment, write_json  # noqa: E402
 from lowbit.kernels.linear import QuantLinear  # noqa: E402
 
 
-def build(layers: int):
+def build(layers: int, vocab: int = 128256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
-        vocab_size=128256, max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=False,
+        vocab_size=vocab, max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=False,
     )
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).half().eval()
@@ -63,25 +64,48 @@ def tokens_per_s(model, batch: int, new_tokens: int) -> float:
     return batch * new_tokens / (time.perf_counter() - t)
 
 
+class _TimeUp(Exception):
+    pass
+
+
+def _time_up(signum, frame):
+    raise _TimeUp
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=128256, help="smaller: the fp16 lm_head weighs less beside few layers")
+    ap.add_argument("--time-limit", type=int, default=0, help="seconds; stop there, keep what was measured")
     args = ap.parse_args()
+    if args.time_limit:
+        signal.signal(signal.SIGALRM, _time_up)
+        signal.alarm(args.time_limit)
     torch.manual_seed(0)
     env = environment()
-    results = {"env": env, "layers": args.layers, "new_tokens": args.new_tokens, "tokens_per_s": {}}
-    model = build(args.layers)
-    for kind in ("fp16", "w4"):
-        if kind == "w4":
-            quantize_random(model)
-            torch.cuda.empty_cache()
-        for b in args.batches:
-            tps = tokens_per_s(model, b, args.new_tokens)
-            results["tokens_per_s"][f"{kind}_b{b}"] = tps
-            write_json("decode", results)
-            print(kind, b, f"{tps:.1f} tokens/s", flush=True)
+    results = {"env": env, "layers": args.layers, "vocab": args.vocab, "new_tokens": args.new_tokens, "tokens_per_s": {}, "seconds": {},
+               "command": "PYTHONPATH=src python3 bench/decode.py " + " ".join(sys.argv[1:])}
+    t0 = time.perf_counter()
+    try:
+        model = build(args.layers, args.vocab)
+        for kind in ("fp16", "w4"):
+            if kind == "w4":
+                quantize_random(model)
+                torch.cuda.empty_cache()
+            for b in args.batches:
+                t1 = time.perf_counter()
+                tps = tokens_per_s(model, b, args.new_tokens)
+                results["tokens_per_s"][f"{kind}_b{b}"] = tps
+                results["seconds"][f"{kind}_b{b}"] = time.perf_counter() - t1  # compile + capture + 2 runs
+                write_json("decode", results)
+                print(kind, b, f"{tps:.1f} tokens/s", flush=True)
+    except _TimeUp:
+        results["stopped_at_s"] = time.perf_counter() - t0
+        write_json("decode", results)
+        print(f"time limit ({args.time_limit} s) reached; kept {list(results['tokens_per_s'])}", flush=True)
+    signal.alarm(0)
     print(f"\nDecode, Llama-3-8B shapes ({args.layers} layers), static cache + compile, {env['gpus'][0]}, {env['date']}")
     print(f"{'batch':>5} {'fp16 tok/s':>11} {'W4 tok/s':>9} {'speedup':>8}")
     tp = results["tokens_per_s"]

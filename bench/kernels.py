@@ -3,6 +3,9 @@ AutoAWQ's Triton GEMM, over M and the Llama-3-8B/70B layer shapes. Checks correc
 
     PYTHONPATH=src python bench/kernels.py [--quick] [--sweep] [--bits 4] [--group-size 128]
 
+--quick: 8192x28672, 28672x8192, 4096x4096 at M = 1, 4, 16, 64, 1024: pick_config vs the previous heuristic
+vs a few candidate configs of the new paths (GEMV, magic-number conversion); writes kernels-<date>-r2.json.
+
 --sweep also times a grid of kernel configs per (shape, M) and records the best (to tune pick_config).
 AutoAWQ's kernel is timed only when its file from the `autoawq` sdist sits at .cache/awq_triton/gemm.py
 (ignored; never committed), called as AutoAWQ's WQLinear_GEMM calls it (split_k_iters=8; dequantize +
@@ -12,6 +15,7 @@ matmul for M >= 1024). Prints a table of speedups over fp16 last; writes bench/r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -23,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, environment, write_json  # noqa: E402
 
 from lowbit.kernels.repack import Packed, awq_pack  # noqa: E402
-from lowbit.kernels.triton.matmul import Config, pick_config, quant_matmul  # noqa: E402
+from lowbit.kernels.triton.matmul import Config, gemv_config, pick_config, quant_matmul  # noqa: E402
 from lowbit.quant.pack import pack_bitstream  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -106,13 +110,128 @@ def sweep_configs(m: int, bits: int):
         yield None  # dequantize + cuBLAS
 
 
+def old_config(m: int, n: int, k: int, bits: int, gs: int, sm: int):
+    """pick_config as it was before the GEMV and the magic-number conversion (the r1 sweep's best at M <= 16)."""
+    cfg = pick_config(m, n, k, bits, gs, sm)
+    if m <= 16:
+        chunks = -(-k // (512 // bits))
+        split = 8
+        while split > 1 and chunks // split < 4:
+            split //= 2
+        return Config(16, 128, 512 // bits, split_k=split, num_warps=4, num_stages=4, split_unpack=True)
+    if cfg is not None and cfg.magic:
+        return dataclasses.replace(cfg, magic=False)
+    return cfg
+
+
+def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dict:
+    """Configs timed beside pick_config's in --quick mode (the new paths and their nearest variants)."""
+    c = {}
+    if m <= 16:
+        if m <= 4:
+            c["gemv"] = gemv_config(m, n, k, sm)
+            c["gemv_split_x2"] = dataclasses.replace(gemv_config(m, n, k, sm), split_k=gemv_config(m, n, k, sm).split_k * 2)
+            if m == 1:
+                c["gemv_bn256_w2"] = gemv_config(m, n, k, sm, block_n=256, num_warps=2)
+                c["gemv_bn1024_w8"] = gemv_config(m, n, k, sm, block_n=1024, num_warps=8)
+            else:
+                c["gemv_bn1024_w8"] = gemv_config(m, n, k, sm, block_n=1024, num_warps=8)
+                c["gemv_bn512_w4"] = gemv_config(m, n, k, sm, num_warps=4)
+        if m <= 4:
+            c["split_unpack_magic"] = dataclasses.replace(old_config(m, n, k, bits, gs, sm), magic=True)
+        else:
+            c["split_unpack_magic_s4"] = dataclasses.replace(old_config(m, n, k, bits, gs, sm), magic=True, split_k=4)
+        c["split_unpack_magic_s16"] = dataclasses.replace(old_config(m, n, k, bits, gs, sm), magic=True, split_k=16)
+    elif m <= 64:
+        base = pick_config(m, n, k, bits, gs, sm)
+        c["reshape_magic_bn128_s4"] = dataclasses.replace(base, block_n=128, split_k=4, num_warps=8, num_stages=3)
+        c["split_unpack_magic_bn128"] = Config(64, 128, 512 // bits, split_k=2, num_warps=8, num_stages=3, split_unpack=True, magic=True)
+        c["split_unpack_magic_bn64"] = Config(64, 64, 512 // bits, split_k=4, num_warps=4, num_stages=4, split_unpack=True, magic=True)
+    return c
+
+
+def quick(args):
+    """--quick: 3 shapes x M in 1, 4, 16, 64, 1024; pick_config ('ours') vs the previous heuristic ('old')
+    vs candidate configs, all checked against an fp32 reference first. Writes kernels-<date>-r2.json."""
+    import datetime
+    import json
+    import os
+    import shutil
+
+    torch.cuda.set_device(0)
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
+    shapes = [(8192, 28672), (28672, 8192), (4096, 4096)]
+    ms = [1, 4, 16, 64, 1024]
+    awq = load_awq() if args.bits == 4 else None
+    timer = Timer()
+    env = environment()
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    path = ROOT / "bench" / "results" / f"kernels-{datetime.date.today().isoformat()}-r2.json"
+    for k, n in shapes:
+        layer = Layer(k, n, args.bits, args.group_size)
+        tg = layer.tinygemm()
+        aw = layer.awq() if awq else None
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").half()
+            xb = x.bfloat16()
+            ref = x.float() @ layer.dequant()
+            ours, old = pick_config(m, n, k, args.bits, layer.gs, sm), old_config(m, n, k, args.bits, layer.gs, sm)
+            row = {"K": k, "N": n, "M": m, "ours_cfg": repr(ours), "old_cfg": repr(old), "err": {}, "cand_us": {}, "cand_cfg": {}}
+            row["fp16_us"] = timer(lambda: F.linear(x, layer.w_fp16))
+            try:
+                row["err"]["ours"] = rel_err(quant_matmul(x, layer.packed, config=ours), ref)
+                row["err"]["ours_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=ours), ref)
+                row["ours_us"] = timer(lambda: quant_matmul(x, layer.packed))
+            except Exception as exc:  # noqa: BLE001 - keep the other columns
+                row["err"]["ours"] = float("inf")
+                print(f"ours {ours} failed: {str(exc)[:500]}", flush=True)
+            row["err"]["old"] = rel_err(quant_matmul(x, layer.packed, config=old), ref)
+            row["old_us"] = timer(lambda: quant_matmul(x, layer.packed, config=old))
+            if tg and m < 1024:
+                row["tinygemm_us"] = timer(lambda: torch.ops.aten._weight_int4pack_mm(xb, tg[0], layer.gs, tg[1]))
+            if aw and m < 1024:
+                row["awq_us"] = timer(lambda: awq_call(awq, x, aw, m))
+            for name, cfg in quick_candidates(m, n, k, args.bits, layer.gs, sm).items():
+                try:
+                    row["err"][name] = rel_err(quant_matmul(x, layer.packed, config=cfg), ref)
+                    row["cand_us"][name] = timer(lambda: quant_matmul(x, layer.packed, config=cfg))
+                    row["cand_cfg"][name] = repr(cfg)
+                except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported and skipped
+                    print(f"{name} {cfg} failed: {str(exc)[:300]}", flush=True)
+            rows.append(row)
+            print({kk: v for kk, v in row.items() if kk not in ("ours_cfg", "old_cfg", "cand_cfg")}, flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            bad = [r for r in rows if max(r["err"].values()) > 1.5e-2 or r["err"]["ours"] > 3e-3]
+            payload = {"env": env, "bits": args.bits, "group_size": args.group_size, "rows": rows, "failed_checks": bad,
+                       "command": "PYTHONPATH=src python3 bench/kernels.py --quick"}
+            path.write_text(json.dumps(payload, indent=1))
+            if os.environ.get("OUT"):
+                shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+        del layer, tg, aw
+        torch.cuda.empty_cache()
+    print(f"\nW{args.bits}A16 g{args.group_size}, speedup over fp16 cuBLAS, CUDA-graph replays, median of 40, L2 flushed; "
+          f"{env['gpus'][0]}, {env['date']}, torch {env['torch']}, triton {env['triton']}")
+    print(f"{'KxN':>12} {'M':>5} {'fp16 us':>8} {'ours':>6} {'old':>6} {'tinyg':>6} {'awq':>6}  best candidate / all candidates")
+    for r in rows:
+        sp = lambda key: f"{r['fp16_us'] / r[key]:6.2f}" if key in r else f"{'-':>6}"  # noqa: E731
+        cands = sorted(r["cand_us"].items(), key=lambda kv: kv[1])
+        cs = " ".join(f"{nm}={r['fp16_us'] / t:.2f}" for nm, t in cands)
+        print(f"{r['K']:>5}x{r['N']:<6} {r['M']:>5} {r['fp16_us']:8.1f} {sp('ours_us')} {sp('old_us')} {sp('tinygemm_us')} {sp('awq_us')}  {cs}")
+    if bad:
+        print(f"CORRECTNESS FAILED in {len(bad)} rows: {[(r['K'], r['N'], r['M'], r['err']) for r in bad[:3]]}")
+        sys.exit(1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="two shapes, fewer M")
+    ap.add_argument("--quick", action="store_true", help="3 shapes, M in 1/4/16/64/1024, ours vs old heuristic vs candidates")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     args = ap.parse_args()
+    if args.quick:
+        return quick(args)
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
     shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES

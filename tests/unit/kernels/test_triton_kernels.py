@@ -8,6 +8,7 @@ partial (K % group_size != 0).
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -80,6 +81,10 @@ CONFIGS = {
     "dequant_cublas": None,
     # split unpack: block_k * bits / 32 >= 16 on the GPU (tl.dot's smallest depth), so block_k = 512 / bits
     "split_unpack_small_groups": "split",
+    # the FMA GEMV (gemv.py) with 4 M-rows per program (13 row blocks), chunks cut to the 32-wide groups
+    "gemv": Config(4, 32, 128, split_k=2, gemv=True),
+    # magic-number code conversion in the split-K dot path (scale after the dot, zero folded into the codes)
+    "splitk_magic": Config(16, 32, 32, split_k=3, magic=True),
 }
 
 
@@ -113,6 +118,39 @@ def test_split_unpack_after_dot(device, bits, group_size, dtype):
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     quant_matmul(x.to(device), p, config=Config(16, 32, block_k, split_k=2, split_unpack=True), out=out)
     assert rel_err(out, x.double() @ w_t) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv(device, bits, group_size, dtype):
+    """The FMA GEMV as pick_config launches it (M = 1 and 3: one row block of 1 and of 4 with a masked row),
+    the place-value trick at every code position, split-K with a partial last chunk (K = 352)."""
+    from lowbit.kernels.triton.matmul import gemv_config, pick_config
+
+    n, k = 48, 352
+    for m in (1, 3):
+        sym = m == 1
+        seed = zlib.crc32(repr(("gemv", bits, group_size, dtype, m)).encode())
+        codes, zeros, scales, gs, w_t = random_layer(n, k, bits, group_size, sym, seed)
+        p = gptq_packed(codes, zeros, scales, bits, gs, int(sym), device)
+        cfg = pick_config(m, n, k, bits, gs)
+        assert cfg.gemv and cfg == gemv_config(m, n, k)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+        bias = torch.randn(n).to(dtype)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+        quant_matmul(x.to(device), p, bias.to(device), config=dataclasses.replace(cfg, split_k=2), out=out)
+        assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[dtype], m
+
+
+def test_gemv_odd_group_falls_back(device):
+    """A group size the GEMV cannot chunk (96: not a power of two) runs on the split-unpack dot path."""
+    codes, zeros, scales, gs, w_t = random_layer(40, 192, 4, 96, False, seed=21)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
+    x = torch.randn(2, 192, generator=torch.Generator().manual_seed(22)).half()
+    out = torch.full((2, 40), float("nan"), dtype=torch.float16, device=device)
+    quant_matmul(x.to(device), p, out=out)
+    assert rel_err(out, x.double() @ w_t) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

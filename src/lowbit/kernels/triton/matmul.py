@@ -24,6 +24,7 @@ All accumulation is fp32.
 from __future__ import annotations
 
 import functools
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ import triton.language as tl
 
 from ..repack import Packed
 from . import device_guard, interpreting
+from . import gemv as _gemv
 from .dequant import _unpack_tile, dequantize
 
 
@@ -47,14 +49,23 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
-         GROUP_SIZE: tl.constexpr, GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+         GROUP_SIZE: tl.constexpr, GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+         MAGIC: tl.constexpr = False):
     """One sub-tile: x [BM, T] times codes q [T, BN] at inputs kk [T]. Returns (acc, d, xs).
 
     SCALE_AFTER_DOT: d += x . q and xs += sum_k x (the caller applies scale and zero once per chunk).
     Otherwise the codes are dequantized here (in fp32, rounded once to x's dtype) and acc += x @ w; with
     GROUP_PER_CHUNK the chunk's scale/zero rows s, z [BN] are given, else per-k rows are loaded.
     """
-    if SCALE_AFTER_DOT:
+    if MAGIC:  # scale after the dot, codes -> 16-bit floats without I2F, zero folded in: d += x . (q - z)
+        if x.dtype == tl.float16:  # 0x6400 is 1024.0: 1024 + q for q < 1024
+            qb = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            zb = (z + 1024.0).to(tl.float16)
+        else:  # bf16, BITS <= 4: 0x4300 is 128.0, 128 + q for q < 128
+            qb = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            zb = (z + 128.0).to(tl.bfloat16)
+        d = tl.dot(x, qb - zb[None, :], d)  # q - z is an integer of at most 9 bits: exact in fp16/bf16
+    elif SCALE_AFTER_DOT:
         d = _dot(x, q, d, DOT_F32)
         xs += tl.sum(x.to(tl.float32), axis=1)
     else:
@@ -81,6 +92,7 @@ def _qmm_kernel(
     # meta-parameters
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
+    MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS  # codes per int32 word
@@ -126,14 +138,16 @@ def _qmm_kernel(
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
                 q = (words >> (j * BITS)) & ((1 << BITS) - 1)  # [R, BN]
                 acc, d, xs = _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
-                                  GROUP_SIZE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32)
+                                  GROUP_SIZE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32, MAGIC)
         else:
             kk = c * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
             q = _unpack_tile(words, BITS, BLOCK_K, BLOCK_N)  # int32 [BK, BN]
             acc, d, xs = _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
-                              GROUP_SIZE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32)
-        if SCALE_AFTER_DOT:
+                              GROUP_SIZE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32, MAGIC)
+        if MAGIC:
+            acc += d * s[None, :]
+        elif SCALE_AFTER_DOT:
             acc += (d - xs[:, None] * z[None, :]) * s[None, :]
 
     if HAS_BIAS:  # added once, by the first K split
@@ -160,6 +174,8 @@ class Config:
     scale_after_dot: bool = True
     group_m: int = 8
     split_unpack: bool = False  # VALS dots of K = block_k*bits/32 instead of one reshaped [BK, BN] tile
+    gemv: bool = False  # gemv.py: no tl.dot, fp32 FMA after a magic-number dequantize (small M)
+    magic: bool = False  # dot paths: codes -> fp16/bf16 by the magic-number trick instead of int->float converts
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernels.py --sweep, H100, 2026-11-25:
@@ -173,23 +189,55 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Largest M given to the FMA GEMV (gemv.py): it costs ~3 + M instructions per weight code, so past a few rows
+# the tensor-core paths win; the kernel holds one accumulator per row (1, 2 or 4 rows per program).
+GEMV_MAX_M = 4
+
+
+def gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None = None, num_warps: int | None = None,
+                block_k: int | None = None) -> Config:
+    """GEMV launch for m <= GEMV_MAX_M: one row block holding all of M (the weight is read once); block_n =
+    128 * num_warps gives each thread 4 columns (16-byte loads) and every packed row of the chunk (the sum
+    over k stays in the thread); a K split large enough for ~4 programs per SM while each keeps >= 4 chunks.
+    Register use from the SASS (Triton 3.9, sm_90): 1 row 512x64/4 warps 164 regs; 2 rows 512x64/8 warps
+    128; 4 rows 512x32/8 warps 128, no spills."""
+    block_m = max(1, 1 << (m - 1).bit_length())
+    if block_m > 4:
+        raise ValueError(f"the GEMV takes at most 4 rows per program, not {block_m}")
+    if num_warps is None:
+        num_warps = 4 if block_m == 1 else 8
+    if block_n is None:
+        block_n = 512
+    if block_k is None:
+        block_k = 32 if block_m == 4 else 64
+    tiles = triton.cdiv(n, block_n)
+    chunks = triton.cdiv(k, block_k)
+    split = 1
+    while tiles * split < 4 * sm_count and chunks // (split * 2) >= 4 and split < 64:
+        split *= 2
+    return Config(block_m, block_n, block_k, split_k=split, num_warps=num_warps, num_stages=1, gemv=True)
+
+
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
     """Kernel choice by M; None means dequantize + cuBLAS.
 
-    From the sweep in bench/kernels.py (H100, W4 g128, the 8192x8192 / 8192x28672 / 28672x8192 shapes,
-    2026-11-25; see docs/kernels.md): M <= 16: split unpack, 16x128 tiles, 8-way K split (1.2-1.3x fp16,
+    M <= GEMV_MAX_M: the FMA GEMV (gemv.py). Then, from the sweep in bench/kernels.py (H100, W4 g128, the
+    8192x8192 / 8192x28672 / 28672x8192 shapes, 2026-11-25; see docs/kernels.md), now with the magic-number
+    code conversion: M <= 16: split unpack, 16x128 tiles, 8-way K split (1.2-1.3x fp16,
     twice the reshape variant); 16 < M <= 64: reshape unpack with a K split; larger M: the tiled GEMM
     when its tiles fill the GPU, else dequantize + cuBLAS.
     """
     if m >= DEQUANT_MIN_M:
         return None
     chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
+    if m <= GEMV_MAX_M:
+        return gemv_config(m, n, k, sm_count)
     if m <= 16:
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         split = 8
         while split > 1 and chunks(block_k) // split < 4:
             split //= 2
-        return Config(16, 128, block_k, split_k=split, num_warps=4, num_stages=4, split_unpack=True)
+        return Config(16, 128, block_k, split_k=split, num_warps=4, num_stages=4, split_unpack=True, magic=True)
     if m <= 64:
         block_m = 32 if m <= 32 else 64
         block_n = 128 if m <= 32 else 64
@@ -199,7 +247,7 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         split = 4 if m <= 32 else 2
         while split > 1 and chunks(block_k) // split < 4:
             split //= 2
-        return Config(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4)
+        return Config(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4, magic=True)
     if triton.cdiv(m, 128) * triton.cdiv(n, 128) < sm_count:
         return None  # too few output tiles to fill the GPU: dequantize + cuBLAS
     return Config(128, 128, 64, split_k=1, num_warps=4, num_stages=4, scale_after_dot=False)
@@ -240,6 +288,12 @@ def quant_matmul(
         return torch.addmm(bias.to(x.dtype), x, w, out=out)
 
     cfg = config
+    if cfg.gemv:
+        bk = _gemv.gemv_block_k(p.bits, p.group_size, k, cfg.block_k)
+        if bk is None:  # group size the GEMV cannot chunk: the split-unpack dot path instead
+            cfg = Config(16, 128, 512 // p.bits, split_k=cfg.split_k, num_warps=4, num_stages=4, split_unpack=True)
+        elif bk != cfg.block_k:
+            cfg = dataclasses.replace(cfg, block_k=bk, split_k=cfg.split_k * (cfg.block_k // bk))
     if cfg.split_unpack and x.is_cuda and cfg.block_k * p.bits // 32 < 16:
         raise ValueError(f"split_unpack needs block_k * bits / 32 >= 16 (tl.dot's smallest K), got block_k={cfg.block_k}")
     gs_whole = p.group_size >= k  # one group (per-channel): every chunk lies in it
@@ -248,17 +302,23 @@ def quant_matmul(
     per_split = triton.cdiv(chunks, cfg.split_k)
     split = triton.cdiv(chunks, per_split)  # no empty splits
     atomic = split > 1
+    dot_f32 = interpreting() and x.dtype == torch.bfloat16
+    scale_after = cfg.scale_after_dot and group_per_chunk
+    magic = cfg.magic and scale_after and not dot_f32 and (x.dtype == torch.float16 or p.bits <= 4)
     # With a K split the partial sums meet in a zeroed fp32 buffer, cast into `out` at the end.
     target = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     with device_guard(p.qweight):
+        if cfg.gemv:
+            _gemv.launch(x, p, bias, target, cfg, per_split, split, atomic)
+            return out.copy_(target) if atomic else out
         _qmm_kernel[grid](
             x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target,
             m, n, k, per_split,
             x.stride(0), target.stride(0),
             BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
-            GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=cfg.scale_after_dot and group_per_chunk,
-            DOT_F32=interpreting() and x.dtype == torch.bfloat16, SPLIT_UNPACK=cfg.split_unpack,
+            GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=scale_after,
+            DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
