@@ -179,6 +179,8 @@ def quantize(
                 out.restore(state["writers"][out.fmt.NAME])
             done = state["blocks_done"]
         inputs = capture(skeleton, ckpt, spec, calib, device, dtype, storage, blocks) if needs_calib else None
+        # AutoRound with quantized inputs also follows the fp model (auto-round does the same): twice the cache
+        fp_chain = list(inputs.hidden) if inputs is not None and isinstance(method_cfg, AutoRoundConfig) and method_cfg.enable_quanted_input and method_cfg.iters > 0 else None
 
         bar = tqdm(range(len(blocks)), desc=f"lowbit {name}", unit="block", disable=not progress)
         for i in bar:
@@ -189,17 +191,20 @@ def quantize(
             linears, kept = plan_linears(block, prefix, scheme, formats)
             summary.kept_fp.update(kept)
             summary.quantized.extend(f"{prefix}.{n}" for n in linears)
+            kwargs = None if inputs is None else inputs.kwargs_for(i, device)
+            targets = None
+            if fp_chain is not None:  # the fp model's outputs of this block: this block's targets, next block's fp inputs
+                targets = fp_chain = run_block(block, fp_chain, kwargs, calib.batch_size, device, storage)
             if i < done:  # resumed: the block is on disk; only its outputs are needed
                 if inputs is not None:
                     outputs[0].replay(prefix, linears, scheme)
-                    inputs.hidden = run_block(block, inputs.hidden, inputs.kwargs_for(i, device), calib.batch_size, device, storage)
+                    inputs.hidden = run_block(block, inputs.hidden, kwargs, calib.batch_size, device, storage)
                 free_module(block)
                 continue
             ctx = BlockContext(
                 index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec,
                 device=device, storage=storage, batch_size=calib.batch_size,
-                inputs=None if inputs is None else inputs.hidden,
-                kwargs=None if inputs is None else inputs.kwargs_for(i, device),
+                inputs=None if inputs is None else inputs.hidden, targets=targets, kwargs=kwargs,
                 log=bar.write,
             )
             results = block_fn(ctx, method_cfg)
@@ -217,8 +222,7 @@ def quantize(
                 save_progress(folder, key, i + 1, outputs)
             free_module(block)
         bar.close()
-        if inputs is not None:
-            del inputs
+        inputs = fp_chain = None  # release the calibration caches before the final writes
 
         tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
         method_info = method_dict(method_cfg, calib if needs_calib else None)

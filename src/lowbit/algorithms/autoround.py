@@ -333,11 +333,14 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     # cached inputs and fp targets: on the GPU when they fit in half its free memory, else pinned CPU
     on_device = cache_on_device(device, 2 * n * ctx.inputs[0].numel() * ctx.inputs[0].element_size(), config.low_gpu_mem)
     inputs = [place(t, on_device, device) for t in ctx.inputs]
-    with torch.no_grad(), autocast():
-        targets = []
-        for start in range(0, n, bs):
-            y = block_output(block(gather(inputs, list(range(start, min(start + bs, n))), device), **kwargs))
-            targets.extend(place(t.unsqueeze(0), on_device, device) for t in y)
+    if ctx.targets is not None:  # the runner's fp chain: targets of the fp model on its own inputs
+        targets = [place(t, on_device, device) for t in ctx.targets]
+    else:
+        with torch.no_grad(), autocast():
+            targets = []
+            for start in range(0, n, bs):
+                y = block_output(block(gather(inputs, list(range(start, min(start + bs, n))), device), **kwargs))
+                targets.extend(place(t.unsqueeze(0), on_device, device) for t in y)
 
     states = {name: LinearState.from_weight(l.weight, ctx.schemes[name], config.enable_minmax_tuning) for name, l in linears.items()}
     fns = grid_fns(config.compile)
