@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ar, "disable_minmax_tuning", action="store_true")
     _flag(ar, "disable_quanted_input", action="store_true")
     _flag(ar, "low_gpu_mem_usage", action="store_true", help="keep cached inputs on the CPU")
+    _flag(ar, "disable_amp", action="store_true", help="no 16-bit autocast on CUDA")
+    _flag(ar, "enable_torch_compile", action="store_true", help="torch.compile the fake-quant math (faster per block, slower first block)")
     aw = q.add_argument_group("awq")
     _flag(aw, "awq_n_grid", type=int, default=20, help="grid points of the scale and clipping searches (default 20)")
     for name, text in (("awq_duo_scaling", "scale by x_mean^a / w_mean^(1-a), else x_mean^a (default on)"), ("awq_apply_clip", "search per-group weight clipping (default on)")):
@@ -100,6 +102,8 @@ def configs_from_args(args):
             gradient_accumulate_steps=args.gradient_accumulate_steps,
             seed=args.seed,
             low_gpu_mem=args.low_gpu_mem_usage,
+            amp=not args.disable_amp,
+            compile=args.enable_torch_compile,
         )
     elif args.method == "awq":
         method = AwqConfig(n_grid=args.awq_n_grid, duo_scaling=args.awq_duo_scaling, apply_clip=args.awq_apply_clip)
