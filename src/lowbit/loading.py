@@ -98,7 +98,7 @@ def layer_buffers(fmt, ckpt: Checkpoint, name: str, scheme: Scheme, layer: Quant
     }
 
 
-def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None):
+def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None, cpu_cache_dequantized: bool = True):
     """Load a quantized folder. Returns a transformers model in eval mode.
 
     Args:
@@ -108,6 +108,8 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
         dtype: activation dtype; default float32 on the CPU, float16 on GPUs.
         max_memory: with device_map="auto", the most memory per device (accelerate's form, e.g.
             {0: "2GiB", 1: "2GiB", "cpu": "30GiB"}); None lets accelerate use what is free.
+        cpu_cache_dequantized: layers on the CPU keep their dequantized weight after the first call (fast
+            CPU evaluation at the cost of one full-precision copy of those weights); False dequantizes per call.
     """
     path = Path(path)
     ckpt = Checkpoint(path)
@@ -165,5 +167,6 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.post_load()  # the kernels' internal layout, built once on the layer's device
+            module.cache_dequantized = module.qweight.device.type == "cpu" and cpu_cache_dequantized
     model.lowbit_quantization_config = qc
     return model.eval()

@@ -112,3 +112,13 @@ def test_layer_tensors_pack_what_quantize_produced():
     layer = QuantLinear(96, 64, 4, 32)
     layer.load_state_dict({"qweight": t["x.qweight"], "qzeros": t["x.qzeros"], "scales": t["x.scales"]})
     torch.testing.assert_close(layer.dequantize_weight(torch.float32), result.dequantize())
+
+
+def test_cpu_dequantized_cache_gives_identical_outputs(tiny_llama, tmp_path):
+    src, _ = tiny_llama
+    out = tmp_path / "q"
+    quantize_tiny(src, out, lowbit.Scheme(4, 64, False))
+    x = torch.randint(0, 512, (1, 16))
+    cached, plain = lowbit.load(out), lowbit.load(out, cpu_cache_dequantized=False)
+    assert cached.model.layers[0].mlp.up_proj.cache_dequantized and not plain.model.layers[0].mlp.up_proj.cache_dequantized
+    assert torch.equal(cached(x).logits, plain(x).logits) and torch.equal(cached(x).logits, plain(x).logits)

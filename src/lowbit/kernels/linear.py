@@ -66,6 +66,10 @@ class QuantLinear(torch.nn.Module):
         else:
             self.bias = None
         self.register_buffer("zeros_fast", None, persistent=False)  # fp16 [G, N], built by post_load()
+        # CPU path: keep the dequantized weight between calls (trades one fp copy of W for not unpacking on
+        # every forward; lowbit.load turns it on for CPU placements). None = off; else (dtype, tensor).
+        self.cache_dequantized = False
+        self._dequantized: tuple | None = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -109,4 +113,8 @@ class QuantLinear(torch.nn.Module):
                 self.post_load()
             return ops.quant_linear(x, self.qweight, self.scales, self.zeros_fast, self.bias, self.bits, self.group_size)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        if not self.cache_dequantized:
+            return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        if self._dequantized is None or self._dequantized[0] != x.dtype:
+            self._dequantized = (x.dtype, self.dequantize_weight(x.dtype))
+        return F.linear(x, self._dequantized[1], bias)
