@@ -25,7 +25,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFIX = "accuracy-awq-gptq-"
 EVAL_TEXTS = ("austen-eval", "kjv")
-LABELS = {"rtn": "RTN", "awq": "lowbit AWQ", "gptq": "lowbit GPTQ", "llmc-awq": "llm-compressor AWQ", "llmc-gptq": "llm-compressor GPTQ"}
+LABELS = {"rtn": "RTN", "awq": "lowbit AWQ", "gptq": "lowbit GPTQ", "gptq-act": "lowbit GPTQ act-order", "llmc-awq": "llm-compressor AWQ", "llmc-gptq": "llm-compressor GPTQ"}
 
 
 def evaluate(model, tokenizer) -> dict[str, float]:
@@ -38,7 +38,7 @@ def evaluate(model, tokenizer) -> dict[str, float]:
 def method_config(name: str, args):
     import lowbit
 
-    return {"rtn": lowbit.RtnConfig(), "awq": lowbit.AwqConfig(search_samples=args.awq_search_samples), "gptq": lowbit.GptqConfig()}[name]
+    return {"rtn": lowbit.RtnConfig(), "awq": lowbit.AwqConfig(search_samples=args.awq_search_samples), "gptq": lowbit.GptqConfig(), "gptq-act": lowbit.GptqConfig(act_order=True)}[name]
 
 
 def run_one(method: str, bits: int, args) -> dict:
