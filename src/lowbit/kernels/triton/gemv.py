@@ -18,8 +18,12 @@ the codes in the low 16 bits of a word at any width (2, 4, 8 bits). Subtracting 
 per-column constant per chunk and j) gives (q - z) * 2^(j*BITS) exactly; the power of two is undone on x
 (exact). The high 16 bits take one shift per word. Per code: one LOP3, one FADD, BLOCK_M FFMA.
 
-The products are accumulated per (row, packed row, column) in registers and reduced over the packed rows
-once at the end, so the K loop has no cross-thread reduction.
+The products are accumulated per (row, packed row, column) in registers ([R, BLOCK_N] per row of x) and
+reduced over the packed rows once at the end. With BLOCK_N = 128 * num_warps Triton's default layout gives
+each thread 4 columns (16-byte loads) and all R packed rows, so that reduction stays inside the thread, and x
+loaded as [R, 1] is broadcast along N without a layout conversion (checked in the SASS, Triton 3.9, sm_90:
+no shared memory, no spills at 1 row, 512x64, 4 warps). BLOCK_M is 1, 2 or 4 (one accumulator per row);
+pick_config uses 1 row only (see matmul.GEMV_MAX_M for the measurements).
 """
 
 from __future__ import annotations

@@ -189,16 +189,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Largest M given to the FMA GEMV (gemv.py): it costs ~3 + M instructions per weight code, so past a few rows
-# the tensor-core paths win; the kernel holds one accumulator per row (1, 2 or 4 rows per program).
-GEMV_MAX_M = 4
+# Largest M given to the FMA GEMV (gemv.py). Measured on an H100 (bench/kernels.py --quick, 2026-11-25 r2):
+# at M = 1 it gives 2.28-2.34x fp16 on 8192x28672 / 28672x8192 against 1.83-1.86x for the split-unpack dot
+# with the magic-number conversion; at M = 4 (4 rows per program) only 1.08-1.17x against 1.75-1.83x, since
+# its cost per weight code grows by one FFMA per row while the tensor-core dot's does not.
+GEMV_MAX_M = 1
 
 
 def gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None = None, num_warps: int | None = None,
                 block_k: int | None = None) -> Config:
     """GEMV launch for m <= GEMV_MAX_M: one row block holding all of M (the weight is read once); block_n =
     128 * num_warps gives each thread 4 columns (16-byte loads) and every packed row of the chunk (the sum
-    over k stays in the thread); a K split large enough for ~4 programs per SM while each keeps >= 4 chunks.
+    over k stays in the thread); a K split large enough for ~8 programs per SM while each keeps >= 2 chunks
+    (the measured best, "gemv_split_x2" in the r2 table: 2.28 / 2.34 / 1.60x fp16 on 8192x28672 /
+    28672x8192 / 4096x4096 against 2.21 / 2.30 / 1.28x with half the split).
     Register use from the SASS (Triton 3.9, sm_90): 1 row 512x64/4 warps 164 regs; 2 rows 512x64/8 warps
     128; 4 rows 512x32/8 warps 128, no spills."""
     block_m = max(1, 1 << (m - 1).bit_length())
@@ -213,7 +217,7 @@ def gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None
     tiles = triton.cdiv(n, block_n)
     chunks = triton.cdiv(k, block_k)
     split = 1
-    while tiles * split < 4 * sm_count and chunks // (split * 2) >= 4 and split < 64:
+    while tiles * split < 8 * sm_count and chunks // (split * 2) >= 2 and split < 128:
         split *= 2
     return Config(block_m, block_n, block_k, split_k=split, num_warps=num_warps, num_stages=1, gemv=True)
 
@@ -221,11 +225,13 @@ def gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
     """Kernel choice by M; None means dequantize + cuBLAS.
 
-    M <= GEMV_MAX_M: the FMA GEMV (gemv.py). Then, from the sweep in bench/kernels.py (H100, W4 g128, the
-    8192x8192 / 8192x28672 / 28672x8192 shapes, 2026-11-25; see docs/kernels.md), now with the magic-number
-    code conversion: M <= 16: split unpack, 16x128 tiles, 8-way K split (1.2-1.3x fp16,
-    twice the reshape variant); 16 < M <= 64: reshape unpack with a K split; larger M: the tiled GEMM
-    when its tiles fill the GPU, else dequantize + cuBLAS.
+    From bench/kernels.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
+    docs/kernels.md); at M = 1, 4, 16, 64 and 1024 each choice below is a config timed in r2:
+    M = 1: the FMA GEMV (gemv.py), 2.28-2.34x fp16 on the large shapes. 2 <= M <= 16: split unpack with the
+    magic-number conversion, 16x128 tiles, 8-way K split (1.75-1.83x at M = 4, 1.27-1.47x at M = 16).
+    16 < M <= 32: reshape unpack, 32x128, K split 4, magic (not timed). 32 < M <= 64: reshape unpack, 64x128,
+    K split 4, 8 warps, magic (1.09-1.15x). Larger M: the tiled GEMM when its tiles fill the GPU, else
+    dequantize + cuBLAS (0.73x at M = 1024).
     """
     if m >= DEQUANT_MIN_M:
         return None
@@ -238,6 +244,12 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         while split > 1 and chunks(block_k) // split < 4:
             split //= 2
         return Config(16, 128, block_k, split_k=split, num_warps=4, num_stages=4, split_unpack=True, magic=True)
+    if 32 < m <= 64:  # measured (r2): 1.09-1.15x fp16 on the large shapes, against 0.94-1.01x for 64x64, K split 2
+        block_k = 64 if group_size % 128 and group_size < k and group_size % 64 == 0 else 128  # one group per chunk
+        split = 4
+        while split > 1 and chunks(block_k) // split < 4:
+            split //= 2
+        return Config(64, 128, block_k, split_k=split, num_warps=8, num_stages=3, magic=True)
     if m <= 64:
         block_m = 32 if m <= 32 else 64
         block_n = 128 if m <= 32 else 64
