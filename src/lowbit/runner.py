@@ -197,7 +197,7 @@ def quantize(
                 targets = fp_chain = run_block(block, fp_chain, kwargs, calib.batch_size, device, storage)
             if i < done:  # resumed: the block is on disk; only its outputs are needed
                 if inputs is not None:
-                    outputs[0].replay(prefix, linears, scheme)
+                    outputs[0].replay(block, prefix, linears, scheme)
                     inputs.hidden = run_block(block, inputs.hidden, kwargs, calib.batch_size, device, storage)
                 free_module(block)
                 continue
@@ -221,14 +221,19 @@ def quantize(
                     out.writer.flush()
                 save_progress(folder, key, i + 1, outputs)
             free_module(block)
+            ckpt.close()  # unmap the shards: pages of finished blocks must not stay resident (and count in RSS)
         bar.close()
         inputs = fp_chain = None  # release the calibration caches before the final writes
 
         tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
         method_info = method_dict(method_cfg, calib if needs_calib else None)
         for out in outputs:
-            out.writer.add(outside_tensors(skeleton, ckpt, spec, run, scheme, out.fmt, summary))
+            for tensor_name, tensor in outside_tensors(skeleton, ckpt, spec, run, scheme, out.fmt, summary).items():
+                out.writer.add({tensor_name: tensor})
+                if out.writer.full:
+                    out.writer.flush()
             out.writer.finish()
+            ckpt.close()
             write_config(out.folder, ckpt, spec, scheme, summary, method_info, untie=run.quant_lm_head and tied, fmt=out.fmt)
             copy_side_files(ckpt.path, out.folder)
         (folder / PROGRESS).unlink(missing_ok=True)
@@ -255,21 +260,25 @@ class FormatOutput:
     def restore(self, state: dict) -> None:
         self.writer.shards, self.writer.weight_map, self.writer.total_bytes = state["shards"], state["weight_map"], state["total_bytes"]
 
-    def replay(self, prefix: str, linears: dict, scheme: Scheme) -> None:
-        """On resume: put a finished block's written weights back into its linears (dequantized)."""
+    def replay(self, block, prefix: str, linears: dict, scheme: Scheme) -> None:
+        """On resume: make a finished block compute as written: its linears from their packed tensors
+        (dequantized), every other parameter as stored (AWQ folds scales into norms and linears)."""
         from safetensors import safe_open
 
+        files = {}
+
+        def get(tensor: str):
+            file = self.folder / self.writer.weight_map[tensor]
+            if file not in files:
+                files[file] = safe_open(file, framework="pt")
+            return files[file].get_tensor(tensor)
+
+        quantized = {f"{n}.weight" for n in linears} | {f"{n}.bias" for n in linears}
+        for name, t in block.state_dict().items():
+            if name not in quantized and f"{prefix}.{name}" in self.writer.weight_map:
+                t.copy_(get(f"{prefix}.{name}"))
         for name, linear in linears.items():
-            full = f"{prefix}.{name}"
-            files = {}
-
-            def get(tensor: str):
-                file = self.folder / self.writer.weight_map[tensor]
-                if file not in files:
-                    files[file] = safe_open(file, framework="pt")
-                return files[file].get_tensor(tensor)
-
-            result = self.fmt.read_layer(get, full, scheme, linear.out_features, linear.in_features)
+            result = self.fmt.read_layer(get, f"{prefix}.{name}", scheme, linear.out_features, linear.in_features)
             linear.weight.data = result.dequantize().to(linear.weight)
 
 

@@ -122,3 +122,36 @@ def test_cpu_dequantized_cache_gives_identical_outputs(tiny_llama, tmp_path):
     cached, plain = lowbit.load(out), lowbit.load(out, cpu_cache_dequantized=False)
     assert cached.model.layers[0].mlp.up_proj.cache_dequantized and not plain.model.layers[0].mlp.up_proj.cache_dequantized
     assert torch.equal(cached(x).logits, plain(x).logits) and torch.equal(cached(x).logits, plain(x).logits)
+
+
+def test_calibrated_resume_replays_finished_blocks(tmp_path, monkeypatch):
+    """AWQ changes norms as well as linears: a resumed run must feed later blocks what was written."""
+    import lowbit.runner as runner
+    from tests.unit.algorithms.test_awq import save_tiny_model_with_tokenizer
+
+    text = " ".join(f"The {w} walked to the {v} and said {n} words." for w, v, n in zip(["cat", "dog", "man", "girl"] * 60, ["shop", "park", "sea"] * 80, range(240)))
+    (tmp_path / "calib.txt").write_text(text)
+    src = tmp_path / "tiny"
+    save_tiny_model_with_tokenizer(src, text)
+    calib = lowbit.CalibConfig(dataset=str(tmp_path / "calib.txt"), nsamples=4, seqlen=64, batch_size=2)
+
+    def run(out):
+        return lowbit.quantize(str(src), lowbit.AwqConfig(n_grid=4), lowbit.Scheme(4, 64, False), calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu", max_shard_bytes=1), progress=False)
+
+    run(tmp_path / "clean")
+    real, calls = runner.block_tensors, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in block 1")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "block_tensors", dying)
+    with pytest.raises(RuntimeError):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(runner, "block_tensors", real)
+    run(tmp_path / "resumed")
+    a, b = lowbit.load(tmp_path / "clean"), lowbit.load(tmp_path / "resumed")
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(ta, tb), name

@@ -31,7 +31,9 @@ class ShardWriter:
         for name, t in tensors.items():
             if name in self.weight_map or name in self.buffer:
                 raise ValueError(f"tensor {name} written twice")
-            t = t.detach().to("cpu").contiguous()
+            # a copy, never a view: a tensor read from a checkpoint shard is a view of that shard's memory
+            # map, and holding it would keep the whole map (every page the block touched) resident
+            t = t.detach().to("cpu", copy=True).contiguous()
             self.buffer[name] = t
             self.buffered += t.numel() * t.element_size()
 

@@ -70,6 +70,8 @@ class Checkpoint:
         return [n for n in self.index if n.startswith(dotted)]
 
     def close(self) -> None:
+        """Drop the open shard handles. Tensors read from a shard are views of its memory map; the map
+        lives on while they do, and is unmapped (its pages leave RSS) once they and the handle are gone."""
         self._handles.clear()
 
 
