@@ -172,6 +172,7 @@ def quantize(
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
         blocks = submodule(skeleton, spec.blocks)
         refuse_unholdable(skeleton, spec, scheme, formats, run.quant_lm_head)
+        check_outside_finite(ckpt, spec)
         outputs = [FormatOutput(fmt, folder / fmt.NAME if len(formats) > 1 else folder, run.max_shard_bytes) for fmt in formats]
         done = 0
         if state:
@@ -229,8 +230,11 @@ def quantize(
         method_info = method_dict(method_cfg, calib if needs_calib else None)
         for out in outputs:
             for tensor_name, tensor in outside_tensors(skeleton, ckpt, spec, run, scheme, out.fmt, summary).items():
+                big = tensor.numel() * tensor.element_size() >= run.max_shard_bytes // 4
+                if big:  # embeddings / lm_head: a shard of their own, so at most one of them is in RAM at a time
+                    out.writer.flush()
                 out.writer.add({tensor_name: tensor})
-                if out.writer.full:
+                if big or out.writer.full:
                     out.writer.flush()
             out.writer.finish()
             ckpt.close()
@@ -319,6 +323,14 @@ def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantRes
     return out
 
 
+def check_outside_finite(ckpt: Checkpoint, spec: ArchSpec) -> None:
+    """Fail before any block work on NaN/inf in the tensors outside the blocks (embeddings, head, norm)."""
+    for name in ckpt.index:
+        if not name.startswith(spec.blocks + "."):
+            check_finite(name, ckpt.tensor(name))
+    ckpt.close()
+
+
 def outside_tensors(skeleton, ckpt: Checkpoint, spec: ArchSpec, run: RunConfig, scheme: Scheme, fmt, summary: RunSummary) -> dict:
     """Everything outside the blocks, copied from the checkpoint; lm_head quantized (RTN) if asked."""
     from .quant import quantize_weight
@@ -328,9 +340,7 @@ def outside_tensors(skeleton, ckpt: Checkpoint, spec: ArchSpec, run: RunConfig, 
     for name in ckpt.index:
         if name.startswith(block_prefix):
             continue
-        t = ckpt.tensor(name)
-        check_finite(name, t)
-        out[name] = t
+        out[name] = ckpt.tensor(name)  # checked for NaN/inf before the block loop (check_outside_finite)
     head = f"{spec.lm_head}.weight"
     weight = out.pop(head, None)
     if run.quant_lm_head:
