@@ -44,6 +44,17 @@ class RssSampler:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by the last block back to the OS (glibc keeps freed heap pages otherwise, so RSS
+    would carry every block's temporaries). A no-op where malloc_trim does not exist."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_vram_bytes() -> dict[str, int]:
     if not torch.cuda.is_available():
         return {}

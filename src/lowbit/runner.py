@@ -30,7 +30,7 @@ from .export import FORMAT_WRITERS, ShardWriter
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
 from .model.skeleton import submodule
 from .quant import QuantResult
-from .report import RssSampler, RunSummary, peak_vram_bytes
+from .report import RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
 PROGRESS = "lowbit_progress.json"
 LOG = "lowbit_log.json"
@@ -223,13 +223,16 @@ def quantize(
                 save_progress(folder, key, i + 1, outputs)
             free_module(block)
             ckpt.close()  # unmap the shards: pages of finished blocks must not stay resident (and count in RSS)
+            release_freed_memory()
         bar.close()
         inputs = fp_chain = None  # release the calibration caches before the final writes
 
         tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
         method_info = method_dict(method_cfg, calib if needs_calib else None)
         for out in outputs:
-            for tensor_name, tensor in outside_tensors(skeleton, ckpt, spec, run, scheme, out.fmt, summary).items():
+            pending = outside_tensors(skeleton, ckpt, spec, run, scheme, out.fmt, summary)
+            while pending:  # popped, so a written tensor (a view of its shard's map) is released right away
+                tensor_name, tensor = pending.popitem()
                 big = tensor.numel() * tensor.element_size() >= run.max_shard_bytes // 4
                 if big:  # embeddings / lm_head: a shard of their own, so at most one of them is in RAM at a time
                     out.writer.flush()
