@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         aw.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=argparse.SUPPRESS)
     gp = q.add_argument_group("gptq")
     _flag(gp, "damp_percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal (default 0.01)")
-    _flag(gp, "act_order", action="store_true", help="quantize columns by decreasing Hessian diagonal (static groups)")
+    act = gp.add_mutually_exclusive_group()
+    act.add_argument("--act_order", "--act-order", "--desc_act", dest="act_order", action="store_true", default=True, help="quantize columns by decreasing Hessian diagonal, static groups (default)")
+    act.add_argument("--no_act_order", "--no-act-order", dest="act_order", action="store_false", help="quantize columns in their natural order")
     _flag(gp, "gptq_block_size", type=int, default=128, help="columns per lazy batch update (default 128)")
 
     e = sub.add_parser("eval", help="perplexity of a model or a quantized output folder")
