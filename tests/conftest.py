@@ -35,3 +35,16 @@ def tiny_llama(tmp_path):
     path = tmp_path / "tiny-llama"
     model = save_tiny_llama(path)
     return path, model
+
+
+def save_tiny_model_with_tokenizer(path, text: str):
+    """A random tiny Llama plus a byte-level BPE tokenizer trained on `text` (everything offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+    save_tiny_llama(path, hidden=128, intermediate=256, vocab=512)

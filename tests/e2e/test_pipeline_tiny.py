@@ -127,7 +127,7 @@ def test_cpu_dequantized_cache_gives_identical_outputs(tiny_llama, tmp_path):
 def test_calibrated_resume_replays_finished_blocks(tmp_path, monkeypatch):
     """AWQ changes norms as well as linears: a resumed run must feed later blocks what was written."""
     import lowbit.runner as runner
-    from tests.unit.algorithms.test_awq import save_tiny_model_with_tokenizer
+    from tests.conftest import save_tiny_model_with_tokenizer
 
     text = " ".join(f"The {w} walked to the {v} and said {n} words." for w, v, n in zip(["cat", "dog", "man", "girl"] * 60, ["shop", "park", "sea"] * 80, range(240)))
     (tmp_path / "calib.txt").write_text(text)

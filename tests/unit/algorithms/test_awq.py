@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lowbit
+from tests.conftest import save_tiny_model_with_tokenizer
 from lowbit.algorithms import BlockContext, algorithm
 from lowbit.algorithms.awq import (
     GroupScale,
@@ -191,22 +191,6 @@ def test_no_scale_groups_errors_when_explicit_and_falls_back_otherwise():
 
 
 # ---------------------------------------------------------------- end to end
-
-
-def save_tiny_model_with_tokenizer(path, text: str):
-    """A random tiny Llama plus a byte-level BPE tokenizer trained on `text` (everything offline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.conftest import save_tiny_llama
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
-    save_tiny_llama(path, hidden=128, intermediate=256, vocab=512)
-    assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_quantize_and_load_tiny_model(tmp_path):
