@@ -65,11 +65,11 @@ def run_lowbit(args, method) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
         t0 = time.time()
-        summary = lowbit.quantize("default", method, scheme, calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=False)
+        summary = lowbit.quantize("default", method, scheme, calib=calib, run=lowbit.RunConfig(output_dir=str(out), device=args.device), progress=False)
         seconds = time.time() - t0
         from transformers import AutoTokenizer
 
-        model = dequantized_model(out)
+        model = dequantized_model(out).to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(out)
         ppl = evaluate(model, tokenizer)
     losses = [list(x) for x in summary.block_losses]
@@ -99,7 +99,7 @@ def run_reference(args) -> dict:
     )
     model, _ = ar.quantize()  # leaves the fake-quantized (quantize-dequantize) weights in the model
     seconds = time.time() - t0
-    model = model.float().eval()
+    model = model.float().eval().to(args.device)
     return {"quantize_seconds": seconds, "ppl": evaluate(model, tokenizer), "auto_round_version": auto_round.__version__}
 
 
@@ -109,15 +109,23 @@ def run_fp(args) -> dict:
     from lowbit.model import resolve_model
 
     path = resolve_model("default")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(args.device)
     return {"quantize_seconds": 0.0, "ppl": evaluate(model, AutoTokenizer.from_pretrained(path))}
 
 
+LIGHT = dict(iters=50, nsamples=32, seqlen=512, batch_size=4)  # the CPU settings (the defaults of this script)
+
+
 def result_name(args) -> str:
+    """accuracy-<method>-w<b>g<g>[-s<seed>][-<device>][-i<iters>n<nsamples>x<seqlen>b<batch>].json; the CPU and
+    the light settings (the first runs) carry no suffix."""
+    device = "" if args.device == "cpu" else f"-{args.device}"
     if args.method == "fp":
-        return "accuracy-fp.json"
+        return f"accuracy-fp{device}.json"
     seed = f"-s{args.seed}" if args.method != "rtn" else ""
-    return f"accuracy-{args.method}-w{args.bits}g{args.group}{seed}.json"
+    light = all(getattr(args, k) == v for k, v in LIGHT.items()) or args.method == "rtn"
+    settings = "" if light else f"-i{args.iters}n{args.nsamples}x{args.seqlen}b{args.batch_size}"
+    return f"accuracy-{args.method}-w{args.bits}g{args.group}{seed}{device}{settings}.json"
 
 
 def run(args) -> None:
@@ -135,10 +143,12 @@ def run(args) -> None:
     out.update(
         method=args.method, bits=args.bits, group_size=args.group, sym=False, seed=args.seed, iters=args.iters,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, torch=torch.__version__,
-        threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(), device=args.device,
+        gpu=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / result_name(args)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / result_name(args)
     path.write_text(json.dumps(out, indent=2))
     print(f"{path.name}: {json.dumps(out['ppl'])} in {out['quantize_seconds']:.0f}s")
 
@@ -146,19 +156,26 @@ def run(args) -> None:
 LABELS = {"rtn": "RTN", "ours": "lowbit AutoRound", "ref": "auto-round 0.16.1 AutoRound"}
 
 
-def table() -> str:
+def table(device: str = "cpu") -> str:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("accuracy-*.json"))]
     rows = [r for r in rows if isinstance(r, dict) and r.get("method") in ("fp", *LABELS) and "ppl" in r]  # other benches share the folder
+    rows = [r for r in rows if r.get("device", "cpu") == device]
     fp = next((r for r in rows if r["method"] == "fp"), None)
-    lines = ["| scheme | method | seed | austen-eval ppl | kjv ppl | quantize time (s) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| scheme | method | settings (iters, samples x seqlen, batch) | seed | austen-eval ppl | kjv ppl | quantize time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     if fp:
-        lines.append(f"| fp32 | unquantized | - | {fp['ppl']['austen-eval']:.2f} | {fp['ppl']['kjv']:.2f} | - |")
+        lines.append(f"| fp32 | unquantized | - | - | {fp['ppl']['austen-eval']:.2f} | {fp['ppl']['kjv']:.2f} | - |")
     order = {"rtn": 0, "ref": 1, "ours": 2}
-    for r in sorted((r for r in rows if r["method"] != "fp"), key=lambda r: (-r["bits"], order[r["method"]], r["seed"])):
+    key = lambda r: (-r["bits"], r["method"] != "rtn", r["iters"] * r["nsamples"], order[r["method"]], r["seed"])  # noqa: E731
+    for r in sorted((r for r in rows if r["method"] != "fp"), key=key):
         seed = "-" if r["method"] == "rtn" else str(r["seed"])
+        settings = "-" if r["method"] == "rtn" else f"{r['iters']}, {r['nsamples']} x {r['seqlen']}, {r['batch_size']}"
         fmt = lambda x: f"{x:.4g}" if x > 1000 else f"{x:.2f}"  # noqa: E731
         lines.append(
-            f"| W{r['bits']} g{r['group_size']} asym | {LABELS[r['method']]} | {seed} | {fmt(r['ppl']['austen-eval'])} | {fmt(r['ppl']['kjv'])} | {r['quantize_seconds']:.0f} |"
+            f"| W{r['bits']} g{r['group_size']} asym | {LABELS[r['method']]} | {settings} | {seed} | {fmt(r['ppl']['austen-eval'])} | "
+            f"{fmt(r['ppl']['kjv'])} | {r['quantize_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -173,10 +190,12 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--table", action="store_true", help="print the table built from bench/results/accuracy-*.json")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both quantize and evaluate there)")
+    p.add_argument("--results", default=str(RESULTS), help="folder for the JSON result")
+    p.add_argument("--table", action="store_true", help="print the table built from bench/results/accuracy-*.json (of --device)")
     args = p.parse_args()
     if args.table:
-        print(table())
+        print(table(args.device))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(args)

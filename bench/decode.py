@@ -64,6 +64,61 @@ def tokens_per_s(model, batch: int, new_tokens: int) -> float:
     return batch * new_tokens / (time.perf_counter() - t)
 
 
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def linears_us(model, batch: int, reps: int = 20) -> float:
+    """Median microseconds of one decode step's block linears alone (every layer's seven, in order, each fed
+    a fresh [batch, in_features] input), replayed from one CUDA graph: the kernel-side cost of a token with no
+    attention, no host overhead and no compiler. Weights far exceed L2, so no flush is needed."""
+    mods = [layer.get_submodule(n) for layer in model.model.layers for n in BLOCK_LINEARS]
+    xs = [torch.randn(batch, m.in_features, device="cuda", dtype=torch.float16) for m in mods]
+
+    def step():
+        for m, x in zip(mods, xs):
+            m(x)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        step()  # warm: Triton compiles, configs picked
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        step()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def compile_report() -> dict:
+    """Dynamo/inductor counters that tell whether generate's compiled step ran from CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(c) for group, c in counters.items() if group in ("graph_break", "inductor", "stats") and c}
+
+
+def profile_generate(model, batch: int, new_tokens: int = 16) -> str:
+    """Host-side view of a few compiled decode steps: kernel launches from the host (no CUDA graph) vs
+    graph launches. Returns the profiler's table of the top host events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 1000, (batch, 16), device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = {e.key: e.count for e in events if "Launch" in e.key or "launch" in e.key}
+    return f"launch events over {new_tokens} tokens: {launches}\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
+
+
 class _TimeUp(Exception):
     pass
 
@@ -79,6 +134,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=128256, help="smaller: the fp16 lm_head weighs less beside few layers")
     ap.add_argument("--time-limit", type=int, default=0, help="seconds; stop there, keep what was measured")
+    ap.add_argument("--profile", action="store_true", help="print compile counters and a host profile of W4 decode")
+    ap.add_argument("--skip-generate", action="store_true", help="only the linears-only CUDA-graph timing")
     args = ap.parse_args()
     if args.time_limit:
         signal.signal(signal.SIGALRM, _time_up)
@@ -95,24 +152,36 @@ def main():
                 quantize_random(model)
                 torch.cuda.empty_cache()
             for b in args.batches:
+                results.setdefault("linears_us", {})[f"{kind}_b{b}"] = us = linears_us(model, b)
+                write_json("decode", results)
+                print(kind, b, f"block linears of one step, CUDA graph: {us:.0f} us", flush=True)
+            if args.skip_generate:
+                continue
+            for b in args.batches:
                 t1 = time.perf_counter()
                 tps = tokens_per_s(model, b, args.new_tokens)
                 results["tokens_per_s"][f"{kind}_b{b}"] = tps
                 results["seconds"][f"{kind}_b{b}"] = time.perf_counter() - t1  # compile + capture + 2 runs
                 write_json("decode", results)
                 print(kind, b, f"{tps:.1f} tokens/s", flush=True)
+                if args.profile:
+                    print(kind, b, "compile counters:", compile_report(), flush=True)
+            if args.profile and kind == "w4":
+                print(profile_generate(model, args.batches[0]), flush=True)
     except _TimeUp:
         results["stopped_at_s"] = time.perf_counter() - t0
         write_json("decode", results)
         print(f"time limit ({args.time_limit} s) reached; kept {list(results['tokens_per_s'])}", flush=True)
     signal.alarm(0)
     print(f"\nDecode, Llama-3-8B shapes ({args.layers} layers), static cache + compile, {env['gpus'][0]}, {env['date']}")
-    print(f"{'batch':>5} {'fp16 tok/s':>11} {'W4 tok/s':>9} {'speedup':>8}")
-    tp = results["tokens_per_s"]
+    print(f"{'batch':>5} {'fp16 tok/s':>11} {'W4 tok/s':>9} {'speedup':>8} {'fp16 linears us':>16} {'W4 linears us':>14} {'speedup':>8}")
+    tp, lu = results["tokens_per_s"], results.get("linears_us", {})
     for b in args.batches:
         f, w = tp.get(f"fp16_b{b}"), tp.get(f"w4_b{b}")
-        if f and w:
-            print(f"{b:>5} {f:11.1f} {w:9.1f} {w / f:8.2f}")
+        lf, lw = lu.get(f"fp16_b{b}"), lu.get(f"w4_b{b}")
+        gen = f"{f:11.1f} {w:9.1f} {w / f:8.2f}" if f and w else f"{'-':>11} {'-':>9} {'-':>8}"
+        lin = f"{lf:16.0f} {lw:14.0f} {lf / lw:8.2f}" if lf and lw else ""
+        print(f"{b:>5} {gen} {lin}")
 
 
 if __name__ == "__main__":
