@@ -180,6 +180,30 @@ def table(device: str = "cpu") -> str:
     return "\n".join(lines)
 
 
+def summary(device: str = "cpu") -> str:
+    """Mean over seeds and the seed-to-seed spread (max - min) per scheme, method and settings."""
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("accuracy-*.json"))]
+    rows = [r for r in rows if isinstance(r, dict) and r.get("method") in LABELS and "ppl" in r and r.get("device", "cpu") == device]
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        settings = "-" if r["method"] == "rtn" else f"{r['iters']}, {r['nsamples']} x {r['seqlen']}, {r['batch_size']}"
+        groups.setdefault((r["bits"], r["group_size"], settings, r["method"]), []).append(r)
+    lines = [
+        "| scheme | settings | method | seeds | austen-eval mean (spread) | kjv mean (spread) |",
+        "|---|---|---|---|---|---|",
+    ]
+    order = {"rtn": 0, "ref": 1, "ours": 2}
+    for (bits, gs, settings, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][2] != "-", kv[0][2], order[kv[0][3]])):
+        cells = []
+        for text in EVAL_TEXTS:
+            v = [r["ppl"][text] for r in rs]
+            mean = sum(v) / len(v)
+            cells.append(f"{mean:.4g}" if mean > 1000 else f"{mean:.2f} ({max(v) - min(v):.2f})")
+        seeds = "-" if method == "rtn" else ", ".join(str(r["seed"]) for r in rs)
+        lines.append(f"| W{bits} g{gs} asym | {settings} | {LABELS[method]} | {seeds} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("rtn", "ours", "ref", "fp"), default="ours")
@@ -193,9 +217,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (both quantize and evaluate there)")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON result")
     p.add_argument("--table", action="store_true", help="print the table built from bench/results/accuracy-*.json (of --device)")
+    p.add_argument("--summary", action="store_true", help="print means over seeds and their spread (of --device)")
     args = p.parse_args()
-    if args.table:
-        print(table(args.device))
+    if args.table or args.summary:
+        print(table(args.device) if args.table else summary(args.device))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(args)
