@@ -292,37 +292,3 @@ def test_gpu_other_device_than_current():
         out = layer(x.to("cuda:1"))
         assert out.device == torch.device("cuda:1")
         assert rel_err(out, x.double() @ w_t) < TOL[torch.float16]
-
-
-@pytest.mark.parametrize("path", ["gemv", "splitk_magic", "splitk_per_element"])
-def test_split_k_reduced_in_kernel(device, path):
-    """The K split is summed by the last split to arrive (splitk.py): same result as the atomic fallback,
-    bitwise repeatable across calls, every lock back at 0 afterwards, bias added once."""
-    from lowbit.kernels.triton import splitk
-
-    m, n, k, gs = 3 if path == "gemv" else 20, 40, 352, 32  # 11 chunks of 32 over 3 splits: a short last split
-    cfg = {"gemv": Config(4, 32, 32, split_k=3, gemv=True), "splitk_magic": Config(16, 32, 32, split_k=3, magic=True),
-           "splitk_per_element": Config(16, 32, 32, split_k=3, scale_after_dot=False)}[path]
-    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, gs, False, seed=11)
-    p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(12)).half().to(device)
-    bias = torch.randn(n).half().to(device)
-    ref = x.double().cpu() @ w_t + bias.double().cpu()
-    outs = []
-    for serial in (True, True, False):
-        out = torch.full((m, n), float("nan"), dtype=torch.float16, device=device)
-        quant_matmul(x, p, bias, config=cfg, out=out, serial_split_k=serial)
-        assert rel_err(out, ref) < TOL[torch.float16], serial
-        outs.append(out.cpu())
-    assert torch.equal(outs[0], outs[1])  # deterministic: partials summed in split order
-    assert int(splitk.locks(x.device, 1).abs().sum()) == 0  # every tile's lock released
-
-
-def test_split_k_lock_buffer_limits(device):
-    """Too many tiles for the lock buffer: None (the caller falls back to atomic adds)."""
-    from lowbit.kernels.triton import splitk
-
-    assert splitk.locks(torch.device(device), splitk.LOCK_SLOTS + 1) is None
-    buf = splitk.locks(torch.device(device), 10)
-    assert buf.dtype == torch.int32 and buf.numel() == splitk.LOCK_SLOTS
-    assert splitk.locks(torch.device(device), 10) is buf  # one persistent buffer per device

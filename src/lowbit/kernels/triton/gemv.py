@@ -5,9 +5,8 @@ memory bandwidth and every instruction per weight code counts (235 M codes for 8
 per SM and clock an H100 issues ~30 T instructions/s, so 4 instructions per code already cost ~32 µs of
 the ~47 µs the packed weight takes to read).
 
-Per program: BLOCK_N output columns, BLOCK_M rows of x, a range of K chunks (split-K; the last split to
-finish sums the partials, splitk.py; atomic adds into a zeroed fp32 buffer are the fallback). Each chunk
-is one [BLOCK_K * BITS / 32, BLOCK_N] tile of int32 words
+Per program: BLOCK_N output columns, BLOCK_M rows of x, a range of K chunks (split-K; partial sums meet in
+an fp32 buffer through atomic adds). Each chunk is one [BLOCK_K * BITS / 32, BLOCK_N] tile of int32 words
 (rows contiguous along N: coalesced 16-byte loads) and lies in one quantization group, so the scale is
 applied once per chunk: acc += s * sum_k x_k (q_k - z).
 
@@ -32,8 +31,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .splitk import arrive, release, sum_partials
-
 MAGIC_BITS = tl.constexpr(0x4B000000)  # float32 2^23
 MAGIC = tl.constexpr(8388608.0)
 
@@ -49,11 +46,9 @@ def _xrow(x_ptr, row, kk, ok, PLACE: tl.constexpr):
 def _gemv_kernel(
     # pointers: x [M, K], packed weight (qweight [K*BITS/32, N], scales/zeros [G, N]), bias [N], out [M, N]
     x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    # split-K in one launch (splitk.py): workspace [split, M, N] fp32 and the per-tile locks
-    ws_ptr, locks_ptr,
     M, N, K, chunks_per_split,
     stride_xm, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SERIAL: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # BLOCK_M is 1, 2 or 4: one accumulator per row, written out (no 3D tensors: the [R, BN] word tile keeps
@@ -114,41 +109,16 @@ def _gemv_kernel(
         if BLOCK_M == 1:
             acc0 += d0 * s[None, :]
 
-    if SERIAL:  # partial rows to the workspace; the last split to arrive sums them and writes out
-        split = tl.num_programs(1)
-        plane = M * N
-        _ws_put(ws_ptr, pid_k * plane + m0 * N + offs_n, tl.sum(acc0, axis=0), n_ok)
-        if BLOCK_M > 1:
-            _ws_put(ws_ptr, pid_k * plane + (m0 + 1) * N + offs_n, tl.sum(acc1, axis=0), ok1)
-        if BLOCK_M > 2:
-            _ws_put(ws_ptr, pid_k * plane + (m0 + 2) * N + offs_n, tl.sum(acc2, axis=0), ok2)
-            _ws_put(ws_ptr, pid_k * plane + (m0 + 3) * N + offs_n, tl.sum(acc3, axis=0), ok3)
-        tile = pid_m * tl.num_programs(0) + pid_n
-        if arrive(locks_ptr, tile, split):
-            b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            if HAS_BIAS:
-                b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            for r in tl.static_range(BLOCK_M):
-                ok = n_ok & (zero_n + m0 + r < M)
-                v = sum_partials(ws_ptr, (m0 + r) * N + offs_n, ok, split, plane) + b
-                tl.store(out_ptr + (m0 + r) * stride_om + offs_n, v.to(out_ptr.dtype.element_ty), mask=ok)
-            release(locks_ptr, tile)
-    else:
-        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if HAS_BIAS:  # added once, by the first K split
-            b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            b = tl.where(pid_k == 0, b, 0.0)
-        _put(out_ptr + m0 * stride_om + offs_n, tl.sum(acc0, axis=0) + b, n_ok, ATOMIC)
-        if BLOCK_M > 1:
-            _put(out_ptr + (m0 + 1) * stride_om + offs_n, tl.sum(acc1, axis=0) + b, ok1, ATOMIC)
-        if BLOCK_M > 2:
-            _put(out_ptr + (m0 + 2) * stride_om + offs_n, tl.sum(acc2, axis=0) + b, ok2, ATOMIC)
-            _put(out_ptr + (m0 + 3) * stride_om + offs_n, tl.sum(acc3, axis=0) + b, ok3, ATOMIC)
-
-
-@triton.jit
-def _ws_put(ws_ptr, offs, v, mask):
-    tl.store(ws_ptr + offs, v, mask=mask)
+    b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_BIAS:  # added once, by the first K split
+        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        b = tl.where(pid_k == 0, b, 0.0)
+    _put(out_ptr + m0 * stride_om + offs_n, tl.sum(acc0, axis=0) + b, n_ok, ATOMIC)
+    if BLOCK_M > 1:
+        _put(out_ptr + (m0 + 1) * stride_om + offs_n, tl.sum(acc1, axis=0) + b, ok1, ATOMIC)
+    if BLOCK_M > 2:
+        _put(out_ptr + (m0 + 2) * stride_om + offs_n, tl.sum(acc2, axis=0) + b, ok2, ATOMIC)
+        _put(out_ptr + (m0 + 3) * stride_om + offs_n, tl.sum(acc3, axis=0) + b, ok3, ATOMIC)
 
 
 @triton.jit
@@ -170,24 +140,16 @@ def gemv_block_k(bits: int, group_size: int, k: int, block_k: int = 128) -> int 
     return bk
 
 
-def tiles(m: int, n: int, cfg) -> int:
-    """Output tiles of one launch (lock slots a serial split needs)."""
-    return triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-
-
-def launch(x, p, bias, target, cfg, per_split: int, split: int, atomic: bool, ws=None, locks=None) -> None:
-    """Launch `_gemv_kernel` (the caller holds the device guard and built `target`; with `ws` and `locks`
-    the K split is reduced in the kernel (splitk.py) and `target` is the output itself)."""
+def launch(x, p, bias, target, cfg, per_split: int, split: int, atomic: bool) -> None:
+    """Launch `_gemv_kernel` (the caller holds the device guard and built `target`)."""
     m = x.shape[0]
     n, k = p.shape
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-    serial = ws is not None
     _gemv_kernel[grid](
         x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target,
-        ws if serial else target, locks if serial else target,
         m, n, k, per_split,
         x.stride(0), target.stride(0),
-        BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic and not serial, SERIAL=serial,
+        BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -4,8 +4,7 @@ One kernel, two regimes picked by `pick_config` from M:
 
 * small M (decode, M <= 64): memory bound, so the goal is to stream the packed weight once at full
   bandwidth. The K loop is split over SPLIT_K programs per output tile (enough programs to fill the SMs
-  even when N is small); the last split of a tile to finish sums the partials in split order and writes
-  the output (splitk.py: one launch, deterministic). When a K chunk lies in
+  even when N is small), partial sums meet in an fp32 buffer through atomic adds. When a K chunk lies in
   one group (group_size % BLOCK_K == 0) the scale and zero are applied *after* the dot, per chunk:
       sum_k x_k * s * (q_k - z) = s * (x . q - z * sum_k x_k)
   so the inner loop only unpacks codes (exact in fp16/bf16) and feeds tl.dot; no per-weight multiply.
@@ -35,9 +34,7 @@ import triton.language as tl
 from ..repack import Packed
 from . import device_guard, interpreting
 from . import gemv as _gemv
-from . import splitk
 from .dequant import _unpack_tile, dequantize
-from .splitk import arrive, release, sum_partials
 
 
 @triton.jit
@@ -88,14 +85,12 @@ def _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
 def _qmm_kernel(
     # pointers: x [M, K], packed weight (qweight [K*BITS/32, N], scales/zeros [G, N]), bias [N], out [M, N]
     x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    # split-K in one launch (splitk.py): workspace [split, M, N] fp32 and the per-tile locks
-    ws_ptr, locks_ptr,
     # sizes
     M, N, K, chunks_per_split,
     # strides of the row dimension (x and out have a contiguous last dimension)
     stride_xm, stride_om,
     # meta-parameters
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SERIAL: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
     MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -155,27 +150,15 @@ def _qmm_kernel(
         elif SCALE_AFTER_DOT:
             acc += (d - xs[:, None] * z[None, :]) * s[None, :]
 
+    if HAS_BIAS:  # added once, by the first K split
+        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = m_ok[:, None] & n_ok[None, :]
-    if SERIAL:  # partial tile to the workspace; the last split to arrive sums them and writes out
-        split = tl.num_programs(1)
-        plane = M * N
-        offs = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + pid_k * plane + offs, acc, mask=omask)
-        if arrive(locks_ptr, pid, split):
-            total = sum_partials(ws_ptr, offs, omask, split, plane)
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=omask)
-            release(locks_ptr, pid)
+    if ATOMIC:  # out is an fp32 buffer the K splits add into
+        tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
     else:
-        if HAS_BIAS:  # added once, by the first K split
-            b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc += tl.where(pid_k == 0, b, 0.0)[None, :]
-        if ATOMIC:  # out is an fp32 buffer the K splits add into
-            tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
-        else:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @dataclass(frozen=True)
@@ -283,14 +266,12 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
 
 
 def quant_matmul(
-    x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, config: Config | None | str = "auto", out: torch.Tensor | None = None,
-    serial_split_k: bool = True,
+    x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, config: Config | None | str = "auto", out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """out [M, N] = x [M, K] @ dequant(p) (+ bias), in x's dtype (fp16 or bf16).
 
     config: "auto" (pick_config), a Config, or None (dequantize + cuBLAS).
     out: optional [M, N] tensor of x's dtype to write into (tests poison it first).
-    serial_split_k: reduce a K split inside the kernel (splitk.py); False forces the atomic-add fallback.
     """
     n, k = p.shape
     if x.dim() != 2 or x.shape[1] != k:
@@ -332,29 +313,22 @@ def quant_matmul(
     chunks = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(chunks, cfg.split_k)
     split = triton.cdiv(chunks, per_split)  # no empty splits
+    atomic = split > 1
     dot_f32 = interpreting() and x.dtype == torch.bfloat16
     scale_after = cfg.scale_after_dot and group_per_chunk
     magic = cfg.magic and scale_after and not dot_f32 and (x.dtype == torch.float16 or p.bits <= 4)
-    tiles = _gemv.tiles(m, n, cfg) if cfg.gemv else triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    # A K split is reduced in the kernel by the last split to arrive (splitk.py: one launch, deterministic);
-    # without a lock buffer (first call inside a CUDA graph capture) the splits add atomically into a zeroed
-    # fp32 buffer that is cast into `out` at the end.
-    locks = splitk.locks(x.device, tiles) if split > 1 and serial_split_k else None
-    serial = locks is not None
-    atomic = split > 1 and not serial
-    ws = splitk.workspace(split, m, n, x.device) if serial else None
+    # With a K split the partial sums meet in a zeroed fp32 buffer, cast into `out` at the end.
     target = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else out
-    grid = (tiles, split)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     with device_guard(p.qweight):
         if cfg.gemv:
-            _gemv.launch(x, p, bias, target, cfg, per_split, split, atomic, ws, locks)
+            _gemv.launch(x, p, bias, target, cfg, per_split, split, atomic)
             return out.copy_(target) if atomic else out
         _qmm_kernel[grid](
             x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target,
-            ws if serial else target, locks if serial else target,
             m, n, k, per_split,
             x.stride(0), target.stride(0),
-            BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic, SERIAL=serial,
+            BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
             GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=scale_after,
             DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
