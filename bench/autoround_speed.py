@@ -90,7 +90,7 @@ def run_ours(args) -> dict:
     )
     total = time.perf_counter() - t0
     return {
-        "impl": "lowbit", "compile": args.compile, "low_gpu_mem": args.low_gpu_mem, "block_seconds": times, "total_seconds": total,
+        "impl": "lowbit", "compile": args.compile if args.compile is not None else f"default ({torch.cuda.is_available()})", "low_gpu_mem": args.low_gpu_mem, "block_seconds": times, "total_seconds": total,
         "peak_vram_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         "peak_rss_bytes": summary.peak_rss, "block_losses": [list(x) for x in summary.block_losses], **s,
     }
@@ -167,7 +167,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="ours: off unless given; auto-round: its default unless given")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: each implementation's own default (lowbit: on for CUDA)")
     p.add_argument("--low_gpu_mem", action="store_true")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
@@ -176,7 +176,6 @@ def main() -> None:
     if args.what == "table":
         return print(table(args.paths))
     if args.what == "ours":
-        args.compile = bool(args.compile)
         result = run_ours(args)
     else:
         result = run_ref(args)

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ar, "disable_quanted_input", action="store_true")
     _flag(ar, "low_gpu_mem_usage", action="store_true", help="keep cached inputs on the CPU")
     _flag(ar, "disable_amp", action="store_true", help="no 16-bit autocast on CUDA")
-    _flag(ar, "enable_torch_compile", action="store_true", help="torch.compile the fake-quant math (faster per block, slower first block)")
+    _flag(ar, "enable_torch_compile", action="store_true", default=None,
+          help="torch.compile the fake-quant math (default: on for CUDA, off on the CPU)")
+    _flag(ar, "disable_torch_compile", dest="enable_torch_compile", action="store_false", help="never torch.compile")
     aw = q.add_argument_group("awq")
     _flag(aw, "awq_n_grid", type=int, default=20, help="grid points of the scale and clipping searches (default 20)")
     for name, text in (("awq_duo_scaling", "scale by x_mean^a / w_mean^(1-a), else x_mean^a (default on)"), ("awq_apply_clip", "search per-group weight clipping (default on)")):

@@ -112,7 +112,9 @@ class AutoRoundConfig:
         seed: seed for sampling batches.
         low_gpu_mem: keep cached inputs on the CPU (pinned) instead of the GPU.
         amp: 16-bit autocast on CUDA while tuning (the block's 16-bit dtype, else bf16); the CPU is fp32.
-        compile: torch.compile the fake-quantization math (off by default: compiling costs time up front).
+        compile: torch.compile the fake-quantization math. None (default): on for CUDA, where it makes blocks
+            ~20% faster after a slower first one, and off on the CPU, where compiling costs more than it saves;
+            if compiling fails, the eager math is used with a warning.
     """
 
     name: str = "autoround"
@@ -125,7 +127,7 @@ class AutoRoundConfig:
     seed: int = 42
     low_gpu_mem: bool = False
     amp: bool = True
-    compile: bool = False
+    compile: bool | None = None
 
     def __post_init__(self):
         if self.iters < 0:

@@ -21,6 +21,7 @@ parent modules during training and put back in a `finally`; `requires_grad` flag
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -303,14 +304,31 @@ def step_sizes(config: AutoRoundConfig, scheme: Scheme) -> tuple[float, float]:
 
 
 _COMPILED = None
+_COMPILE_FAILED: str | None = None
 
 
-def grid_fns(compile_: bool):
-    global _COMPILED
-    if not compile_:
+def grid_fns(compile_: bool | None, device: torch.device):
+    """The fake-quant forward/backward pair: compiled (compile_ True, or None on CUDA) or eager.
+
+    A compiler that cannot run here (no C compiler, an unsupported GPU, ...) shows up on the first call; a
+    smoke call on a tiny weight finds out once per process, and the eager pair is used with a warning."""
+    global _COMPILED, _COMPILE_FAILED
+    if compile_ is None:
+        compile_ = device.type == "cuda"
+    if not compile_ or _COMPILE_FAILED:
         return (fq_forward, fq_backward)
     if _COMPILED is None:
-        _COMPILED = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
+        fns = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
+        try:
+            x = torch.randn(2, 1, 8, device=device)
+            s, z = torch.ones(2, 1, 1, device=device), torch.zeros(2, 1, 1, device=device)
+            _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
+            fns[1](torch.ones_like(x), x, s, qz, inside)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            _COMPILE_FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            warnings.warn(f"torch.compile of the AutoRound grid failed ({_COMPILE_FAILED}); running it eagerly", stacklevel=2)
+            return (fq_forward, fq_backward)
+        _COMPILED = fns
     return _COMPILED
 
 
@@ -343,7 +361,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
                 targets.extend(place(t.unsqueeze(0), on_device, device) for t in y)
 
     states = {name: LinearState.from_weight(l.weight, ctx.schemes[name], config.enable_minmax_tuning) for name, l in linears.items()}
-    fns = grid_fns(config.compile)
+    fns = grid_fns(config.compile, device)
     groups = []
     for name, st in states.items():
         lr, minmax_lr = step_sizes(config, st.scheme)

@@ -137,7 +137,7 @@ def test_compiled_grid_matches_eager():
     lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
     v0 = torch.rand(x.shape, generator=gen) - 0.5
     outs = []
-    for fns in (grid_fns(False), grid_fns(True)):
+    for fns in (grid_fns(False, torch.device("cpu")), grid_fns(True, torch.device("cpu"))):
         v, mn, mx = v0.clone().requires_grad_(), torch.full_like(lo, 0.9).requires_grad_(), torch.ones_like(lo).requires_grad_()
         y = FakeQuant.apply(x, lo, hi, v, mn, mx, 15, False, torch.float32, fns)
         (y * y).sum().backward()
@@ -145,6 +145,28 @@ def test_compiled_grid_matches_eager():
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
     for a, b in zip(outs[1][1:], outs[0][1:]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grid_compile_default_and_fallback(monkeypatch):
+    """compile=None means eager on the CPU; a compiler that fails on its smoke call falls back to eager with a
+    warning (once per process) instead of failing the run."""
+    from lowbit.algorithms import autoround as ar
+
+    cpu = torch.device("cpu")
+    assert ar.grid_fns(None, cpu) == (ar.fq_forward, ar.fq_backward)
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no C compiler here\nmore detail")
+        return run
+
+    monkeypatch.setattr(ar, "_COMPILED", None)
+    monkeypatch.setattr(ar, "_COMPILE_FAILED", None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="no C compiler here"):
+        fns = ar.grid_fns(True, cpu)
+    assert fns == (ar.fq_forward, ar.fq_backward)
+    assert ar.grid_fns(True, cpu) == fns and ar._COMPILED is None  # not retried
 
 
 def test_sign_sgd_step_moves_by_lr_and_clamps():
