@@ -217,9 +217,25 @@ def gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None
     tiles = triton.cdiv(n, block_n)
     chunks = triton.cdiv(k, block_k)
     split = 1
-    while tiles * split < 8 * sm_count and chunks // (split * 2) >= 2 and split < 128:
+    while tiles * split < 8 * sm_count and chunks // (split * 2) >= 1 and split < 64:
         split *= 2
     return Config(block_m, block_n, block_k, split_k=split, num_warps=num_warps, num_stages=1, gemv=True)
+
+
+def dot_split(m: int, n: int, chunks: int, sm_count: int) -> int:
+    """K split of the 16x128 split-unpack dot for M <= 16: the smallest power of two giving >= 3 programs
+    per SM, at least 4 where the K loop has >= 16 chunks, at most one split per chunk and 64.
+
+    bench/decode_tune.py, H100, 2026-11-26, M = 8, chained decode layers (best split in brackets): 4096x4096
+    14.1 µs (16) against 16.4 with the earlier fixed split of 8 (>= 4 chunks each); 4096x1024 7.5 µs (32)
+    against 12.6; 14336x4096 29.2 µs (16) against 38.8; 4096x14336 31.9 (4) / 31.2 (8) against 33.2."""
+    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 128)
+    split = 1
+    while tiles * split < 3 * sm_count and split * 2 <= min(chunks, 64):
+        split *= 2
+    if chunks >= 16:
+        split = max(split, 4)
+    return split
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
@@ -228,7 +244,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     From bench/kernels.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
     docs/kernels.md); at M = 1, 4, 16, 64 and 1024 each choice below is a config timed in r2:
     M = 1: the FMA GEMV (gemv.py), 2.28-2.34x fp16 on the large shapes. 2 <= M <= 16: split unpack with the
-    magic-number conversion, 16x128 tiles, 8-way K split (1.75-1.83x at M = 4, 1.27-1.47x at M = 16).
+    magic-number conversion, 16x128 tiles, K split by `dot_split` (1.75-1.83x at M = 4, 1.27-1.47x at M = 16
+    with the earlier 8-way split on the large shapes, where dot_split gives 4-8).
     16 < M <= 32: reshape unpack, 32x128, K split 4, magic (not timed). 32 < M <= 64: reshape unpack, 64x128,
     K split 4, 8 warps, magic (1.09-1.15x). Larger M: the tiled GEMM when its tiles fill the GPU, else
     dequantize + cuBLAS (0.73x at M = 1024).
@@ -240,10 +257,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         return gemv_config(m, n, k, sm_count)
     if m <= 16:
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
-        split = 8
-        while split > 1 and chunks(block_k) // split < 4:
-            split //= 2
-        return Config(16, 128, block_k, split_k=split, num_warps=4, num_stages=4, split_unpack=True, magic=True)
+        return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
+                      split_unpack=True, magic=True)
     if 32 < m <= 64:  # measured (r2): 1.09-1.15x fp16 on the large shapes, against 0.94-1.01x for 64x64, K split 2
         block_k = 64 if group_size % 128 and group_size < k and group_size % 64 == 0 else 128  # one group per chunk
         split = 4
