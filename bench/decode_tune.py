@@ -1,7 +1,7 @@
 """Tune the small-M kernels on the shapes a decode step runs: Llama-3-8B's q/o (4096x4096), k/v (4096x1024),
 gate/up (4096x14336) and down (14336x4096), at M = 1 (the GEMV) and M = 8 (the split-unpack dot).
 
-Unlike bench/kernels.py, which times one call after an L2 flush, each timing here is a chain of CHAIN
+Unlike bench/kernel_speed.py, which times one call after an L2 flush, each timing here is a chain of CHAIN
 distinct layers of one shape replayed from one CUDA graph, as in a decode step: back-to-back launches, every
 weight read from DRAM once. Reported per layer, against the same chain of fp16 nn.Linear weights (cuBLAS).
 Every config is checked against an fp32 reference first. Prints the best configs per (shape, M) and a table
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
-from kernels import Layer, rel_err  # noqa: E402
+from kernel_speed import Layer, rel_err  # noqa: E402
 
 from lowbit.kernels.triton.matmul import Config, pick_config, quant_matmul  # noqa: E402
 

@@ -178,7 +178,7 @@ class Config:
     magic: bool = False  # dot paths: codes -> fp16/bf16 by the magic-number trick instead of int->float converts
 
 
-# M from which dequantize + cuBLAS replaces the fused kernel (bench/kernels.py --sweep, H100, 2026-11-25:
+# M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
 # the fused GEMM lost to it at M >= 1024 on every Llama shape).
 DEQUANT_MIN_M = 1024
 
@@ -189,7 +189,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Largest M given to the FMA GEMV (gemv.py). Measured on an H100 (bench/kernels.py --quick, 2026-11-25 r2):
+# Largest M given to the FMA GEMV (gemv.py). Measured on an H100 (bench/kernel_speed.py --quick, 2026-11-25 r2):
 # at M = 1 it gives 2.28-2.34x fp16 on 8192x28672 / 28672x8192 against 1.83-1.86x for the split-unpack dot
 # with the magic-number conversion; at M = 4 (4 rows per program) only 1.08-1.17x against 1.75-1.83x, since
 # its cost per weight code grows by one FFMA per row while the tensor-core dot's does not.
@@ -241,7 +241,7 @@ def dot_split(m: int, n: int, chunks: int, sm_count: int) -> int:
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
     """Kernel choice by M; None means dequantize + cuBLAS.
 
-    From bench/kernels.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
+    From bench/kernel_speed.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
     docs/kernels.md); at M = 1, 4, 16, 64 and 1024 each choice below is a config timed in r2:
     M = 1: the FMA GEMV (gemv.py), 2.28-2.34x fp16 on the large shapes. 2 <= M <= 16: split unpack with the
     magic-number conversion, 16x128 tiles, K split by `dot_split` (1.75-1.83x at M = 4, 1.27-1.47x at M = 16

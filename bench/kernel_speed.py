@@ -1,7 +1,7 @@
 """W4A16 (and W8) kernel benchmark: lowbit's Triton kernels vs fp16 cuBLAS vs torch's int4 tinygemm vs
 AutoAWQ's Triton GEMM, over M and the Llama-3-8B/70B layer shapes. Checks correctness on the GPU first.
 
-    PYTHONPATH=src python bench/kernels.py [--quick] [--sweep] [--bits 4] [--group-size 128]
+    PYTHONPATH=src python bench/kernel_speed.py [--quick] [--sweep] [--bits 4] [--group-size 128]
 
 --quick: 8192x28672, 28672x8192, 4096x4096 at M = 1, 4, 16, 64, 1024: pick_config vs the previous heuristic
 vs a few candidate configs of the new paths (GEMV, magic-number conversion); writes kernels-<date>-r2.json.
@@ -204,7 +204,7 @@ def quick(args):
             path.parent.mkdir(parents=True, exist_ok=True)
             bad = [r for r in rows if max(r["err"].values()) > 1.5e-2 or r["err"]["ours"] > 3e-3]
             payload = {"env": env, "bits": args.bits, "group_size": args.group_size, "rows": rows, "failed_checks": bad,
-                       "command": "PYTHONPATH=src python3 bench/kernels.py --quick"}
+                       "command": "PYTHONPATH=src python3 bench/kernel_speed.py --quick"}
             path.write_text(json.dumps(payload, indent=1))
             if os.environ.get("OUT"):
                 shutil.copy(path, Path(os.environ["OUT"]) / path.name)
