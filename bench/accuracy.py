@@ -35,26 +35,27 @@ def evaluate(model, tokenizer) -> dict[str, float]:
 
 
 def dequantized_model(out: Path):
-    """The fp32 model with each quantized linear's weight replaced by its dequantized export.
+    """The written export as an fp32 model with plain nn.Linear layers holding the dequantized weights.
 
-    Reads the export back through `lowbit.load` (so the numbers are those of the written checkpoint) and
-    dequantizes each QuantLinear once: QuantLinear's CPU forward re-dequantizes on every call, which is
-    far too slow for 80 evaluation windows on 2 cores.
+    Reads the export back through `lowbit.load` (so the numbers are those of the written checkpoint: the
+    quantized linears *and* every other tensor, such as norms that AWQ folded its scales into) and swaps each
+    QuantLinear for an nn.Linear holding its weight dequantized once: QuantLinear's CPU forward re-dequantizes
+    on every call, which is far too slow for 80 evaluation windows on 2 cores.
     """
     import lowbit
     from lowbit.kernels.linear import QuantLinear
-    from lowbit.model import resolve_model
-    from transformers import AutoModelForCausalLM
 
-    quantized = lowbit.load(str(out))
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("default"), dtype=torch.float32).eval()
-    n = 0
-    for name, module in quantized.named_modules():
-        if isinstance(module, QuantLinear):
-            model.get_submodule(name).weight.data = module.dequantize_weight(torch.float32)
-            n += 1
-    assert n > 0, "no quantized linear in the export"
-    return model
+    model = lowbit.load(str(out), dtype=torch.float32)
+    swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert swaps, "no quantized linear in the export"
+    for name, q in swaps:
+        linear = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        linear.weight.data = q.dequantize_weight(torch.float32)
+        if q.bias is not None:
+            linear.bias.data = q.bias.data.float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model.float().eval()
 
 
 def run_lowbit(args, method) -> dict:
