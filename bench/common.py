@@ -77,6 +77,30 @@ class Timer:
         return times[len(times) // 2]
 
 
+def graph_replay_us(step, reps: int = 30) -> float:
+    """Median µs of one replay of `step()` captured in one CUDA graph, after a warm call on a side stream
+    (Triton compiles, configs get picked). No L2 flush: for sequences whose weights far exceed L2."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        step()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     day = datetime.date.today().isoformat()

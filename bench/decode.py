@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, graph_replay_us, write_json  # noqa: E402
 
 from lowbit.kernels.linear import QuantLinear  # noqa: E402
 
@@ -78,23 +78,7 @@ def linears_us(model, batch: int, reps: int = 20) -> float:
         for m, x in zip(mods, xs):
             m(x)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        step()  # warm: Triton compiles, configs picked
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        step()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return sorted(times)[len(times) // 2]
+    return graph_replay_us(step, reps)
 
 
 def compile_report() -> dict:

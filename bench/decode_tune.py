@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, graph_replay_us, write_json  # noqa: E402
 from kernel_speed import Layer, rel_err  # noqa: E402
 
 from lowbit.kernels.triton.matmul import Config, pick_config, quant_matmul  # noqa: E402
@@ -31,27 +31,12 @@ SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
 
 def chain_us(calls, reps: int = 30) -> float:
     """Median µs of one replay of `calls` (a list of thunks) captured in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+
+    def step():
         for c in calls:
             c()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    del g
-    return sorted(times)[len(times) // 2]
+
+    return graph_replay_us(step, reps)
 
 
 def gemv_grid(k: int):
