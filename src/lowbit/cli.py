@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ar, "low_gpu_mem_usage", action="store_true", help="keep cached inputs on the CPU")
     _flag(ar, "disable_amp", action="store_true", help="no 16-bit autocast on CUDA")
     _flag(ar, "enable_torch_compile", action="store_true", default=None,
-          help="torch.compile the fake-quant math (default: on for CUDA, off on the CPU)")
+          help="torch.compile the fake-quant math and the block (default: on for CUDA, off on the CPU)")
     _flag(ar, "disable_torch_compile", dest="enable_torch_compile", action="store_false", help="never torch.compile")
     aw = q.add_argument_group("awq")
     _flag(aw, "awq_n_grid", type=int, default=20, help="grid points of the scale and clipping searches (default 20)")

@@ -112,9 +112,10 @@ class AutoRoundConfig:
         seed: seed for sampling batches.
         low_gpu_mem: keep cached inputs on the CPU (pinned) instead of the GPU.
         amp: 16-bit autocast on CUDA while tuning (the block's 16-bit dtype, else bf16); the CPU is fp32.
-        compile: torch.compile the fake-quantization math. None (default): on for CUDA, where it makes blocks
-            ~20% faster after a slower first one, and off on the CPU, where compiling costs more than it saves;
-            if compiling fails, the eager math is used with a warning.
+        compile: torch.compile the fake-quantization math and the block's training forward and backward.
+            None (default): on for CUDA, where blocks after the first run ~1.5x faster (H100, Llama-3-8B
+            shapes: 7.8 s against 11.8 s eager), and off on the CPU, where compiling costs more than it saves;
+            if compiling fails, the eager code runs with a warning.
     """
 
     name: str = "autoround"

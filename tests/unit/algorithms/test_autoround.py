@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,6 +169,52 @@ def test_grid_compile_default_and_fallback(monkeypatch):
         fns = ar.grid_fns(True, cpu)
     assert fns == (ar.fq_forward, ar.fq_backward)
     assert ar.grid_fns(True, cpu) == fns and ar._COMPILED is None  # not retried
+
+
+def test_block_compile_failure_falls_back_to_eager(captured, monkeypatch):
+    """A compiler that fails on the first training step (forward or backward) costs a warning, not the run: the
+    step is redone eagerly with clean gradients, so losses and codes equal those of compile=False."""
+    from lowbit.algorithms import autoround as ar
+
+    eager_ctx = make_ctx(captured)
+    eager = quantize_block(eager_ctx, AutoRoundConfig(iters=6, compile=False))
+
+    class Broken(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args, **kwargs):
+            out = self.block(*args, **kwargs)  # a forward that ran, then a failure (as a backward compile would)
+            raise RuntimeError("inductor: backend compiler failed")
+
+    monkeypatch.setattr(ar, "_BLOCK_COMPILE_FAILED", None)
+    monkeypatch.setattr(ar, "grid_fns", lambda compile_, device: (ar.fq_forward, ar.fq_backward))
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    ctx = make_ctx(captured)
+    with pytest.warns(UserWarning, match="backend compiler failed"):
+        got = quantize_block(ctx, AutoRoundConfig(iters=6, compile=True))
+    assert ctx.losses == eager_ctx.losses
+    for n in got:
+        assert torch.equal(got[n].codes, eager[n].codes) and torch.equal(got[n].scale, eager[n].scale)
+    assert ar.compiled_block(ctx.block, True, torch.device("cpu")) is ctx.block  # not retried in this process
+
+
+def test_compiled_block_trains_like_eager(captured):
+    """compile=True on the CPU runs the block through torch.compile (inductor) for real: same first loss as
+    eager to rounding, a loss that still decreases, and the block restored afterwards."""
+    from lowbit.algorithms import autoround as ar
+
+    if ar._BLOCK_COMPILE_FAILED or ar._COMPILE_FAILED:
+        pytest.skip("torch.compile failed earlier in this process")
+    eager_ctx, ctx = make_ctx(captured), make_ctx(captured)
+    quantize_block(eager_ctx, AutoRoundConfig(iters=4, compile=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to eager would warn: fail instead
+        quantize_block(ctx, AutoRoundConfig(iters=4, compile=True))
+    assert ctx.losses[0] == pytest.approx(eager_ctx.losses[0], rel=1e-4)
+    assert ctx.losses[1] <= ctx.losses[0]
+    assert all(isinstance(m, torch.nn.Linear) for n, m in ctx.block.named_modules() if n.endswith("proj"))
 
 
 def test_sign_sgd_step_moves_by_lr_and_clamps():
