@@ -19,7 +19,8 @@ def _flag(parser, name: str, **kwargs):
     spellings = [f"--{name}"]
     if "_" in name:
         spellings.append(f"--{name.replace('_', '-')}")
-    parser.add_argument(*spellings, dest=name, **kwargs)
+    kwargs.setdefault("dest", name)
+    parser.add_argument(*spellings, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
