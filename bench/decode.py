@@ -72,7 +72,13 @@ def linears_us(model, batch: int, reps: int = 20) -> float:
     a fresh [batch, in_features] input), replayed from one CUDA graph: the kernel-side cost of a token with no
     attention, no host overhead and no compiler. Weights far exceed L2, so no flush is needed."""
     mods = [layer.get_submodule(n) for layer in model.model.layers for n in BLOCK_LINEARS]
-    xs = [torch.randn(batch, m.in_features, device="cuda", dtype=torch.float16) for m in mods]
+    shared_x: dict[int, torch.Tensor] = {}  # fused members (kernels/fuse.py) read one input, as in the model
+    xs = []
+    for m in mods:
+        key = id(getattr(m, "shared", m))
+        if key not in shared_x:
+            shared_x[key] = torch.randn(batch, m.in_features, device="cuda", dtype=torch.float16)
+        xs.append(shared_x[key])
 
     def step():
         for m, x in zip(mods, xs):
@@ -120,6 +126,7 @@ def main():
     ap.add_argument("--time-limit", type=int, default=0, help="seconds; stop there, keep what was measured")
     ap.add_argument("--profile", action="store_true", help="print compile counters and a host profile of W4 decode")
     ap.add_argument("--skip-generate", action="store_true", help="only the linears-only CUDA-graph timing")
+    ap.add_argument("--fuse", action="store_true", help="also time W4 with q/k/v and gate/up fused (kernels/fuse.py)")
     args = ap.parse_args()
     if args.time_limit:
         signal.signal(signal.SIGALRM, _time_up)
@@ -131,9 +138,15 @@ def main():
     t0 = time.perf_counter()
     try:
         model = build(args.layers, args.vocab)
-        for kind in ("fp16", "w4"):
+        for kind in ("fp16", "w4", "w4fused") if args.fuse else ("fp16", "w4"):
             if kind == "w4":
                 quantize_random(model)
+                torch.cuda.empty_cache()
+            if kind == "w4fused":
+                from lowbit.arch import spec_for
+                from lowbit.kernels.fuse import fuse_shared_inputs
+
+                fuse_shared_inputs(model, spec_for(model.config))
                 torch.cuda.empty_cache()
             for b in args.batches:
                 results.setdefault("linears_us", {})[f"{kind}_b{b}"] = us = linears_us(model, b)
@@ -150,7 +163,7 @@ def main():
                 print(kind, b, f"{tps:.1f} tokens/s", flush=True)
                 if args.profile:
                     print(kind, b, "compile counters:", compile_report(), flush=True)
-            if args.profile and kind == "w4":
+            if args.profile and kind.startswith("w4"):
                 print(profile_generate(model, args.batches[0]), flush=True)
     except _TimeUp:
         results["stopped_at_s"] = time.perf_counter() - t0
@@ -158,14 +171,17 @@ def main():
         print(f"time limit ({args.time_limit} s) reached; kept {list(results['tokens_per_s'])}", flush=True)
     signal.alarm(0)
     print(f"\nDecode, Llama-3-8B shapes ({args.layers} layers), static cache + compile, {env['gpus'][0]}, {env['date']}")
-    print(f"{'batch':>5} {'fp16 tok/s':>11} {'W4 tok/s':>9} {'speedup':>8} {'fp16 linears us':>16} {'W4 linears us':>14} {'speedup':>8}")
+    print(f"{'W4 kind':>8} {'batch':>5} {'fp16 tok/s':>11} {'W4 tok/s':>9} {'speedup':>8} {'fp16 linears us':>16} {'W4 linears us':>14} {'speedup':>8}")
     tp, lu = results["tokens_per_s"], results.get("linears_us", {})
-    for b in args.batches:
-        f, w = tp.get(f"fp16_b{b}"), tp.get(f"w4_b{b}")
-        lf, lw = lu.get(f"fp16_b{b}"), lu.get(f"w4_b{b}")
-        gen = f"{f:11.1f} {w:9.1f} {w / f:8.2f}" if f and w else f"{'-':>11} {'-':>9} {'-':>8}"
-        lin = f"{lf:16.0f} {lw:14.0f} {lf / lw:8.2f}" if lf and lw else ""
-        print(f"{b:>5} {gen} {lin}")
+    for kind in ("w4", "w4fused"):
+        for b in args.batches:
+            f, w = tp.get(f"fp16_b{b}"), tp.get(f"{kind}_b{b}")
+            lf, lw = lu.get(f"fp16_b{b}"), lu.get(f"{kind}_b{b}")
+            if not (w or lw):
+                continue
+            gen = f"{f:11.1f} {w:9.1f} {w / f:8.2f}" if f and w else f"{'-':>11} {'-':>9} {'-':>8}"
+            lin = f"{lf:16.0f} {lw:14.0f} {lf / lw:8.2f}" if lf and lw else ""
+            print(f"{kind:>8} {b:>5} {gen} {lin}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from accelerate.utils import set_module_tensor_to_device
 from .config import Scheme
 from .errors import LowbitError
 from .export import auto_awq, auto_gptq, auto_round, compressed_tensors
+from .arch import spec_for
+from .kernels.fuse import fuse_shared_inputs
 from .kernels.linear import QuantLinear
 from .model.checkpoint import Checkpoint
 from .model.skeleton import build_skeleton
@@ -98,7 +100,8 @@ def layer_buffers(fmt, ckpt: Checkpoint, name: str, scheme: Scheme, layer: Quant
     }
 
 
-def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None, cpu_cache_dequantized: bool = True):
+def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
+         fuse: bool = False):
     """Load a quantized folder. Returns a transformers model in eval mode.
 
     Args:
@@ -110,6 +113,9 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
             {0: "2GiB", 1: "2GiB", "cpu": "30GiB"}); None lets accelerate use what is free.
         cpu_cache_dequantized: layers on the CPU keep their dequantized weight after the first call (fast
             CPU evaluation at the cost of one full-precision copy of those weights); False dequantizes per call.
+        fuse: run the quantized linears that read one input (q/k/v, gate/up: the architecture spec's scale
+            groups) as one layer each (kernels/fuse.py): fewer, larger launches for decode. The fused model
+            is for running, not for saving.
     """
     path = Path(path)
     ckpt = Checkpoint(path)
@@ -160,6 +166,8 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise LowbitError(f"{path} lacks tensors the model needs, e.g. {still_meta[0]} ({len(still_meta)} in all)", "the checkpoint is incomplete or for another architecture")
+    if fuse:  # before dispatch: the fused layer lives in its first member, on the block's one device
+        fuse_shared_inputs(model, spec_for(config))
     devices = {str(d) for d in device_map.values()}
     if len(devices) > 1:
         model = dispatch_model(model, device_map=device_map)
