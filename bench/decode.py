@@ -30,6 +30,7 @@ def build(layers: int, vocab: int = 128256):
     config = LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
         vocab_size=vocab, max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
     )
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).half().eval()
@@ -127,6 +128,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print compile counters and a host profile of W4 decode")
     ap.add_argument("--skip-generate", action="store_true", help="only the linears-only CUDA-graph timing")
     ap.add_argument("--fuse", action="store_true", help="also time W4 with q/k/v and gate/up fused (kernels/fuse.py)")
+    ap.add_argument("--kinds", nargs="+", choices=("fp16", "w4", "w4fused"), help="which models, in order (default fp16 w4 [w4fused])")
     args = ap.parse_args()
     if args.time_limit:
         signal.signal(signal.SIGALRM, _time_up)
@@ -138,8 +140,9 @@ def main():
     t0 = time.perf_counter()
     try:
         model = build(args.layers, args.vocab)
-        for kind in ("fp16", "w4", "w4fused") if args.fuse else ("fp16", "w4"):
-            if kind == "w4":
+        kinds = args.kinds or (("fp16", "w4", "w4fused") if args.fuse else ("fp16", "w4"))
+        for kind in kinds:
+            if kind.startswith("w4") and not isinstance(model.model.layers[0].mlp.down_proj, QuantLinear):
                 quantize_random(model)
                 torch.cuda.empty_cache()
             if kind == "w4fused":
