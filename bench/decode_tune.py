@@ -7,7 +7,7 @@ weight read from DRAM once. Reported per layer, against the same chain of fp16 n
 Every config is checked against an fp32 reference first. Prints the best configs per (shape, M) and a table
 of pick_config vs the best vs fp16 last; writes bench/results/decode-tune-<date>.json.
 
-    PYTHONPATH=src python bench/decode_tune.py [--chain 16] [--ms 1 8]
+    PYTHONPATH=src python bench/decode_tune.py [--chain 16] [--ms 1 8] [--unpack4 | --only-unpack4]
 """
 
 from __future__ import annotations
@@ -58,12 +58,25 @@ def dot_grid(k: int, bits: int):
                     yield Config(16, bn, bk, split_k=split, num_warps=4 if bn <= 128 else 8, num_stages=stages, split_unpack=True, magic=True)
 
 
+def unpack4_grid(k: int):
+    """The 4-bit split-unpack dot with unpack4.py's two-codes-per-instruction unpack (any M <= 16)."""
+    for bk in (128, 256):
+        chunks = -(-k // bk)
+        for bn, warps in ((64, 4), (128, 4), (256, 4), (256, 8)):
+            for split in (1, 2, 4, 8, 16, 32, 64):
+                for stages in (2, 3):
+                    if chunks // split >= 1:
+                        yield Config(16, bn, bk, split_k=split, num_warps=warps, num_stages=stages, split_unpack=True, unpack4=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--chain", type=int, default=16)
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--unpack4", action="store_true", help="also time the unpack4 grid (4 bits)")
+    ap.add_argument("--only-unpack4", action="store_true", help="time pick_config and the unpack4 grid only")
     args = ap.parse_args()
     torch.cuda.set_device(0)
     env = environment()
@@ -83,12 +96,15 @@ def main():
                 got = quant_matmul(x, layers[0].packed, config=cfg)
                 err = rel_err(got, ref)
                 if err > 3e-3:
+                    print(f"CHECK FAILED {cfg}: rel err {err:.2e}", flush=True)
                     return err, float("inf")
                 return err, chain_us([lambda l=l, o=o: quant_matmul(x, l.packed, config=cfg, out=o) for l, o in zip(layers, outs)]) / args.chain
 
             picked = pick_config(m, n, k, args.bits, layers[0].gs, sm)
             err, ours = timed(picked)
-            grid = list(gemv_grid(k) if m == 1 else dot_grid(k, args.bits))
+            grid = [] if args.only_unpack4 else list(gemv_grid(k) if m == 1 else dot_grid(k, args.bits))
+            if args.bits == 4 and (args.unpack4 or args.only_unpack4):
+                grid += list(unpack4_grid(k))
             cands = []
             for cfg in grid:
                 try:

@@ -147,6 +147,19 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         c["reshape_magic_bn128_s4"] = dataclasses.replace(base, block_n=128, split_k=4, num_warps=8, num_stages=3)
         c["split_unpack_magic_bn128"] = Config(64, 128, 512 // bits, split_k=2, num_warps=8, num_stages=3, split_unpack=True, magic=True)
         c["split_unpack_magic_bn64"] = Config(64, 64, 512 // bits, split_k=4, num_warps=4, num_stages=4, split_unpack=True, magic=True)
+        if bits == 4:
+            c["unpack4_m32_bn128"] = Config(32, 128, 128, split_k=4, num_warps=4, num_stages=3, split_unpack=True, unpack4=True)
+            c["unpack4_m64_bn128"] = Config(64, 128, 128, split_k=4, num_warps=8, num_stages=3, split_unpack=True, unpack4=True)
+            c["unpack4_m64_bn256"] = Config(64, 256, 128, split_k=2, num_warps=8, num_stages=3, split_unpack=True, unpack4=True)
+    if m <= 16 and bits == 4:  # unpack4.py: two codes per instruction (inline PTX)
+        for bn, warps in ((128, 4), (256, 4), (256, 8)):
+            tiles = -(-n // bn)
+            split = 1
+            while tiles * split < 3 * sm and split * 2 <= min(-(-k // 128), 64):
+                split *= 2
+            c[f"unpack4_bn{bn}_w{warps}"] = Config(16, bn, 128, split_k=split, num_warps=warps, num_stages=3, split_unpack=True, unpack4=True)
+        c["unpack4_bn128_w4_s2"] = Config(16, 128, 128, split_k=c["unpack4_bn128_w4"].split_k * 2, num_warps=4, num_stages=3,
+                                          split_unpack=True, unpack4=True)
     return c
 
 
@@ -195,6 +208,8 @@ def quick(args):
             for name, cfg in quick_candidates(m, n, k, args.bits, layer.gs, sm).items():
                 try:
                     row["err"][name] = rel_err(quant_matmul(x, layer.packed, config=cfg), ref)
+                    if cfg is not None and cfg.unpack4:  # its bf16 assembly too
+                        row["err"][name + "_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=cfg), ref)
                     row["cand_us"][name] = timer(lambda: quant_matmul(x, layer.packed, config=cfg))
                     row["cand_cfg"][name] = repr(cfg)
                 except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported and skipped

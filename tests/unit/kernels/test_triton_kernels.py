@@ -120,6 +120,39 @@ def test_split_unpack_after_dot(device, bits, group_size, dtype):
     assert rel_err(out, x.double() @ w_t) < TOL[dtype]
 
 
+@pytest.mark.parametrize("group_size", [128, 256, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unpack4(device, group_size, sym, dtype):
+    """The 4-bit two-codes-per-instruction unpack (unpack4.py; inline PTX on the GPU, its plain-Triton twin
+    under the interpreter): every code 0..15 against every zero, M = 1, 7 and 19 (two row tiles), N off the
+    tile, K = 416 (a partial last chunk and group), split-K with a partial last split, bias, 128 and
+    256-wide chunks."""
+    n, k = 136, 416
+    seed = zlib.crc32(repr(("unpack4", group_size, sym, dtype)).encode())
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, group_size, sym, seed)
+    p = gptq_packed(codes, zeros, scales, 4, gs, int(sym), device)
+    for m, cfg in ((1, Config(16, 128, 128, split_k=3, unpack4=True, split_unpack=True)),
+                   (7, Config(16, 64, 128, split_k=1, num_warps=4, unpack4=True, split_unpack=True)),
+                   (19, Config(16, 128, 256 if group_size != 128 else 128, split_k=2, num_warps=8, unpack4=True, split_unpack=True))):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + m)).to(dtype)
+        bias = torch.randn(n).to(dtype)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+        quant_matmul(x.to(device), p, bias.to(device), config=cfg, out=out)
+        assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[dtype], (m, cfg)
+
+
+def test_unpack4_assembly_text():
+    """The PTX selects byte i of both words per PRMT and masks one nibble per LOP3 (the GPU tests run it)."""
+    from lowbit.kernels.triton.unpack4 import ASM_BF16, ASM_FP16
+
+    fp16, bf16 = ASM_FP16.value, ASM_BF16.value
+    for i, sel in enumerate((0x4400, 0x5511, 0x6622, 0x7733)):
+        assert f"prmt.b32 t, $8, $9, {sel:#06x};" in fp16 and f"prmt.b32 t, $8, $9, {sel:#06x};" in bf16
+    assert fp16.count("lop3.b32") == 8 and fp16.count("fma.rn.f16x2") == 8
+    assert bf16.count("lop3.b32") == 8 and bf16.count("fma.rn.bf16x2") == 8 and bf16.count("shr.b32") == 4
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group_size", [32, -1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -35,6 +35,7 @@ from ..repack import Packed
 from . import device_guard, interpreting
 from . import gemv as _gemv
 from .dequant import _unpack_tile, dequantize
+from .unpack4 import unpack4_dot_operands
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def _qmm_kernel(
     # meta-parameters
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
-    MAGIC: tl.constexpr,
+    MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS  # codes per int32 word
@@ -129,7 +130,17 @@ def _qmm_kernel(
             z = s
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x . q of this chunk (SCALE_AFTER_DOT)
         xs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_k x of this chunk (SCALE_AFTER_DOT)
-        if SPLIT_UNPACK:
+        if UNPACK4:
+            # 4 bits, one group per chunk: unpack4.py turns each pair of word rows into the 8 code positions'
+            # (q - z) tiles [R, BN] in one go (two codes per instruction with ASM), then one dot per position j
+            # with the stride-8 columns of x, as in the split unpack below.
+            qs = unpack4_dot_operands(words, z, x_ptr.dtype.element_ty, ASM)
+            offs_r = tl.arange(0, R)
+            for j in tl.static_range(8):
+                kk = c * BLOCK_K + offs_r * 8 + j  # [R]
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+                d = _dot(x, qs[j], d, DOT_F32)
+        elif SPLIT_UNPACK:
             # No reshape: the j-th code of every word is k = c*BK + r*VALS + j, so shift the whole word
             # tile once per j and pair it with the matching strided columns of x (VALS dots of K = R).
             offs_r = tl.arange(0, R)
@@ -145,7 +156,7 @@ def _qmm_kernel(
             q = _unpack_tile(words, BITS, BLOCK_K, BLOCK_N)  # int32 [BK, BN]
             acc, d, xs = _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
                               GROUP_SIZE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32, MAGIC)
-        if MAGIC:
+        if MAGIC or UNPACK4:
             acc += d * s[None, :]
         elif SCALE_AFTER_DOT:
             acc += (d - xs[:, None] * z[None, :]) * s[None, :]
@@ -176,6 +187,7 @@ class Config:
     split_unpack: bool = False  # VALS dots of K = block_k*bits/32 instead of one reshaped [BK, BN] tile
     gemv: bool = False  # gemv.py: no tl.dot, fp32 FMA after a magic-number dequantize (small M)
     magic: bool = False  # dot paths: codes -> fp16/bf16 by the magic-number trick instead of int->float converts
+    unpack4: bool = False  # 4 bits: unpack4.py's two-codes-per-instruction unpack (inline PTX), split-unpack dots
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -332,6 +344,10 @@ def quant_matmul(
     dot_f32 = interpreting() and x.dtype == torch.bfloat16
     scale_after = cfg.scale_after_dot and group_per_chunk
     magic = cfg.magic and scale_after and not dot_f32 and (x.dtype == torch.float16 or p.bits <= 4)
+    # unpack4.py's path: 4 bits, one group per chunk, whole words per chunk row; otherwise the config's other flags
+    unpack4 = cfg.unpack4 and p.bits == 4 and scale_after and cfg.block_k % 8 == 0
+    if unpack4 and x.is_cuda and cfg.block_k < 128:
+        raise ValueError(f"unpack4 needs block_k >= 128 (16 packed rows, tl.dot's smallest K), got block_k={cfg.block_k}")
     # With a K split the partial sums meet in a zeroed fp32 buffer, cast into `out` at the end.
     target = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
@@ -345,7 +361,7 @@ def quant_matmul(
             x.stride(0), target.stride(0),
             BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
             GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=scale_after,
-            DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic,
+            DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
