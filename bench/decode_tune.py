@@ -60,11 +60,11 @@ def dot_grid(k: int, bits: int):
 
 def unpack4_grid(k: int):
     """The 4-bit split-unpack dot with unpack4.py's two-codes-per-instruction unpack (any M <= 16)."""
-    for bk in (128, 256):
+    for bk in (128,):  # 256-deep chunks ran out of shared memory or lost (H200, 2026-11-26)
         chunks = -(-k // bk)
-        for bn, warps in ((64, 4), (128, 4), (256, 4), (256, 8)):
+        for bn, warps in ((128, 4), (256, 4), (256, 8)):
             for split in (1, 2, 4, 8, 16, 32, 64):
-                for stages in (2, 3):
+                for stages in (3,):
                     if chunks // split >= 1:
                         yield Config(16, bn, bk, split_k=split, num_warps=warps, num_stages=stages, split_unpack=True, unpack4=True)
 

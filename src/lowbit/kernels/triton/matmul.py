@@ -250,12 +250,28 @@ def dot_split(m: int, n: int, chunks: int, sm_count: int) -> int:
     return split
 
 
+def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
+    """K split of the 16x256 unpack4 dot (M <= 16): the smallest power of two giving >= 2 programs per SM,
+    with >= 2 chunks per split and at most 64 splits.
+
+    H200, 2026-11-26 (bench/results/unpack4-2026-11-26/): 3 programs per SM on the large shapes (split 4 on
+    8192x28672, 16 on 28672x8192) gave 1.47 / 1.61x fp16 at M = 4 and 1.14 / 1.32x at M = 16; on chained
+    4096x4096 layers at M = 8 split 16 was best (11.8 µs against 13.5 for the split-unpack magic dot)."""
+    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 256)
+    split = 1
+    while tiles * split < 2 * sm_count and split * 2 <= min(chunks // 2, 64):
+        split *= 2
+    return split
+
+
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
     """Kernel choice by M; None means dequantize + cuBLAS.
 
     From bench/kernel_speed.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
     docs/kernels.md); at M = 1, 4, 16, 64 and 1024 each choice below is a config timed in r2:
-    M = 1: the FMA GEMV (gemv.py), 2.28-2.34x fp16 on the large shapes. 2 <= M <= 16: split unpack with the
+    M = 1: the FMA GEMV (gemv.py), 2.28-2.34x fp16 on the large shapes. 2 <= M <= 16 at 4 bits with a group
+    per 128-deep chunk: the unpack4 dot (unpack4.py), 16x256 tiles, K split by `unpack4_split` (H200: +8-18%
+    at M = 4 and +18-21% at M = 16 over the magic split-unpack dot). Other 2 <= M <= 16: split unpack with the
     magic-number conversion, 16x128 tiles, K split by `dot_split` (1.75-1.83x at M = 4, 1.27-1.47x at M = 16
     with the earlier 8-way split on the large shapes, where dot_split gives 4-8).
     16 < M <= 32: reshape unpack, 32x128, K split 4, magic (not timed). 32 < M <= 64: reshape unpack, 64x128,
@@ -267,6 +283,9 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
     if m <= GEMV_MAX_M:
         return gemv_config(m, n, k, sm_count)
+    if m <= 16 and bits == 4 and (group_size >= k or group_size % 128 == 0):
+        return Config(16, 256, 128, split_k=unpack4_split(m, n, triton.cdiv(k, 128), sm_count), num_warps=4, num_stages=3,
+                      split_unpack=True, unpack4=True)
     if m <= 16:
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
