@@ -251,16 +251,19 @@ def dot_split(m: int, n: int, chunks: int, sm_count: int) -> int:
 
 
 def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
-    """K split of the 16x256 unpack4 dot (M <= 16): the smallest power of two giving >= 2 programs per SM,
-    with >= 2 chunks per split and at most 64 splits.
+    """K split of the 16x256 unpack4 dot (M <= 16): the smallest power of two giving >= 1.5 programs per SM
+    (at most one split per chunk and 64), and at least 4 where the K loop has >= 16 chunks.
 
-    H200, 2026-11-26 (bench/results/unpack4-2026-11-26/): 3 programs per SM on the large shapes (split 4 on
-    8192x28672, 16 on 28672x8192) gave 1.47 / 1.61x fp16 at M = 4 and 1.14 / 1.32x at M = 16; on chained
-    4096x4096 layers at M = 8 split 16 was best (11.8 µs against 13.5 for the split-unpack magic dot)."""
+    bench/decode_tune.py --only-unpack4, H100, 2026-11-26 (chained decode layers, M = 4 / 8 / 16, best split
+    of 1..64 at 16x256, 4 warps): 4096x4096 16 (256 programs), 4096x1024 32 (128, one chunk each), 4096x14336
+    4 (224), 14336x4096 16 (256); splits giving 3 programs per SM were 10-20% slower on the last three.
+    bench/kernel_speed.py --quick, same run: split 4 on 8192x28672 (1.86 / 1.48x fp16 at M = 4 / 16)."""
     tiles = triton.cdiv(m, 16) * triton.cdiv(n, 256)
     split = 1
-    while tiles * split < 2 * sm_count and split * 2 <= min(chunks // 2, 64):
+    while tiles * split * 2 < 3 * sm_count and split * 2 <= min(chunks, 64):
         split *= 2
+    if chunks >= 16:
+        split = max(split, 4)
     return split
 
 
