@@ -3,7 +3,7 @@ AutoAWQ's Triton GEMM, over M and the Llama-3-8B/70B layer shapes. Checks correc
 
     PYTHONPATH=src python bench/kernel_speed.py [--quick] [--sweep] [--bits 4] [--group-size 128]
 
---quick: 8192x28672, 28672x8192, 4096x4096 at M = 1, 4, 16, 64, 1024: pick_config vs the previous heuristic
+--quick: 8192x28672, 28672x8192, 4096x4096 at M = 1, 4, 16, 32, 64, 1024: pick_config vs the previous heuristic
 vs a few candidate configs of the new paths (GEMV, magic-number conversion); writes kernels-<date>-r2.json.
 
 --sweep also times a grid of kernel configs per (shape, M) and records the best (to tune pick_config).
@@ -147,10 +147,12 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         c["reshape_magic_bn128_s4"] = dataclasses.replace(base, block_n=128, split_k=4, num_warps=8, num_stages=3)
         c["split_unpack_magic_bn128"] = Config(64, 128, 512 // bits, split_k=2, num_warps=8, num_stages=3, split_unpack=True, magic=True)
         c["split_unpack_magic_bn64"] = Config(64, 64, 512 // bits, split_k=4, num_warps=4, num_stages=4, split_unpack=True, magic=True)
-        if bits == 4:
-            c["unpack4_m32_bn128"] = Config(32, 128, 128, split_k=4, num_warps=4, num_stages=3, split_unpack=True, unpack4=True)
-            c["unpack4_m64_bn128"] = Config(64, 128, 128, split_k=4, num_warps=8, num_stages=3, split_unpack=True, unpack4=True)
-            c["unpack4_m64_bn256"] = Config(64, 256, 128, split_k=2, num_warps=8, num_stages=3, split_unpack=True, unpack4=True)
+        if bits == 4:  # unpack4 interleaved back into k order: one deep dot per chunk
+            for bm, bn, warps, split in ((32, 128, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 8, 2), (64, 256, 8, 4)):
+                c[f"unpack4_join_m{bm}_bn{bn}_w{warps}_s{split}"] = Config(bm, bn, 128, split_k=split, num_warps=warps, num_stages=3, unpack4=True)
+    elif m >= 1024 and bits == 4:  # a fused GEMM with the unpack4 join against dequantize + cuBLAS
+        for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (64, 256, 128, 8, 3), (128, 256, 64, 8, 3)):
+            c[f"unpack4_join_gemm_{bm}x{bn}x{bk}_w{warps}"] = Config(bm, bn, bk, split_k=1, num_warps=warps, num_stages=stages, unpack4=True)
     if m <= 16 and bits == 4:  # unpack4.py: two codes per instruction (inline PTX)
         for bn, warps in ((128, 4), (256, 4), (256, 8)):
             tiles = -(-n // bn)
@@ -174,7 +176,7 @@ def quick(args):
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
     shapes = [(8192, 28672), (28672, 8192), (4096, 4096)]
-    ms = [1, 4, 16, 64, 1024]
+    ms = [1, 4, 16, 32, 64, 1024]
     awq = load_awq() if args.bits == 4 else None
     timer = Timer()
     env = environment()

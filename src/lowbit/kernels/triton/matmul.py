@@ -130,7 +130,17 @@ def _qmm_kernel(
             z = s
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x . q of this chunk (SCALE_AFTER_DOT)
         xs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_k x of this chunk (SCALE_AFTER_DOT)
-        if UNPACK4:
+        if UNPACK4 and not SPLIT_UNPACK:
+            # 4 bits, larger M: the 8 code-position tiles interleaved back into k order ([R, BN] x 8 ->
+            # [BK, BN], row 8r + j) for one deep dot, so wide row tiles keep the tensor cores busy.
+            qs = unpack4_dot_operands(words, z, x_ptr.dtype.element_ty, ASM)
+            ab = tl.join(tl.join(tl.join(qs[0], qs[4]), tl.join(qs[2], qs[6])),
+                         tl.join(tl.join(qs[1], qs[5]), tl.join(qs[3], qs[7])))  # [R, BN, 2, 2, 2]: j = 4t + 2u + v
+            b = tl.reshape(tl.permute(ab, (0, 2, 3, 4, 1)), (BLOCK_K, BLOCK_N))
+            kk = c * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+            d = _dot(x, b, d, DOT_F32)
+        elif UNPACK4:
             # 4 bits, one group per chunk: unpack4.py turns each pair of word rows into the 8 code positions'
             # (q - z) tiles [R, BN] in one go (two codes per instruction with ASM), then one dot per position j
             # with the stride-8 columns of x, as in the split unpack below.
@@ -187,7 +197,8 @@ class Config:
     split_unpack: bool = False  # VALS dots of K = block_k*bits/32 instead of one reshaped [BK, BN] tile
     gemv: bool = False  # gemv.py: no tl.dot, fp32 FMA after a magic-number dequantize (small M)
     magic: bool = False  # dot paths: codes -> fp16/bf16 by the magic-number trick instead of int->float converts
-    unpack4: bool = False  # 4 bits: unpack4.py's two-codes-per-instruction unpack (inline PTX), split-unpack dots
+    unpack4: bool = False  # 4 bits: unpack4.py's two-codes-per-instruction unpack (inline PTX); with split_unpack
+    # one dot per code position (small M), else the positions interleaved back into k order for one deep dot
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -367,9 +378,9 @@ def quant_matmul(
     scale_after = cfg.scale_after_dot and group_per_chunk
     magic = cfg.magic and scale_after and not dot_f32 and (x.dtype == torch.float16 or p.bits <= 4)
     # unpack4.py's path: 4 bits, one group per chunk, whole words per chunk row; otherwise the config's other flags
-    unpack4 = cfg.unpack4 and p.bits == 4 and scale_after and cfg.block_k % 8 == 0
-    if unpack4 and x.is_cuda and cfg.block_k < 128:
-        raise ValueError(f"unpack4 needs block_k >= 128 (16 packed rows, tl.dot's smallest K), got block_k={cfg.block_k}")
+    unpack4 = cfg.unpack4 and p.bits == 4 and scale_after and cfg.block_k % 16 == 0
+    if unpack4 and cfg.split_unpack and x.is_cuda and cfg.block_k < 128:
+        raise ValueError(f"split unpack4 needs block_k >= 128 (16 packed rows, tl.dot's smallest K), got block_k={cfg.block_k}")
     # With a K split the partial sums meet in a zeroed fp32 buffer, cast into `out` at the end.
     target = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
