@@ -53,6 +53,19 @@ def quantize_random(model, group_size: int = 128) -> None:
             del lin
 
 
+def quantize_lm_head_random(model, group_size: int = 128) -> None:
+    """The lm_head as a W4 QuantLinear with random codes (the opt-in `quant_lm_head` of lowbit's runner): at
+    batch 1 the fp16 lm_head (128256 x 4096, 1.05 GB) is read once per token."""
+    lin = model.lm_head
+    q = QuantLinear(lin.in_features, lin.out_features, 4, group_size, device="cuda")
+    q.qweight.random_(-(2**31), 2**31 - 1)
+    q.qzeros.random_(-(2**31), 2**31 - 1)
+    q.scales.uniform_(1e-4, 3e-4)
+    q.post_load()
+    model.lm_head = q
+    del lin
+
+
 def tokens_per_s(model, batch: int, new_tokens: int) -> float:
     ids = torch.randint(0, 1000, (batch, 16), device="cuda")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
@@ -128,7 +141,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print compile counters and a host profile of W4 decode")
     ap.add_argument("--skip-generate", action="store_true", help="only the linears-only CUDA-graph timing")
     ap.add_argument("--fuse", action="store_true", help="also time W4 with q/k/v and gate/up fused (kernels/fuse.py)")
-    ap.add_argument("--kinds", nargs="+", choices=("fp16", "w4", "w4fused"), help="which models, in order (default fp16 w4 [w4fused])")
+    ap.add_argument("--kinds", nargs="+", choices=("fp16", "w4", "w4fused", "w4fused_qlm"), help="which models, in order (default fp16 w4 [w4fused]); w4fused_qlm: also a W4 lm_head")
     args = ap.parse_args()
     if args.time_limit:
         signal.signal(signal.SIGALRM, _time_up)
@@ -140,16 +153,21 @@ def main():
     t0 = time.perf_counter()
     try:
         model = build(args.layers, args.vocab)
+        fused = False
         kinds = args.kinds or (("fp16", "w4", "w4fused") if args.fuse else ("fp16", "w4"))
         for kind in kinds:
             if kind.startswith("w4") and not isinstance(model.model.layers[0].mlp.down_proj, QuantLinear):
                 quantize_random(model)
                 torch.cuda.empty_cache()
-            if kind == "w4fused":
+            if "fused" in kind and not fused:
                 from lowbit.arch import spec_for
                 from lowbit.kernels.fuse import fuse_shared_inputs
 
                 fuse_shared_inputs(model, spec_for(model.config))
+                fused = True
+                torch.cuda.empty_cache()
+            if kind.endswith("qlm") and not isinstance(model.lm_head, QuantLinear):
+                quantize_lm_head_random(model)
                 torch.cuda.empty_cache()
             for b in args.batches:
                 results.setdefault("linears_us", {})[f"{kind}_b{b}"] = us = linears_us(model, b)
@@ -176,7 +194,7 @@ def main():
     print(f"\nDecode, Llama-3-8B shapes ({args.layers} layers), static cache + compile, {env['gpus'][0]}, {env['date']}")
     print(f"{'W4 kind':>8} {'batch':>5} {'fp16 tok/s':>11} {'W4 tok/s':>9} {'speedup':>8} {'fp16 linears us':>16} {'W4 linears us':>14} {'speedup':>8}")
     tp, lu = results["tokens_per_s"], results.get("linears_us", {})
-    for kind in ("w4", "w4fused"):
+    for kind in ("w4", "w4fused", "w4fused_qlm"):
         for b in args.batches:
             f, w = tp.get(f"fp16_b{b}"), tp.get(f"{kind}_b{b}")
             lf, lw = lu.get(f"fp16_b{b}"), lu.get(f"{kind}_b{b}")

@@ -288,8 +288,10 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     at M = 4 and +18-21% at M = 16 over the magic split-unpack dot). Other 2 <= M <= 16: split unpack with the
     magic-number conversion, 16x128 tiles, K split by `dot_split` (1.75-1.83x at M = 4, 1.27-1.47x at M = 16
     with the earlier 8-way split on the large shapes, where dot_split gives 4-8).
-    16 < M <= 32: reshape unpack, 32x128, K split 4, magic (not timed). 32 < M <= 64: reshape unpack, 64x128,
-    K split 4, 8 warps, magic (1.09-1.15x). Larger M: the tiled GEMM when its tiles fill the GPU, else
+    16 < M <= 64 at 4 bits with a group per 128-deep chunk: unpack4 interleaved back into k order, one deep
+    dot per chunk, 64x128, 8 warps, K split 4 (r6: 1.14-1.27x at M = 64, 1.16-1.21x at M = 32 on the large
+    shapes). Otherwise 16 < M <= 32: reshape unpack, 32x128, K split 4, magic; 32 < M <= 64: reshape unpack,
+    64x128, K split 4, 8 warps, magic (1.09-1.15x). Larger M: the tiled GEMM when its tiles fill the GPU, else
     dequantize + cuBLAS (0.73x at M = 1024).
     """
     if m >= DEQUANT_MIN_M:
@@ -304,6 +306,14 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
                       split_unpack=True, magic=True)
+    if m <= 64 and bits == 4 and (group_size >= k or group_size % 128 == 0):
+        # unpack4 interleaved into one deep dot, 64x128, 8 warps (H100 r6, 2026-11-26: 1.14 / 1.27 / 0.91x fp16 at
+        # M = 64 on 8192x28672 / 28672x8192 / 4096x4096 against 1.10 / 1.15 / 0.86x for the reshape magic dot;
+        # M = 32 1.16 / 1.21 / 0.96x against 1.09 / 1.13 / 0.79x for its 32x128 tile)
+        split = 4
+        while split > 1 and chunks(128) // split < 4:
+            split //= 2
+        return Config(64, 128, 128, split_k=split, num_warps=8, num_stages=3, unpack4=True)
     if 32 < m <= 64:  # measured (r2): 1.09-1.15x fp16 on the large shapes, against 0.94-1.01x for 64x64, K split 2
         block_k = 64 if group_size % 128 and group_size < k and group_size % 64 == 0 else 128  # one group per chunk
         split = 4
