@@ -64,9 +64,9 @@ def unpack4_grid(k: int):
         chunks = -(-k // bk)
         for bn, warps in ((128, 4), (256, 4), (256, 8)):
             for split in (1, 2, 4, 8, 16, 32, 64):
-                for stages in (3,):
-                    if chunks // split >= 1:
-                        yield Config(16, bn, bk, split_k=split, num_warps=warps, num_stages=stages, split_unpack=True, unpack4=True)
+                for x_once in (False, True):
+                    if chunks // split >= 1 and not (x_once and warps == 8):
+                        yield Config(16, bn, bk, split_k=split, num_warps=warps, num_stages=3, split_unpack=True, unpack4=True, x_once=x_once)
 
 
 def main():

@@ -160,6 +160,8 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
             while tiles * split < 3 * sm and split * 2 <= min(-(-k // 128), 64):
                 split *= 2
             c[f"unpack4_bn{bn}_w{warps}"] = Config(16, bn, 128, split_k=split, num_warps=warps, num_stages=3, split_unpack=True, unpack4=True)
+        for bn in (128, 256):
+            c[f"unpack4_xonce_bn{bn}_w4"] = dataclasses.replace(c[f"unpack4_bn{bn}_w4"], x_once=True)
         c["unpack4_bn128_w4_s2"] = Config(16, 128, 128, split_k=c["unpack4_bn128_w4"].split_k * 2, num_warps=4, num_stages=3,
                                           split_unpack=True, unpack4=True)
     return c
@@ -176,7 +178,7 @@ def quick(args):
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
     shapes = [(8192, 28672), (28672, 8192), (4096, 4096)]
-    ms = [1, 4, 16, 32, 64, 1024]
+    ms = args.ms or [1, 4, 16, 32, 64, 1024]
     awq = load_awq() if args.bits == 4 else None
     timer = Timer()
     env = environment()
@@ -242,6 +244,7 @@ def quick(args):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", type=int, nargs="+", help="--quick: only these M")
     ap.add_argument("--quick", action="store_true", help="3 shapes, M in 1/4/16/64/1024, ours vs old heuristic vs candidates")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--bits", type=int, default=4)

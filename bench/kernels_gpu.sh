@@ -11,7 +11,7 @@ timeout "${TEST_S:-120}" python3 -m pytest -q tests/unit/kernels/test_triton_ker
 tail -3 "$OUT/k/gpu-tests.log"
 [ "${TUNE_S:-150}" = 0 ] || timeout "${TUNE_S:-150}" python3 bench/decode_tune.py --chain 16 --ms ${TUNE_MS:-4 8 16} --only-unpack4 > "$OUT/k/tune.log" 2>&1
 grep -E "^[0-9]+x[0-9]+ M=|CHECK FAILED" "$OUT/k/tune.log" | cut -c1-160
-timeout "${QUICK_S:-240}" python3 bench/kernel_speed.py --quick > "$OUT/k/quick.log" 2>&1
+timeout "${QUICK_S:-240}" python3 bench/kernel_speed.py --quick ${QUICK_ARGS:-} > "$OUT/k/quick.log" 2>&1
 cp bench/results/decode-tune-"$(date +%F)".json bench/results/kernels-"$(date +%F)"-r2.json "$OUT/k/" 2>/dev/null
 tar czf "$OUT/kernels-gpu.tar.gz" -C "$OUT" k && rm -rf "$OUT/k/"*.json
 tail -20 "$OUT/k/quick.log"

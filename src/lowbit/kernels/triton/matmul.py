@@ -93,7 +93,7 @@ def _qmm_kernel(
     # meta-parameters
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
-    MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr,
+    MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr, X_ONCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS  # codes per int32 word
@@ -145,11 +145,30 @@ def _qmm_kernel(
             # (q - z) tiles [R, BN] in one go (two codes per instruction with ASM), then one dot per position j
             # with the stride-8 columns of x, as in the split unpack below.
             qs = unpack4_dot_operands(words, z, x_ptr.dtype.element_ty, ASM)
-            offs_r = tl.arange(0, R)
-            for j in tl.static_range(8):
-                kk = c * BLOCK_K + offs_r * 8 + j  # [R]
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
-                d = _dot(x, qs[j], d, DOT_F32)
+            if X_ONCE:  # x [BM, BK] in one contiguous load, split in registers into its 8 stride-8 column sets
+                kk = c * BLOCK_K + tl.arange(0, BLOCK_K)
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+                xe, xo = tl.split(tl.reshape(xa, (BLOCK_M, R, 2, 2, 2)))  # j = 4a + 2b + c: c = 0 / 1
+                xe0, xe1 = tl.split(xe)  # b = 0 / 1
+                xo0, xo1 = tl.split(xo)
+                x0, x4 = tl.split(xe0)  # a = 0 / 1
+                x2, x6 = tl.split(xe1)
+                x1, x5 = tl.split(xo0)
+                x3, x7 = tl.split(xo1)
+                d = _dot(x0, qs[0], d, DOT_F32)
+                d = _dot(x1, qs[1], d, DOT_F32)
+                d = _dot(x2, qs[2], d, DOT_F32)
+                d = _dot(x3, qs[3], d, DOT_F32)
+                d = _dot(x4, qs[4], d, DOT_F32)
+                d = _dot(x5, qs[5], d, DOT_F32)
+                d = _dot(x6, qs[6], d, DOT_F32)
+                d = _dot(x7, qs[7], d, DOT_F32)
+            else:
+                offs_r = tl.arange(0, R)
+                for j in tl.static_range(8):
+                    kk = c * BLOCK_K + offs_r * 8 + j  # [R]
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+                    d = _dot(x, qs[j], d, DOT_F32)
         elif SPLIT_UNPACK:
             # No reshape: the j-th code of every word is k = c*BK + r*VALS + j, so shift the whole word
             # tile once per j and pair it with the matching strided columns of x (VALS dots of K = R).
@@ -199,6 +218,7 @@ class Config:
     magic: bool = False  # dot paths: codes -> fp16/bf16 by the magic-number trick instead of int->float converts
     unpack4: bool = False  # 4 bits: unpack4.py's two-codes-per-instruction unpack (inline PTX); with split_unpack
     # one dot per code position (small M), else the positions interleaved back into k order for one deep dot
+    x_once: bool = False  # split unpack4: x loaded once per chunk and split in registers (not per code position)
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -404,7 +424,7 @@ def quant_matmul(
             x.stride(0), target.stride(0),
             BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
             GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=scale_after,
-            DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(),
+            DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), X_ONCE=cfg.x_once,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
