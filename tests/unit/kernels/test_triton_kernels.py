@@ -329,3 +329,23 @@ def test_gpu_other_device_than_current():
         out = layer(x.to("cuda:1"))
         assert out.device == torch.device("cuda:1")
         assert rel_err(out, x.double() @ w_t) < TOL[torch.float16]
+
+
+def test_pick_config_regimes():
+    """pick_config's choice per M as documented (docs/kernels.md): unpack4 at 4 bits where a 128-deep chunk
+    holds one group, the GEMV at M = 1 on shallow layers, the older dot paths for other widths and groups."""
+    from lowbit.kernels.triton.matmul import UNPACK4_MIN_K_AT_M1, pick_config
+
+    deep, shallow = UNPACK4_MIN_K_AT_M1, 4096
+    assert pick_config(1, 8192, deep, 4, 128).unpack4 and pick_config(1, 8192, deep, 4, 128).x_once
+    assert pick_config(1, 4096, shallow, 4, 128).gemv
+    for m in (2, 8, 16):
+        cfg = pick_config(m, 4096, shallow, 4, 128)
+        assert cfg.unpack4 and cfg.split_unpack and cfg.x_once and (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 256, 128)
+        assert pick_config(m, 4096, shallow, 4, 4096).unpack4  # per-channel: one group
+        assert not pick_config(m, 4096, shallow, 4, 64).unpack4  # a 128-deep chunk spans two groups
+        assert not pick_config(m, 4096, shallow, 8, 128).unpack4  # unpack4 reads 4-bit codes only
+    for m in (17, 64):
+        cfg = pick_config(m, 4096, shallow, 4, 128)
+        assert cfg.unpack4 and not cfg.split_unpack and cfg.block_m == 64
+    assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS

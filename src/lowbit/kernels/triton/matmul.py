@@ -281,6 +281,12 @@ def dot_split(m: int, n: int, chunks: int, sm_count: int) -> int:
     return split
 
 
+# At M = 1 the unpack4 dot (x loaded once per chunk) beats the GEMV on deep layers only (H100, 2026-11-26,
+# bench/results/unpack4-2026-11-26/xonce/): 28672x8192 2.88 vs 2.69x fp16, 14336x4096 21.0 vs 24.2 µs chained,
+# 8192x28672 2.35 vs 2.34x; the GEMV stays ahead at K = 4096 (4096x4096 9.8 vs 11.1 µs, 4096x14336 21.2 vs 21.7).
+UNPACK4_MIN_K_AT_M1 = 8192
+
+
 def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
     """K split of the 16x256 unpack4 dot (M <= 16): the smallest power of two giving >= 1.5 programs per SM
     (at most one split per chunk and 64), and at least 4 where the K loop has >= 16 chunks.
@@ -303,9 +309,10 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
 
     From bench/kernel_speed.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
     docs/kernels.md); at M = 1, 4, 16, 64 and 1024 each choice below is a config timed in r2:
-    M = 1: the FMA GEMV (gemv.py), 2.28-2.34x fp16 on the large shapes. 2 <= M <= 16 at 4 bits with a group
-    per 128-deep chunk: the unpack4 dot (unpack4.py), 16x256 tiles, K split by `unpack4_split` (H200: +8-18%
-    at M = 4 and +18-21% at M = 16 over the magic split-unpack dot). Other 2 <= M <= 16: split unpack with the
+    M <= 16 at 4 bits with a group per 128-deep chunk (M = 1 only where K >= UNPACK4_MIN_K_AT_M1): the unpack4
+    dot (unpack4.py) with x loaded once per chunk, 16x256 tiles, K split by `unpack4_split` (H100 xonce run:
+    2.26-2.44x fp16 at M = 16 and 2.32-2.48x at M = 4 on the large shapes). Other M = 1: the FMA GEMV
+    (gemv.py), 2.3-2.7x fp16 on the large shapes. Other 2 <= M <= 16: split unpack with the
     magic-number conversion, 16x128 tiles, K split by `dot_split` (1.75-1.83x at M = 4, 1.27-1.47x at M = 16
     with the earlier 8-way split on the large shapes, where dot_split gives 4-8).
     16 < M <= 64 at 4 bits with a group per 128-deep chunk: unpack4 interleaved back into k order, one deep
@@ -317,11 +324,12 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     if m >= DEQUANT_MIN_M:
         return None
     chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
+    unpack4_ok = bits == 4 and (group_size >= k or group_size % 128 == 0)  # a group per 128-deep chunk
+    if m <= 16 and unpack4_ok and (m > GEMV_MAX_M or k >= UNPACK4_MIN_K_AT_M1):
+        return Config(16, 256, 128, split_k=unpack4_split(m, n, triton.cdiv(k, 128), sm_count), num_warps=4, num_stages=3,
+                      split_unpack=True, unpack4=True, x_once=True)
     if m <= GEMV_MAX_M:
         return gemv_config(m, n, k, sm_count)
-    if m <= 16 and bits == 4 and (group_size >= k or group_size % 128 == 0):
-        return Config(16, 256, 128, split_k=unpack4_split(m, n, triton.cdiv(k, 128), sm_count), num_warps=4, num_stages=3,
-                      split_unpack=True, unpack4=True)
     if m <= 16:
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
