@@ -11,6 +11,7 @@ Writes bench/results/decode-<date>.json after every measurement; prints a table 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -131,6 +132,27 @@ def _time_up(signum, frame):
     raise _TimeUp
 
 
+def use_pick(variant: str) -> None:
+    """DECODE_PICK=r7: run the W4 kinds with pick_config as it was before x_once (r7: the GEMV at M = 1, the
+    per-position x loads at 2 <= M <= 16), to compare the two in one device call (separate processes, since
+    generate's compiled CUDA graphs are cached on the model)."""
+    if variant != "r7":
+        return
+    import dataclasses
+
+    from lowbit.kernels.triton import matmul as mm
+
+    current = mm.pick_config
+
+    def r7(m, n, k, bits, group_size, sm_count=132):
+        cfg = current(m, n, k, bits, group_size, sm_count)
+        if cfg is not None and cfg.x_once:
+            return mm.gemv_config(m, n, k, sm_count) if m == 1 else dataclasses.replace(cfg, x_once=False)
+        return cfg
+
+    mm.pick_config = r7
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -143,6 +165,7 @@ def main():
     ap.add_argument("--fuse", action="store_true", help="also time W4 with q/k/v and gate/up fused (kernels/fuse.py)")
     ap.add_argument("--kinds", nargs="+", choices=("fp16", "w4", "w4fused", "w4fused_qlm"), help="which models, in order (default fp16 w4 [w4fused]); w4fused_qlm: also a W4 lm_head")
     args = ap.parse_args()
+    use_pick(os.environ.get("DECODE_PICK", ""))
     if args.time_limit:
         signal.signal(signal.SIGALRM, _time_up)
         signal.alarm(args.time_limit)
