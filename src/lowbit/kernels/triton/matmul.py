@@ -218,7 +218,7 @@ class Config:
     magic: bool = False  # dot paths: codes -> fp16/bf16 by the magic-number trick instead of int->float converts
     unpack4: bool = False  # 4 bits: unpack4.py's two-codes-per-instruction unpack (inline PTX); with split_unpack
     # one dot per code position (small M), else the positions interleaved back into k order for one deep dot
-    x_once: bool = False  # split unpack4: x loaded once per chunk and split in registers (not per code position)
+    x_once: bool = False  # unpack4 with split_unpack: x loaded once per chunk, split in registers (else per position)
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -334,7 +334,7 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
                       split_unpack=True, magic=True)
-    if m <= 64 and bits == 4 and (group_size >= k or group_size % 128 == 0):
+    if m <= 64 and unpack4_ok:
         # unpack4 interleaved into one deep dot, 64x128, 8 warps (H100 r6, 2026-11-26: 1.14 / 1.27 / 0.91x fp16 at
         # M = 64 on 8192x28672 / 28672x8192 / 4096x4096 against 1.10 / 1.15 / 0.86x for the reshape magic dot;
         # M = 32 1.16 / 1.21 / 0.96x against 1.09 / 1.13 / 0.79x for its 32x128 tile)
