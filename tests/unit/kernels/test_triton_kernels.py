@@ -125,8 +125,8 @@ def test_split_unpack_after_dot(device, bits, group_size, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_unpack4(device, group_size, sym, dtype):
     """The 4-bit two-codes-per-instruction unpack (unpack4.py; inline PTX on the GPU, its plain-Triton twin
-    under the interpreter): every code 0..15 against every zero; the split form at M = 1, 7, 9 (x loaded once per chunk)
-    and 19 (two row tiles) and the interleaved form at M = 37 and 70; N off the tile, K = 416 (a partial last chunk and group),
+    under the interpreter): every code 0..15 against every zero; the split form at M = 1, 7, 9 and 45 (x loaded once per chunk,
+    16- and 32-row tiles) and 19 (two row tiles) and the interleaved form at M = 37 and 70; N off the tile, K = 416 (a partial last chunk and group),
     split-K with a partial last split, bias, 64, 128 and 256-wide chunks."""
     n, k = 136, 416
     seed = zlib.crc32(repr(("unpack4", group_size, sym, dtype)).encode())
@@ -135,6 +135,7 @@ def test_unpack4(device, group_size, sym, dtype):
     for m, cfg in ((1, Config(16, 128, 128, split_k=3, unpack4=True, split_unpack=True)),
                    (7, Config(16, 64, 128, split_k=1, num_warps=4, unpack4=True, split_unpack=True)),
                    (9, Config(16, 128, 128, split_k=2, num_warps=4, unpack4=True, split_unpack=True, x_once=True)),
+                   (45, Config(32, 128, 128, split_k=2, num_warps=4, unpack4=True, split_unpack=True, x_once=True)),
                    (19, Config(16, 128, 256 if group_size != 128 else 128, split_k=2, num_warps=8, unpack4=True, split_unpack=True)),
                    # the interleaved form: one deep dot per chunk (larger M), 64- and 128-deep chunks
                    (37, Config(32, 64, 128, split_k=2, num_warps=4, unpack4=True)),
