@@ -147,9 +147,13 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         c["reshape_magic_bn128_s4"] = dataclasses.replace(base, block_n=128, split_k=4, num_warps=8, num_stages=3)
         c["split_unpack_magic_bn128"] = Config(64, 128, 512 // bits, split_k=2, num_warps=8, num_stages=3, split_unpack=True, magic=True)
         c["split_unpack_magic_bn64"] = Config(64, 64, 512 // bits, split_k=4, num_warps=4, num_stages=4, split_unpack=True, magic=True)
-        if bits == 4 and m <= 32:  # the split form with x loaded once, 32-row tiles
-            for bn, warps, split in ((128, 4, 4), (128, 4, 8), (256, 8, 4), (256, 8, 8)):
+        if bits == 4 and m <= 32:  # the split form with x loaded once, 32-row tiles (pick_config's since r11: s8)
+            for bn, warps, split in ((128, 4, 4), (128, 4, 16), (256, 8, 8)):
                 c[f"unpack4_xonce_m32_bn{bn}_w{warps}_s{split}"] = Config(32, bn, 128, split_k=split, num_warps=warps, num_stages=3,
+                                                                         split_unpack=True, unpack4=True, x_once=True)
+        if bits == 4 and m > 32:  # the same with 64-row tiles
+            for bn, warps, split in ((64, 4, 8), (128, 4, 4), (128, 4, 8), (128, 8, 8)):
+                c[f"unpack4_xonce_m64_bn{bn}_w{warps}_s{split}"] = Config(64, bn, 128, split_k=split, num_warps=warps, num_stages=3,
                                                                          split_unpack=True, unpack4=True, x_once=True)
         if bits == 4:  # unpack4 interleaved back into k order: one deep dot per chunk
             for bm, bn, warps, split in ((32, 128, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 8, 2), (64, 256, 8, 4)):
@@ -204,6 +208,8 @@ def quick(args):
                 row["err"]["ours"] = rel_err(quant_matmul(x, layer.packed, config=ours), ref)
                 row["err"]["ours_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=ours), ref)
                 row["ours_us"] = timer(lambda: quant_matmul(x, layer.packed))
+                if ours is not None and ours.split_k > 1:  # same config, K splits reduced by two extra launches
+                    row["cand_us"]["ours_3launch"] = timer(lambda: quant_matmul(x, layer.packed, in_kernel_reduce=False))
             except Exception as exc:  # noqa: BLE001 - keep the other columns
                 row["err"]["ours"] = float("inf")
                 print(f"ours {ours} failed: {str(exc)[:500]}", flush=True)

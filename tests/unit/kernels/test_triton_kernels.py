@@ -181,6 +181,31 @@ def test_gemv(device, bits, group_size, dtype):
         assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[dtype], m
 
 
+@pytest.mark.parametrize("path", ["dot", "gemv"])
+def test_split_k_reduced_in_kernel(device, path):
+    """K splits meeting inside the launch (splitk.py): the last program per tile writes out and leaves the
+    shared workspace and counters at zero, so back-to-back calls of other shapes stay right; the bias is
+    added once; the zero-fill + cast fallback gives the same result."""
+    from lowbit.kernels.triton import splitk
+
+    cfg = Config(16, 32, 32, split_k=3, magic=True) if path == "dot" else Config(4, 32, 32, split_k=3, gemv=True)
+    for i, (m, n, k) in enumerate([(50, 48, 224), (3, 40, 160), (50, 48, 224)]):
+        codes, zeros, scales, gs, w_t = random_layer(n, k, 4, 32, False, seed=40 + i)
+        p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(i)).half()
+        bias = torch.randn(n).half()
+        ref = x.double() @ w_t + bias.double()
+        outs = []
+        for in_kernel in (True, False):
+            out = torch.full((m, n), float("nan"), dtype=torch.float16, device=device)
+            quant_matmul(x.to(device), p, bias.to(device), config=cfg, out=out, in_kernel_reduce=in_kernel)
+            assert rel_err(out, ref) < TOL[torch.float16], (i, in_kernel)
+            outs.append(out)
+        ws, counters = splitk._workspaces[outs[0].device]  # "cuda" -> cuda:0
+        assert not ws.any() and not counters.any(), "workspace or counters not left at zero"
+        assert (outs[0] - outs[1]).abs().max() <= 1e-3 * outs[1].abs().max()  # fp32 sums in another order
+
+
 def test_gemv_odd_group_falls_back(device):
     """A group size the GEMV cannot chunk (96: not a power of two) runs on the split-unpack dot path."""
     codes, zeros, scales, gs, w_t = random_layer(40, 192, 4, 96, False, seed=21)
@@ -311,6 +336,56 @@ def test_gpu_cuda_graph():
 
 
 @pytest.mark.gpu
+def test_gpu_split_k_reduce_back_to_back():
+    """The in-kernel split-K reduction under real concurrency: 20 launches per shape queued without a sync
+    (the tile's programs race for their tickets), every output right, workspace and counters back at zero."""
+    _gpu()
+    from lowbit.kernels.triton import splitk
+
+    n, k = 4104, 4096
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, 128, False, seed=5)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, "cuda")
+    for m in (1, 3, 16, 40):
+        x = torch.randn(m, k).half()
+        ref = (x.double().cuda() @ w_t.cuda()).cpu()
+        outs = [torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda") for _ in range(20)]
+        for out in outs:
+            quant_matmul(x.cuda(), p, out=out)
+        torch.cuda.synchronize()
+        for out in outs:
+            assert rel_err(out, ref) < TOL[torch.float16], m
+        ws, counters = splitk._workspaces[torch.device("cuda", 0)]
+        assert not ws.any() and not counters.any(), m
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_split_k_fallback():
+    """Capturing a split-K launch before any workspace exists: the capture takes the zero-fill + cast path
+    (no allocation inside the graph), and the replay is right."""
+    _gpu()
+    from lowbit.kernels.triton import splitk
+
+    codes, zeros, scales, gs, w_t = random_layer(2056, 1024, 4, 128, False, seed=6)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, "cuda")
+    x = torch.randn(4, 1024, dtype=torch.float16, device="cuda")
+    quant_matmul(x, p, in_kernel_reduce=False)  # compile outside capture
+    dev = torch.device("cuda", 0)
+    if dev in splitk._workspaces:  # graphs captured by earlier tests may still hold it: retire, never free
+        splitk._retired.append(splitk._workspaces.pop(dev))
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(graph):
+        y = quant_matmul(x, p)
+    torch.cuda.current_stream().wait_stream(s)
+    assert dev not in splitk._workspaces, "a workspace was allocated during capture"
+    x.copy_(torch.randn(4, 1024, dtype=torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, x.double().cpu() @ w_t) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
 @pytest.mark.multigpu
 def test_gpu_other_device_than_current():
     """Weight and input on cuda:1 while cuda:0 is current: the launch must follow the weight."""
@@ -346,7 +421,10 @@ def test_pick_config_regimes():
         assert pick_config(m, 4096, shallow, 4, 4096).unpack4  # per-channel: one group
         assert not pick_config(m, 4096, shallow, 4, 64).unpack4  # a 128-deep chunk spans two groups
         assert not pick_config(m, 4096, shallow, 8, 128).unpack4  # unpack4 reads 4-bit codes only
-    for m in (17, 64):
+    for m in (17, 32):  # x_once split form, 32-row tiles
+        cfg = pick_config(m, 4096, shallow, 4, 128)
+        assert cfg.unpack4 and cfg.split_unpack and cfg.x_once and cfg.block_m == 32
+    for m in (33, 64):
         cfg = pick_config(m, 4096, shallow, 4, 128)
         assert cfg.unpack4 and not cfg.split_unpack and cfg.block_m == 64
     assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS

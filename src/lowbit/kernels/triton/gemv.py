@@ -31,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .splitk import finish_tile
+
 MAGIC_BITS = tl.constexpr(0x4B000000)  # float32 2^23
 MAGIC = tl.constexpr(8388608.0)
 
@@ -45,10 +47,11 @@ def _xrow(x_ptr, row, kk, ok, PLACE: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     # pointers: x [M, K], packed weight (qweight [K*BITS/32, N], scales/zeros [G, N]), bias [N], out [M, N]
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    M, N, K, chunks_per_split,
+    # fp32 split-K workspace [M, N] and per-tile counters (splitk.py; unused when REDUCE is STORE)
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, chunks_per_split, n_splits,
     stride_xm, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # BLOCK_M is 1, 2 or 4: one accumulator per row, written out (no 3D tensors: the [R, BN] word tile keeps
@@ -113,20 +116,28 @@ def _gemv_kernel(
     if HAS_BIAS:  # added once, by the first K split
         b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         b = tl.where(pid_k == 0, b, 0.0)
-    _put(out_ptr + m0 * stride_om + offs_n, tl.sum(acc0, axis=0) + b, n_ok, ATOMIC)
+    # rows of this program's tile go to out (one split), or to the fp32 buffer / workspace (K split)
+    dst_ptr = ws_ptr if REDUCE == 2 else out_ptr
+    stride_d = N if REDUCE == 2 else stride_om
+    _put(dst_ptr + m0 * stride_d + offs_n, tl.sum(acc0, axis=0) + b, n_ok, REDUCE)
     if BLOCK_M > 1:
-        _put(out_ptr + (m0 + 1) * stride_om + offs_n, tl.sum(acc1, axis=0) + b, ok1, ATOMIC)
+        _put(dst_ptr + (m0 + 1) * stride_d + offs_n, tl.sum(acc1, axis=0) + b, ok1, REDUCE)
     if BLOCK_M > 2:
-        _put(out_ptr + (m0 + 2) * stride_om + offs_n, tl.sum(acc2, axis=0) + b, ok2, ATOMIC)
-        _put(out_ptr + (m0 + 3) * stride_om + offs_n, tl.sum(acc3, axis=0) + b, ok3, ATOMIC)
+        _put(dst_ptr + (m0 + 2) * stride_d + offs_n, tl.sum(acc2, axis=0) + b, ok2, REDUCE)
+        _put(dst_ptr + (m0 + 3) * stride_d + offs_n, tl.sum(acc3, axis=0) + b, ok3, REDUCE)
+    if REDUCE == 2:  # splitk.IN_KERNEL: the tile's last program writes all its rows to out
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & n_ok[None, :]
+        finish_tile(ws_ptr + offs_m[:, None] * N + offs_n[None, :], out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                    mask, counter_ptr + pid_m * tl.num_programs(0) + pid_n, n_splits)
 
 
 @triton.jit
-def _put(ptrs, v, mask, ATOMIC: tl.constexpr):
-    if ATOMIC:
-        tl.atomic_add(ptrs, v, mask=mask, sem="relaxed")
-    else:
+def _put(ptrs, v, mask, REDUCE: tl.constexpr):
+    if REDUCE == 0:  # splitk.STORE
         tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, v, mask=mask, sem="relaxed")
 
 
 def gemv_block_k(bits: int, group_size: int, k: int, block_k: int = 128) -> int | None:
@@ -140,16 +151,16 @@ def gemv_block_k(bits: int, group_size: int, k: int, block_k: int = 128) -> int 
     return bk
 
 
-def launch(x, p, bias, target, cfg, per_split: int, split: int, atomic: bool) -> None:
-    """Launch `_gemv_kernel` (the caller holds the device guard and built `target`)."""
+def launch(x, p, bias, target, ws, counters, cfg, per_split: int, split: int, reduce: int, grid) -> None:
+    """Launch `_gemv_kernel` on grid (N tiles, split, M tiles); the caller holds the device guard and built
+    `target` (out, or the fp32 buffer) and the workspace / counters for splitk.IN_KERNEL."""
     m = x.shape[0]
     n, k = p.shape
-    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     _gemv_kernel[grid](
-        x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target,
-        m, n, k, per_split,
+        x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target, ws, counters,
+        m, n, k, per_split, split,
         x.stride(0), target.stride(0),
-        BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, REDUCE=reduce,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -34,6 +34,8 @@ import triton.language as tl
 from ..repack import Packed
 from . import device_guard, interpreting
 from . import gemv as _gemv
+from . import splitk
+from .splitk import finish_tile
 from .dequant import _unpack_tile, dequantize
 from .unpack4 import unpack4_dot_operands
 
@@ -84,14 +86,15 @@ def _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
 
 @triton.jit
 def _qmm_kernel(
-    # pointers: x [M, K], packed weight (qweight [K*BITS/32, N], scales/zeros [G, N]), bias [N], out [M, N]
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    # pointers: x [M, K], packed weight (qweight [K*BITS/32, N], scales/zeros [G, N]), bias [N], out [M, N],
+    # fp32 split-K workspace [M, N] and per-tile counters (splitk.py; unused when REDUCE is STORE)
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
     # sizes
-    M, N, K, chunks_per_split,
+    M, N, K, chunks_per_split, n_splits,
     # strides of the row dimension (x and out have a contiguous last dimension)
     stride_xm, stride_om,
     # meta-parameters
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
     MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr, X_ONCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -195,10 +198,14 @@ def _qmm_kernel(
         acc += tl.where(pid_k == 0, b, 0.0)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:  # out is an fp32 buffer the K splits add into
-        tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
-    else:
+    if REDUCE == 0:  # splitk.STORE
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    elif REDUCE == 1:  # splitk.ATOMIC_BUFFER: out is a zeroed fp32 buffer the K splits add into
+        tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
+    else:  # splitk.IN_KERNEL
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=omask, sem="relaxed")
+        finish_tile(ws_ptrs, out_ptrs, omask, counter_ptr + pid, n_splits)
 
 
 @dataclass(frozen=True)
@@ -334,6 +341,13 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
                       split_unpack=True, magic=True)
+    if m <= 32 and unpack4_ok:
+        # the split unpack4 form with x loaded once, 32-row tiles (H100 r11, 2026-11-26: 1.36 / 1.49 / 1.05x fp16 at
+        # M = 32 on 8192x28672 / 28672x8192 / 4096x4096 against 1.16 / 1.23 / 0.95x for the interleaved 64x128 dot)
+        split = 8
+        while split > 1 and chunks(128) // split < 2:
+            split //= 2
+        return Config(32, 128, 128, split_k=split, num_warps=4, num_stages=3, split_unpack=True, unpack4=True, x_once=True)
     if m <= 64 and unpack4_ok:
         # unpack4 interleaved into one deep dot, 64x128, 8 warps (H100 r6, 2026-11-26: 1.14 / 1.27 / 0.91x fp16 at
         # M = 64 on 8192x28672 / 28672x8192 / 4096x4096 against 1.10 / 1.15 / 0.86x for the reshape magic dot;
@@ -364,12 +378,15 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
 
 
 def quant_matmul(
-    x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, config: Config | None | str = "auto", out: torch.Tensor | None = None
+    x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, config: Config | None | str = "auto", out: torch.Tensor | None = None,
+    in_kernel_reduce: bool | None = None,
 ) -> torch.Tensor:
     """out [M, N] = x [M, K] @ dequant(p) (+ bias), in x's dtype (fp16 or bf16).
 
     config: "auto" (pick_config), a Config, or None (dequantize + cuBLAS).
     out: optional [M, N] tensor of x's dtype to write into (tests poison it first).
+    in_kernel_reduce: K splits meet inside the launch (splitk.py); False forces the zero-fill + cast path
+    that CUDA-graph capture falls back to (tests run both); None: splitk.IN_KERNEL_DEFAULT (True).
     """
     n, k = p.shape
     if x.dim() != 2 or x.shape[1] != k:
@@ -411,7 +428,6 @@ def quant_matmul(
     chunks = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(chunks, cfg.split_k)
     split = triton.cdiv(chunks, per_split)  # no empty splits
-    atomic = split > 1
     dot_f32 = interpreting() and x.dtype == torch.bfloat16
     scale_after = cfg.scale_after_dot and group_per_chunk
     magic = cfg.magic and scale_after and not dot_f32 and (x.dtype == torch.float16 or p.bits <= 4)
@@ -419,21 +435,31 @@ def quant_matmul(
     unpack4 = cfg.unpack4 and p.bits == 4 and scale_after and cfg.block_k % 16 == 0
     if unpack4 and cfg.split_unpack and x.is_cuda and cfg.block_k < 128:
         raise ValueError(f"split unpack4 needs block_k >= 128 (16 packed rows, tl.dot's smallest K), got block_k={cfg.block_k}")
-    # With a K split the partial sums meet in a zeroed fp32 buffer, cast into `out` at the end.
-    target = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    if cfg.gemv:
+        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    # With a K split the partial sums meet in splitk.py's persistent workspace and the launch's last program
+    # per tile writes `out`; when that is not at hand (capturing a CUDA graph) in a zeroed fp32 buffer, cast
+    # into `out` after the launch.
+    reduce, target, ws, counters = splitk.STORE, out, out, out
+    if split > 1:
+        pair = splitk.workspace(x.device, m * n, grid[0] * (grid[2] if cfg.gemv else 1)) if (splitk.IN_KERNEL_DEFAULT if in_kernel_reduce is None else in_kernel_reduce) else None
+        if pair is None:
+            reduce, target = splitk.ATOMIC_BUFFER, torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        else:
+            reduce, (ws, counters) = splitk.IN_KERNEL, pair
     with device_guard(p.qweight):
         if cfg.gemv:
-            _gemv.launch(x, p, bias, target, cfg, per_split, split, atomic)
-            return out.copy_(target) if atomic else out
-        _qmm_kernel[grid](
-            x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target,
-            m, n, k, per_split,
-            x.stride(0), target.stride(0),
-            BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, ATOMIC=atomic,
-            GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=scale_after,
-            DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), X_ONCE=cfg.x_once,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return out.copy_(target) if atomic else out
+            _gemv.launch(x, p, bias, target, ws, counters, cfg, per_split, split, reduce, grid)
+        else:
+            _qmm_kernel[grid](
+                x, p.qweight, p.scales, p.zeros, bias if bias is not None else x, target, ws, counters,
+                m, n, k, per_split, split,
+                x.stride(0), target.stride(0),
+                BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, REDUCE=reduce,
+                GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=scale_after,
+                DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), X_ONCE=cfg.x_once,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    return out.copy_(target) if reduce == splitk.ATOMIC_BUFFER else out
