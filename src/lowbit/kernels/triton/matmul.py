@@ -226,6 +226,10 @@ class Config:
     unpack4: bool = False  # 4 bits: unpack4.py's two-codes-per-instruction unpack (inline PTX); with split_unpack
     # one dot per code position (small M), else the positions interleaved back into k order for one deep dot
     x_once: bool = False  # unpack4 with split_unpack: x loaded once per chunk, split in registers (else per position)
+    # K splits meet inside the launch (splitk.py) rather than in a zeroed buffer cast afterwards (+2 launches).
+    # Its ticket's release fence waits for the program's atomic adds to land, which costs where few large
+    # programs share an SM (the 64x128, 8-warp tile: 0.96 vs 1.16x fp16 at M = 32, H100 r11).
+    in_kernel_reduce: bool = True
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -355,7 +359,7 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         split = 4
         while split > 1 and chunks(128) // split < 4:
             split //= 2
-        return Config(64, 128, 128, split_k=split, num_warps=8, num_stages=3, unpack4=True)
+        return Config(64, 128, 128, split_k=split, num_warps=8, num_stages=3, unpack4=True, in_kernel_reduce=False)
     if 32 < m <= 64:  # measured (r2): 1.09-1.15x fp16 on the large shapes, against 0.94-1.01x for 64x64, K split 2
         block_k = 64 if group_size % 128 and group_size < k and group_size % 64 == 0 else 128  # one group per chunk
         split = 4
@@ -386,7 +390,8 @@ def quant_matmul(
     config: "auto" (pick_config), a Config, or None (dequantize + cuBLAS).
     out: optional [M, N] tensor of x's dtype to write into (tests poison it first).
     in_kernel_reduce: K splits meet inside the launch (splitk.py); False forces the zero-fill + cast path
-    that CUDA-graph capture falls back to (tests run both); None: splitk.IN_KERNEL_DEFAULT (True).
+    that CUDA-graph capture falls back to (tests run both); None: the config's choice (unless a benchmark
+    cleared splitk.IN_KERNEL_DEFAULT).
     """
     n, k = p.shape
     if x.dim() != 2 or x.shape[1] != k:
@@ -439,11 +444,13 @@ def quant_matmul(
     if cfg.gemv:
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     # With a K split the partial sums meet in splitk.py's persistent workspace and the launch's last program
-    # per tile writes `out`; when that is not at hand (capturing a CUDA graph) in a zeroed fp32 buffer, cast
-    # into `out` after the launch.
+    # per tile writes `out`; otherwise (the config says so, or a CUDA graph is being captured and the workspace
+    # would have to grow) in a zeroed fp32 buffer, cast into `out` after the launch.
     reduce, target, ws, counters = splitk.STORE, out, out, out
     if split > 1:
-        pair = splitk.workspace(x.device, m * n, grid[0] * (grid[2] if cfg.gemv else 1)) if (splitk.IN_KERNEL_DEFAULT if in_kernel_reduce is None else in_kernel_reduce) else None
+        if in_kernel_reduce is None:
+            in_kernel_reduce = cfg.in_kernel_reduce and splitk.IN_KERNEL_DEFAULT
+        pair = splitk.workspace(x.device, m * n, grid[0] * (grid[2] if cfg.gemv else 1)) if in_kernel_reduce else None
         if pair is None:
             reduce, target = splitk.ATOMIC_BUFFER, torch.zeros(m, n, dtype=torch.float32, device=x.device)
         else:
