@@ -315,6 +315,10 @@ def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
     return split
 
 
+# Largest M whose small-M dot reduces its K splits inside the launch (splitk.py); see pick_config.
+IN_KERNEL_REDUCE_MAX_M = 8
+
+
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
     """Kernel choice by M; None means dequantize + cuBLAS.
 
@@ -337,8 +341,10 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
     unpack4_ok = bits == 4 and (group_size >= k or group_size % 128 == 0)  # a group per 128-deep chunk
     if m <= 16 and unpack4_ok and (m > GEMV_MAX_M or k >= UNPACK4_MIN_K_AT_M1):
+        # K splits reduced in the launch at M <= 8 only (H100 r11/r12: M = 1 2.43 / 3.09 / 1.70x fp16 against
+        # 2.36 / 2.97 / 1.58x with the zero-fill + cast launches; M = 16 2.26 / 2.88 / 1.33x against 2.29 / 2.88 / 1.40x)
         return Config(16, 256, 128, split_k=unpack4_split(m, n, triton.cdiv(k, 128), sm_count), num_warps=4, num_stages=3,
-                      split_unpack=True, unpack4=True, x_once=True)
+                      split_unpack=True, unpack4=True, x_once=True, in_kernel_reduce=m <= IN_KERNEL_REDUCE_MAX_M)
     if m <= GEMV_MAX_M:
         return gemv_config(m, n, k, sm_count)
     if m <= 16:
@@ -351,7 +357,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         split = 8
         while split > 1 and chunks(128) // split < 2:
             split //= 2
-        return Config(32, 128, 128, split_k=split, num_warps=4, num_stages=3, split_unpack=True, unpack4=True, x_once=True)
+        return Config(32, 128, 128, split_k=split, num_warps=4, num_stages=3, split_unpack=True, unpack4=True, x_once=True,
+                      in_kernel_reduce=False)  # r12: 1.43 / 1.50 / 1.09x with the zero-fill + cast, 1.36 / 1.50 / 1.09x without
     if m <= 64 and unpack4_ok:
         # unpack4 interleaved into one deep dot, 64x128, 8 warps (H100 r6, 2026-11-26: 1.14 / 1.27 / 0.91x fp16 at
         # M = 64 on 8192x28672 / 28672x8192 / 4096x4096 against 1.10 / 1.15 / 0.86x for the reshape magic dot;
