@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, environment, write_json  # noqa: E402
 
 from lowbit.kernels.repack import Packed, awq_pack  # noqa: E402
+from lowbit.kernels.triton.dequant import dequantize  # noqa: E402
+from lowbit.kernels.triton.dequant_gemm import DequantGemm  # noqa: E402
 from lowbit.kernels.triton.matmul import Config, gemv_config, pick_config, quant_matmul  # noqa: E402
 from lowbit.quant.pack import pack_bitstream  # noqa: E402
 
@@ -160,9 +162,12 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         if bits == 4:  # unpack4 interleaved back into k order: one deep dot per chunk
             for bm, bn, warps, split in ((32, 128, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 8, 2), (64, 256, 8, 4)):
                 c[f"unpack4_join_m{bm}_bn{bn}_w{warps}_s{split}"] = Config(bm, bn, 128, split_k=split, num_warps=warps, num_stages=3, unpack4=True)
-    elif m >= 1024 and bits == 4:  # a fused GEMM with the unpack4 join against dequantize + cuBLAS
-        for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (64, 256, 128, 8, 3), (128, 256, 64, 8, 3)):
-            c[f"unpack4_join_gemm_{bm}x{bn}x{bk}_w{warps}"] = Config(bm, bn, bk, split_k=1, num_warps=warps, num_stages=stages, unpack4=True)
+    elif m >= 1024:  # dequantize + cuBLAS in column slabs (dequant_gemm.py), sequential or overlapped
+        # (the fused unpack4 GEMMs timed here in r8 reached 0.14-0.36x fp16: dropped)
+        for slab in (1024, 2048, 4096, 8192):
+            if slab < n:
+                c[f"dequant_slab{slab}"] = DequantGemm(slab)
+                c[f"dequant_slab{slab}_overlap"] = DequantGemm(slab, overlap=True)
     if m <= 16 and bits == 4:  # unpack4.py: two codes per instruction (inline PTX)
         for bn, warps in ((128, 4), (256, 4), (256, 8)):
             tiles = -(-n // bn)
@@ -210,7 +215,7 @@ def quick(args):
                 row["err"]["ours"] = rel_err(quant_matmul(x, layer.packed, config=ours), ref)
                 row["err"]["ours_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=ours), ref)
                 row["ours_us"] = timer(lambda: quant_matmul(x, layer.packed))
-                if ours is not None and ours.split_k > 1:  # same config, K splits reduced the other way
+                if isinstance(ours, Config) and ours.split_k > 1:  # same config, K splits reduced the other way
                     other = "ours_3launch" if ours.in_kernel_reduce else "ours_in_kernel"
                     row["cand_us"][other] = timer(lambda: quant_matmul(x, layer.packed, in_kernel_reduce=not ours.in_kernel_reduce))
             except Exception as exc:  # noqa: BLE001 - keep the other columns
@@ -222,10 +227,12 @@ def quick(args):
                 row["tinygemm_us"] = timer(lambda: torch.ops.aten._weight_int4pack_mm(xb, tg[0], layer.gs, tg[1]))
             if aw and m < 1024:
                 row["awq_us"] = timer(lambda: awq_call(awq, x, aw, m))
+            if m >= 1024:  # the dequantize pass alone (not a matmul: its "speedup" is fp16 GEMM time / dequantize time)
+                row["cand_us"]["dequantize_alone"] = timer(lambda: dequantize(layer.packed, torch.float16))
             for name, cfg in quick_candidates(m, n, k, args.bits, layer.gs, sm).items():
                 try:
                     row["err"][name] = rel_err(quant_matmul(x, layer.packed, config=cfg), ref)
-                    if cfg is not None and cfg.unpack4:  # its bf16 assembly too
+                    if isinstance(cfg, Config) and cfg.unpack4:  # its bf16 assembly too
                         row["err"][name + "_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=cfg), ref)
                     row["cand_us"][name] = timer(lambda: quant_matmul(x, layer.packed, config=cfg))
                     row["cand_cfg"][name] = repr(cfg)

@@ -206,6 +206,24 @@ def test_split_k_reduced_in_kernel(device, path):
         assert (outs[0] - outs[1]).abs().max() <= 1e-3 * outs[1].abs().max()  # fp32 sums in another order
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_dequant_gemm_slabs(device, overlap):
+    """Dequantize + cuBLAS in column slabs (dequant_gemm.py): a last slab narrower than the others, the bias
+    sliced per slab, every output column written (out poisoned); on the GPU with overlap, slabs on a side
+    stream with two buffers."""
+    from lowbit.kernels.triton.dequant_gemm import DequantGemm
+
+    m, n, k = 7, 200, 160
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, 32, False, seed=31)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(32)).half()
+    bias = torch.randn(n).half()
+    for plan in (DequantGemm(64, overlap), DequantGemm(128, overlap), DequantGemm(0)):
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device=device)
+        quant_matmul(x.to(device), p, bias.to(device), config=plan, out=out)
+        assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[torch.float16], plan
+
+
 def test_gemv_odd_group_falls_back(device):
     """A group size the GEMV cannot chunk (96: not a power of two) runs on the split-unpack dot path."""
     codes, zeros, scales, gs, w_t = random_layer(40, 192, 4, 96, False, seed=21)
@@ -225,6 +243,27 @@ def test_dequantize(device, bits, dtype):
     dequantize(p, dtype, out=out)
     tol = 1e-6 if dtype == torch.float32 else TOL[dtype] / 2
     assert rel_err(out, w_t) < tol
+
+
+@pytest.mark.parametrize("group_size", [128, 256, -1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_unpack4(device, group_size, dtype):
+    """The 4-bit dequantize with unpack4 (one group per 128 rows): (q - z) * s rounded once, so equal bit for
+    bit to the float64 reference rounded to the dtype; K = 392 ends in a partial chunk, N = 296 off the
+    256-wide tile; cols= writes a column range only."""
+    n, k = 296, 392
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, group_size, False, seed=group_size % 97)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
+    out = torch.full((k, n), float("nan"), dtype=dtype, device=device)
+    dequantize(p, dtype, out=out)
+    part = dequantize(p, dtype, cols=(40, 200))
+    assert part.shape == (k, 200)
+    for got, ref in ((out.cpu(), w_t), (part.cpu(), w_t[:, 40:240])):
+        if dtype == torch.bfloat16 and device != "cuda":
+            # Triton's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): within one bf16 step
+            assert ((got.double() - ref).abs() <= ref.abs() * 2**-7).all()
+        else:
+            assert torch.equal(got, ref.to(dtype))
 
 
 def test_awq_repack_matches_reference(device):
@@ -386,6 +425,34 @@ def test_gpu_cuda_graph_split_k_fallback():
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_graph_dequant_slabs_overlapped():
+    """Large M's slabbed dequantize + cuBLAS with the side stream, captured in a CUDA graph and replayed on
+    new input (the fork/join must be capturable), and run twice eagerly back to back (buffer reuse)."""
+    _gpu()
+    from lowbit.kernels.triton.dequant_gemm import DequantGemm
+
+    n, k = 1000, 512
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, 128, False, seed=8)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, "cuda")
+    plan = DequantGemm(128, overlap=True)
+    x = torch.randn(300, k, dtype=torch.float16, device="cuda")
+    a, b = quant_matmul(x, p, config=plan), quant_matmul(x * 2, p, config=plan)
+    torch.cuda.synchronize()
+    assert rel_err(a, x.double().cpu() @ w_t) < TOL[torch.float16]
+    assert rel_err(b, 2 * x.double().cpu() @ w_t) < TOL[torch.float16]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph):
+        y = quant_matmul(x, p, config=plan)
+    torch.cuda.current_stream().wait_stream(s)
+    x.copy_(torch.randn(300, k, dtype=torch.float16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, x.double().cpu() @ w_t) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
 @pytest.mark.multigpu
 def test_gpu_other_device_than_current():
     """Weight and input on cuda:1 while cuda:0 is current: the launch must follow the weight."""
@@ -428,3 +495,6 @@ def test_pick_config_regimes():
         cfg = pick_config(m, 4096, shallow, 4, 128)
         assert cfg.unpack4 and not cfg.split_unpack and cfg.block_m == 64
     assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS
+    from lowbit.kernels.triton.dequant_gemm import DequantGemm
+
+    assert pick_config(1024, 28672, 8192, 4, 128) == DequantGemm(2048, overlap=True)  # wide: in slabs

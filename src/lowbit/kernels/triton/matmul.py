@@ -36,7 +36,8 @@ from . import device_guard, interpreting
 from . import gemv as _gemv
 from . import splitk
 from .splitk import finish_tile
-from .dequant import _unpack_tile, dequantize
+from .dequant import _unpack_tile
+from .dequant_gemm import DequantGemm, dequant_gemm
 from .unpack4 import unpack4_dot_operands
 
 
@@ -235,6 +236,7 @@ class Config:
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
 # the fused GEMM lost to it at M >= 1024 on every Llama shape).
 DEQUANT_MIN_M = 1024
+DEQUANT_SLAB_N = 2048  # columns per dequantized slab at large M (dequant_gemm.py)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -319,8 +321,8 @@ def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
 IN_KERNEL_REDUCE_MAX_M = 8
 
 
-def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | None:
-    """Kernel choice by M; None means dequantize + cuBLAS.
+def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | DequantGemm | None:
+    """Kernel choice by M; a DequantGemm or None means dequantize + cuBLAS (in slabs / whole).
 
     From bench/kernel_speed.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
     docs/kernels.md); at M = 1, 4, 16, 64 and 1024 each choice below is a config timed in r2:
@@ -337,7 +339,10 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     dequantize + cuBLAS (0.73x at M = 1024).
     """
     if m >= DEQUANT_MIN_M:
-        return None
+        # dequantize + cuBLAS; on wide layers in 2048-column slabs, the next dequantized on a side stream
+        # (H100 r15: 0.77 / 0.73x fp16 at M = 1024 on 8192x28672 / 28672x8192 against 0.74 / 0.72x whole,
+        # 0.97 / 1.00x at M = 4096 against 0.95 / 1.00x), and the fp16 temporary is 2 slabs, not the whole W
+        return DequantGemm(DEQUANT_SLAB_N, overlap=True) if n >= 4 * DEQUANT_SLAB_N else None
     chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
     unpack4_ok = bits == 4 and (group_size >= k or group_size % 128 == 0)  # a group per 128-deep chunk
     if m <= 16 and unpack4_ok and (m > GEMV_MAX_M or k >= UNPACK4_MIN_K_AT_M1):
@@ -389,12 +394,12 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
 
 
 def quant_matmul(
-    x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, config: Config | None | str = "auto", out: torch.Tensor | None = None,
+    x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None, config: Config | DequantGemm | None | str = "auto", out: torch.Tensor | None = None,
     in_kernel_reduce: bool | None = None,
 ) -> torch.Tensor:
     """out [M, N] = x [M, K] @ dequant(p) (+ bias), in x's dtype (fp16 or bf16).
 
-    config: "auto" (pick_config), a Config, or None (dequantize + cuBLAS).
+    config: "auto" (pick_config), a Config, or None / a DequantGemm (dequantize + cuBLAS, whole or in slabs).
     out: optional [M, N] tensor of x's dtype to write into (tests poison it first).
     in_kernel_reduce: K splits meet inside the launch (splitk.py); False forces the zero-fill + cast path
     that CUDA-graph capture falls back to (tests run both); None: the config's choice (unless a benchmark
@@ -420,11 +425,8 @@ def quant_matmul(
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
     if isinstance(config, str):
         config = pick_config(m, n, k, p.bits, p.group_size, _sm_count(x.device))
-    if config is None:
-        w = dequantize(p, x.dtype)  # [K, N]
-        if bias is None:
-            return torch.mm(x, w, out=out)
-        return torch.addmm(bias.to(x.dtype), x, w, out=out)
+    if config is None or isinstance(config, DequantGemm):
+        return dequant_gemm(x, p, bias, out, config or DequantGemm())
 
     cfg = config
     if cfg.gemv:
