@@ -177,6 +177,10 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
             c[f"unpack4_bn{bn}_w{warps}"] = Config(16, bn, 128, split_k=split, num_warps=warps, num_stages=3, split_unpack=True, unpack4=True)
         for bn in (128, 256):
             c[f"unpack4_xonce_bn{bn}_w4"] = dataclasses.replace(c[f"unpack4_bn{bn}_w4"], x_once=True)
+        ours = pick_config(m, n, k, bits, gs, sm)
+        if isinstance(ours, Config) and ours.x_once:  # pick_config's K split halved and doubled
+            for f in (0.5, 2):
+                c[f"ours_split_x{f}"] = dataclasses.replace(ours, split_k=max(1, int(ours.split_k * f)))
         c["unpack4_bn128_w4_s2"] = Config(16, 128, 128, split_k=c["unpack4_bn128_w4"].split_k * 2, num_warps=4, num_stages=3,
                                           split_unpack=True, unpack4=True)
     return c
