@@ -302,18 +302,18 @@ UNPACK4_MIN_K_AT_M1 = 8192
 
 def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
     """K split of the 16x256 unpack4 dot (M <= 16): the smallest power of two giving >= 1.5 programs per SM
-    (at most one split per chunk and 64), and at least 4 where the K loop has >= 16 chunks.
+    (at most one split per chunk and 64).
 
     bench/decode_tune.py --only-unpack4, H100, 2026-11-26 (chained decode layers, M = 4 / 8 / 16, best split
     of 1..64 at 16x256, 4 warps): 4096x4096 16 (256 programs), 4096x1024 32 (128, one chunk each), 4096x14336
     4 (224), 14336x4096 16 (256); splits giving 3 programs per SM were 10-20% slower on the last three.
-    bench/kernel_speed.py --quick, same run: split 4 on 8192x28672 (1.86 / 1.48x fp16 at M = 4 / 16)."""
+    An earlier floor of 4 splits (deep K loops) is gone: with x loaded once, 8192x28672 (112 tiles) ran faster at
+    the 1.5-per-SM rule's split 2 (H100 r16: 2.49 / 2.39 / 2.46 / 2.34x fp16 at M = 1 / 4 / 8 / 16 against
+    2.43 / 2.32 / 2.35 / 2.27x at 4); the floor only ever bound where N has >= 99 tiles (N > 25000)."""
     tiles = triton.cdiv(m, 16) * triton.cdiv(n, 256)
     split = 1
     while tiles * split * 2 < 3 * sm_count and split * 2 <= min(chunks, 64):
         split *= 2
-    if chunks >= 16:
-        split = max(split, 4)
     return split
 
 
