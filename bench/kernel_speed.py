@@ -121,7 +121,7 @@ def old_config(m: int, n: int, k: int, bits: int, gs: int, sm: int):
         while split > 1 and chunks // split < 4:
             split //= 2
         return Config(16, 128, 512 // bits, split_k=split, num_warps=4, num_stages=4, split_unpack=True)
-    if cfg is not None and cfg.magic:
+    if isinstance(cfg, Config) and cfg.magic:
         return dataclasses.replace(cfg, magic=False)
     return cfg
 
