@@ -6,7 +6,7 @@ per SM and clock an H100 issues ~30 T instructions/s, so 4 instructions per code
 the ~47 µs the packed weight takes to read).
 
 Per program: BLOCK_N output columns, BLOCK_M rows of x, a range of K chunks (split-K; partial sums meet in
-an fp32 buffer through atomic adds). Each chunk is one [BLOCK_K * BITS / 32, BLOCK_N] tile of int32 words
+fp32 atomic adds, splitk.py). Each chunk is one [BLOCK_K * BITS / 32, BLOCK_N] tile of int32 words
 (rows contiguous along N: coalesced 16-byte loads) and lies in one quantization group, so the scale is
 applied once per chunk: acc += s * sum_k x_k (q_k - z).
 

@@ -4,14 +4,16 @@ One kernel, two regimes picked by `pick_config` from M:
 
 * small M (decode, M <= 64): memory bound, so the goal is to stream the packed weight once at full
   bandwidth. The K loop is split over SPLIT_K programs per output tile (enough programs to fill the SMs
-  even when N is small), partial sums meet in an fp32 buffer through atomic adds. When a K chunk lies in
+  even when N is small), partial sums meet through fp32 atomic adds (splitk.py: inside the launch, or in a
+  zeroed buffer cast afterwards, per Config.in_kernel_reduce). When a K chunk lies in
   one group (group_size % BLOCK_K == 0) the scale and zero are applied *after* the dot, per chunk:
       sum_k x_k * s * (q_k - z) = s * (x . q - z * sum_k x_k)
   so the inner loop only unpacks codes (exact in fp16/bf16) and feeds tl.dot; no per-weight multiply.
 * larger M: compute bound, a grouped-order tiled GEMM that dequantizes each [BLOCK_K, BLOCK_N] tile to the
   activation dtype (in fp32, one rounding) and accumulates with tl.dot; the dequantize cost is shared by
-  BLOCK_M rows. For the largest M, `pick_config` may instead return None: dequantize the whole weight once
-  (dequant.py) and call cuBLAS, which wins once the matmul dwarfs the extra weight traffic.
+  BLOCK_M rows. For the largest M, `pick_config` may instead return None or a DequantGemm: dequantize the
+  weight (dequant.py; whole or in column slabs, dequant_gemm.py) and call cuBLAS, which wins once the matmul
+  dwarfs the extra weight traffic.
 
 Unpacking: a [BK*bits/32, BN] tile of int32 words holds codes for BK consecutive k. Either it is expanded
 to [BK, BN] by a broadcast shift and a reshape (one dot of depth BK), or (Config.split_unpack) shifted
@@ -334,9 +336,10 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     with the earlier 8-way split on the large shapes, where dot_split gives 4-8).
     16 < M <= 64 at 4 bits with a group per 128-deep chunk: unpack4 interleaved back into k order, one deep
     dot per chunk, 64x128, 8 warps, K split 4 (r6: 1.14-1.27x at M = 64, 1.16-1.21x at M = 32 on the large
-    shapes). Otherwise 16 < M <= 32: reshape unpack, 32x128, K split 4, magic; 32 < M <= 64: reshape unpack,
+    shapes); since r12 17 <= M <= 32 takes the split unpack4 form with x loaded once, 32x128, K split 8
+    (1.43 / 1.50 / 1.09x). Otherwise 16 < M <= 32: reshape unpack, 32x128, K split 4, magic; 32 < M <= 64: reshape unpack,
     64x128, K split 4, 8 warps, magic (1.09-1.15x). Larger M: the tiled GEMM when its tiles fill the GPU, else
-    dequantize + cuBLAS (0.73x at M = 1024).
+    dequantize + cuBLAS (0.73x at M = 1024; in 2048-column slabs where N >= 8192: 0.74-0.79x, r15/r18).
     """
     if m >= DEQUANT_MIN_M:
         # dequantize + cuBLAS; on wide layers in 2048-column slabs, the next dequantized on a side stream
