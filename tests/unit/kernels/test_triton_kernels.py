@@ -494,6 +494,8 @@ def test_pick_config_regimes():
     for m in (33, 64):
         cfg = pick_config(m, 4096, shallow, 4, 128)
         assert cfg.unpack4 and not cfg.split_unpack and cfg.block_m == 64
+    for m, bits, gs in ((1, 4, 128), (8, 4, 128), (8, 8, 128), (9, 4, 128), (16, 8, 32), (32, 4, 128), (64, 8, 128)):
+        assert pick_config(m, 4096, shallow, bits, gs).in_kernel_reduce == (m <= 8), (m, bits, gs)
     assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS
     from lowbit.kernels.triton.dequant_gemm import DequantGemm
 

@@ -231,7 +231,8 @@ class Config:
     x_once: bool = False  # unpack4 with split_unpack: x loaded once per chunk, split in registers (else per position)
     # K splits meet inside the launch (splitk.py) rather than in a zeroed buffer cast afterwards (+2 launches).
     # Its ticket's release fence waits for the program's atomic adds to land, which costs where few large
-    # programs share an SM (the 64x128, 8-warp tile: 0.96 vs 1.16x fp16 at M = 32, H100 r11).
+    # programs share an SM (the 64x128, 8-warp tile: 0.96 vs 1.16x fp16 at M = 32, H100 r11); pick_config
+    # sets it by M.
     in_kernel_reduce: bool = True
 
 
@@ -324,6 +325,18 @@ IN_KERNEL_REDUCE_MAX_M = 8
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | DequantGemm | None:
+    """Kernel choice by M (see `_pick_kernel`); K splits are reduced inside the launch (splitk.py) at
+    M <= IN_KERNEL_REDUCE_MAX_M only. H100 r11-r13, pick_config's tiles, in launch / zero-fill + cast, fp16
+    speedup on 8192x28672 / 28672x8192 / 4096x4096: M = 1 2.43 / 3.09 / 1.70 against 2.36 / 2.97 / 1.58,
+    M = 8 2.36 / 2.98 / 1.36 against 2.33 / 2.92 / 1.29, M = 16 2.26 / 2.88 / 1.33 against 2.29 / 2.88 / 1.40,
+    M = 64 0.88 / 0.98 / 0.80 against 1.11 / 1.24 / 0.93."""
+    cfg = _pick_kernel(m, n, k, bits, group_size, sm_count)
+    if isinstance(cfg, Config):
+        cfg = dataclasses.replace(cfg, in_kernel_reduce=m <= IN_KERNEL_REDUCE_MAX_M)
+    return cfg
+
+
+def _pick_kernel(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int) -> Config | DequantGemm | None:
     """Kernel choice by M; a DequantGemm or None means dequantize + cuBLAS (in slabs / whole).
 
     From bench/kernel_speed.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
@@ -349,10 +362,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
     unpack4_ok = bits == 4 and (group_size >= k or group_size % 128 == 0)  # a group per 128-deep chunk
     if m <= 16 and unpack4_ok and (m > GEMV_MAX_M or k >= UNPACK4_MIN_K_AT_M1):
-        # K splits reduced in the launch at M <= 8 only (H100 r11/r12: M = 1 2.43 / 3.09 / 1.70x fp16 against
-        # 2.36 / 2.97 / 1.58x with the zero-fill + cast launches; M = 16 2.26 / 2.88 / 1.33x against 2.29 / 2.88 / 1.40x)
         return Config(16, 256, 128, split_k=unpack4_split(m, n, triton.cdiv(k, 128), sm_count), num_warps=4, num_stages=3,
-                      split_unpack=True, unpack4=True, x_once=True, in_kernel_reduce=m <= IN_KERNEL_REDUCE_MAX_M)
+                      split_unpack=True, unpack4=True, x_once=True)
     if m <= GEMV_MAX_M:
         return gemv_config(m, n, k, sm_count)
     if m <= 16:
@@ -365,8 +376,8 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         split = 8
         while split > 1 and chunks(128) // split < 2:
             split //= 2
-        return Config(32, 128, 128, split_k=split, num_warps=4, num_stages=3, split_unpack=True, unpack4=True, x_once=True,
-                      in_kernel_reduce=False)  # r12: 1.43 / 1.50 / 1.09x with the zero-fill + cast, 1.36 / 1.50 / 1.09x without
+        # (r12: 1.43 / 1.50 / 1.09x with the zero-fill + cast, as pick_config runs it, 1.36 / 1.50 / 1.09x without)
+        return Config(32, 128, 128, split_k=split, num_warps=4, num_stages=3, split_unpack=True, unpack4=True, x_once=True)
     if m <= 64 and unpack4_ok:
         # unpack4 interleaved into one deep dot, 64x128, 8 warps (H100 r6, 2026-11-26: 1.14 / 1.27 / 0.91x fp16 at
         # M = 64 on 8192x28672 / 28672x8192 / 4096x4096 against 1.10 / 1.15 / 0.86x for the reshape magic dot;
@@ -374,7 +385,7 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
         split = 4
         while split > 1 and chunks(128) // split < 4:
             split //= 2
-        return Config(64, 128, 128, split_k=split, num_warps=8, num_stages=3, unpack4=True, in_kernel_reduce=False)
+        return Config(64, 128, 128, split_k=split, num_warps=8, num_stages=3, unpack4=True)
     if 32 < m <= 64:  # measured (r2): 1.09-1.15x fp16 on the large shapes, against 0.94-1.01x for 64x64, K split 2
         block_k = 64 if group_size % 128 and group_size < k and group_size % 64 == 0 else 128  # one group per chunk
         split = 4
