@@ -181,6 +181,9 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         if isinstance(ours, Config) and ours.x_once:  # pick_config's K split halved and doubled
             for f in (0.5, 2):
                 c[f"ours_split_x{f}"] = dataclasses.replace(ours, split_k=max(1, int(ours.split_k * f)))
+            for stages in (4, 5, 6):  # more bytes in flight per program (~7 warps per SM at 1.7 programs)
+                c[f"ours_stages{stages}"] = dataclasses.replace(ours, num_stages=stages)
+            c["ours_stages4_split_x2"] = dataclasses.replace(ours, num_stages=4, split_k=ours.split_k * 2)
         c["unpack4_bn128_w4_s2"] = Config(16, 128, 128, split_k=c["unpack4_bn128_w4"].split_k * 2, num_warps=4, num_stages=3,
                                           split_unpack=True, unpack4=True)
     return c
