@@ -27,6 +27,8 @@ from kernel_speed import Layer, rel_err  # noqa: E402
 from lowbit.kernels.triton.matmul import Config, pick_config, quant_matmul  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (K, N)
+# what lowbit.load runs on GPUs (fuse.py): q/k/v and gate/up concatenated along N
+FUSED_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 
 
 def chain_us(calls, reps: int = 30) -> float:
@@ -77,6 +79,7 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--unpack4", action="store_true", help="also time the unpack4 grid (4 bits)")
     ap.add_argument("--only-unpack4", action="store_true", help="time pick_config and the unpack4 grid only")
+    ap.add_argument("--fused", action="store_true", help="the fused decode shapes (q/k/v, o, gate/up, down)")
     args = ap.parse_args()
     torch.cuda.set_device(0)
     env = environment()
@@ -84,7 +87,9 @@ def main():
     results = {"env": env, "chain": args.chain, "bits": args.bits, "group_size": args.group_size, "rows": [],
                "command": "PYTHONPATH=src python3 bench/decode_tune.py " + " ".join(sys.argv[1:])}
     t0 = time.time()
-    for k, n in SHAPES:
+    from lowbit.kernels.triton.matmul import gemv_config
+
+    for k, n in FUSED_SHAPES if args.fused else SHAPES:
         layers = [Layer(k, n, args.bits, args.group_size, seed=i) for i in range(args.chain)]
         for m in args.ms:
             x = torch.randn(m, k, device="cuda").half()
@@ -105,6 +110,8 @@ def main():
             grid = [] if args.only_unpack4 else list(gemv_grid(k) if m == 1 else dot_grid(k, args.bits))
             if args.bits == 4 and (args.unpack4 or args.only_unpack4):
                 grid += list(unpack4_grid(k))
+            if m == 1 and args.only_unpack4:
+                grid.append(gemv_config(m, n, k, sm))  # the GEMV pick_config uses where K < UNPACK4_MIN_K_AT_M1
             cands = []
             for cfg in grid:
                 try:
