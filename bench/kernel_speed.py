@@ -149,6 +149,9 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         c["reshape_magic_bn128_s4"] = dataclasses.replace(base, block_n=128, split_k=4, num_warps=8, num_stages=3)
         c["split_unpack_magic_bn128"] = Config(64, 128, 512 // bits, split_k=2, num_warps=8, num_stages=3, split_unpack=True, magic=True)
         c["split_unpack_magic_bn64"] = Config(64, 64, 512 // bits, split_k=4, num_warps=4, num_stages=4, split_unpack=True, magic=True)
+        if bits == 4 and m <= 32 and isinstance(base, Config) and base.x_once:
+            for per_sm in (1, 2, 3):
+                c[f"ours_streamk{per_sm}"] = dataclasses.replace(base, stream_k=per_sm, in_kernel_reduce=True)
         if bits == 4 and m <= 32:  # the split form with x loaded once, 32-row tiles (pick_config's since r11: s8)
             for bn, warps, split in ((128, 4, 4), (128, 4, 16), (256, 8, 8)):
                 c[f"unpack4_xonce_m32_bn{bn}_w{warps}_s{split}"] = Config(32, bn, 128, split_k=split, num_warps=warps, num_stages=3,
@@ -181,9 +184,9 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         if isinstance(ours, Config) and ours.x_once:  # pick_config's K split halved and doubled
             for f in (0.5, 2):
                 c[f"ours_split_x{f}"] = dataclasses.replace(ours, split_k=max(1, int(ours.split_k * f)))
-            for stages in (4, 5, 6):  # more bytes in flight per program (~7 warps per SM at 1.7 programs)
-                c[f"ours_stages{stages}"] = dataclasses.replace(ours, num_stages=stages)
-            c["ours_stages4_split_x2"] = dataclasses.replace(ours, num_stages=4, split_k=ours.split_k * 2)
+            # (4-6 pipeline stages were timed here in r19: never above 3)
+            for per_sm in (1, 2, 3, 4):  # stream-K: per_sm programs per SM share tiles x chunks evenly
+                c[f"ours_streamk{per_sm}"] = dataclasses.replace(ours, stream_k=per_sm, in_kernel_reduce=True)
         c["unpack4_bn128_w4_s2"] = Config(16, 128, 128, split_k=c["unpack4_bn128_w4"].split_k * 2, num_warps=4, num_stages=3,
                                           split_unpack=True, unpack4=True)
     return c

@@ -224,6 +224,29 @@ def test_dequant_gemm_slabs(device, overlap):
         assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[torch.float16], plan
 
 
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_stream_k(device, in_kernel):
+    """Stream-K (Config.stream_k): programs take equal runs of the tiles x chunks steps, crossing tile
+    boundaries, and each tile's ticket awaits exactly the programs that met in it (right output, counters
+    back at zero); the bias comes once, from the partial holding the tile's first chunk. The dot path with
+    7 chunks x 8 tiles over 2-3 programs per SM, and the x_once unpack4 path with 5 chunks x 2 tiles."""
+    from lowbit.kernels.triton import splitk
+
+    cases = [(50, 48, 224, 32, Config(16, 32, 32, magic=True, stream_k=3)),
+             (5, 48, 640, 128, Config(16, 32, 128, num_stages=3, split_unpack=True, unpack4=True, x_once=True, stream_k=2))]
+    for i, (m, n, k, gs, cfg) in enumerate(cases):
+        codes, zeros, scales, gs, w_t = random_layer(n, k, 4, gs, False, seed=60 + i)
+        p = gptq_packed(codes, zeros, scales, 4, gs, 0, device)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(i)).half()
+        bias = torch.randn(n).half()
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device=device)
+        quant_matmul(x.to(device), p, bias.to(device), config=cfg, out=out, in_kernel_reduce=in_kernel)
+        assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[torch.float16], i
+        if in_kernel:
+            ws, counters = splitk._workspaces[out.device]
+            assert not ws.any() and not counters.any(), i
+
+
 def test_gemv_odd_group_falls_back(device):
     """A group size the GEMV cannot chunk (96: not a power of two) runs on the split-unpack dot path."""
     codes, zeros, scales, gs, w_t = random_layer(40, 192, 4, 96, False, seed=21)

@@ -100,12 +100,52 @@ def _qmm_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
     MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr, X_ONCE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STREAM_K: tl.constexpr,
+):
+    # Axis 0 enumerates output tiles in grouped order (GROUP_M row-tiles share each weight column-tile
+    # while it sits in L2); axis 1 is the K split. STREAM_K: a 1-D grid of P programs, each taking an equal
+    # contiguous run of the tiles x chunks steps (tile-major), crossing tile boundaries; the programs meeting
+    # in a tile reduce through splitk.py's tickets (REDUCE == IN_KERNEL), each tile counting its own.
+    chunks = tl.cdiv(K, BLOCK_K)
+    if STREAM_K:
+        total = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * chunks
+        n_prog = tl.num_programs(0)
+        pid = tl.program_id(0)
+        it = (pid * total) // n_prog
+        end = ((pid + 1) * total) // n_prog
+        while it < end:
+            tile = it // chunks
+            c0 = it - tile * chunks
+            c1 = tl.minimum(chunks, c0 + (end - it))
+            # programs meeting in this tile: the owners of its first and last steps (owner(i) = ceil((i+1) P / total) - 1)
+            first = ((tile * chunks + 1) * n_prog + total - 1) // total - 1
+            last = (((tile + 1) * chunks) * n_prog + total - 1) // total - 1
+            _tile(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr, M, N, K, stride_xm, stride_om,
+                  tile, c0, c1, c0 == 0, last - first + 1,
+                  BITS, GROUP_SIZE, HAS_BIAS, REDUCE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32, SPLIT_UNPACK, MAGIC, UNPACK4, ASM,
+                  X_ONCE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+            it += c1 - c0
+    else:
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        c_start = pid_k * chunks_per_split
+        _tile(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr, M, N, K, stride_xm, stride_om,
+              pid, c_start, tl.minimum(c_start + chunks_per_split, chunks), pid_k == 0, n_splits,
+              BITS, GROUP_SIZE, HAS_BIAS, REDUCE, GROUP_PER_CHUNK, SCALE_AFTER_DOT, DOT_F32, SPLIT_UNPACK, MAGIC, UNPACK4, ASM,
+              X_ONCE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _tile(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr, M, N, K, stride_xm, stride_om,
+    pid, c_start, c_end, add_bias, n_splits,  # output tile (grouped order), its chunks [c_start, c_end), ...
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
+    GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_UNPACK: tl.constexpr,
+    MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr, X_ONCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """One output tile's partial sum over chunks [c_start, c_end), stored / added per REDUCE; add_bias: this
+    partial carries the bias (the tile's first chunk); n_splits: how many partials the tile's ticket awaits."""
     VALS: tl.constexpr = 32 // BITS  # codes per int32 word
-    # Axis 0 enumerates output tiles in grouped order (GROUP_M row-tiles share each weight column-tile
-    # while it sits in L2); axis 1 is the K split.
-    pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n
@@ -120,8 +160,6 @@ def _qmm_kernel(
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    c_start = pid_k * chunks_per_split
-    c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
     R: tl.constexpr = BLOCK_K // VALS  # packed rows per chunk
     for c in range(c_start, c_end):
         offs_w = c * R + tl.arange(0, R)  # packed rows [R]
@@ -196,9 +234,9 @@ def _qmm_kernel(
         elif SCALE_AFTER_DOT:
             acc += (d - xs[:, None] * z[None, :]) * s[None, :]
 
-    if HAS_BIAS:  # added once, by the first K split
+    if HAS_BIAS:  # added once, by the partial holding the tile's first chunk
         b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+        acc += tl.where(add_bias, b, 0.0)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = m_ok[:, None] & n_ok[None, :]
     if REDUCE == 0:  # splitk.STORE
@@ -234,6 +272,9 @@ class Config:
     # programs share an SM (the 64x128, 8-warp tile: 0.96 vs 1.16x fp16 at M = 32, H100 r11); pick_config
     # sets it by M.
     in_kernel_reduce: bool = True
+    # > 0: stream-K, a 1-D grid of stream_k programs per SM, each an equal run of the tiles x chunks steps
+    # (crossing tile boundaries; split_k is then unused), so no SM idles on a partial last wave
+    stream_k: int = 0
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -463,7 +504,12 @@ def quant_matmul(
     unpack4 = cfg.unpack4 and p.bits == 4 and scale_after and cfg.block_k % 16 == 0
     if unpack4 and cfg.split_unpack and x.is_cuda and cfg.block_k < 128:
         raise ValueError(f"split unpack4 needs block_k >= 128 (16 packed rows, tl.dot's smallest K), got block_k={cfg.block_k}")
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    grid = (tiles, split)
+    stream_k = cfg.stream_k > 0 and not cfg.gemv
+    if stream_k:  # P programs sharing tiles x chunks steps evenly (Config.stream_k per SM)
+        grid = (min(cfg.stream_k * _sm_count(x.device), tiles * chunks),)
+        split = grid[0]  # > 1 (unless one step in all): the partials always go through a reduction
     if cfg.gemv:
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     # With a K split the partial sums meet in splitk.py's persistent workspace and the launch's last program
@@ -473,7 +519,7 @@ def quant_matmul(
     if split > 1:
         if in_kernel_reduce is None:
             in_kernel_reduce = cfg.in_kernel_reduce and splitk.IN_KERNEL_DEFAULT
-        pair = splitk.workspace(x.device, m * n, grid[0] * (grid[2] if cfg.gemv else 1)) if in_kernel_reduce else None
+        pair = splitk.workspace(x.device, m * n, grid[0] * grid[2] if cfg.gemv else tiles) if in_kernel_reduce else None
         if pair is None:
             reduce, target = splitk.ATOMIC_BUFFER, torch.zeros(m, n, dtype=torch.float32, device=x.device)
         else:
@@ -489,7 +535,7 @@ def quant_matmul(
                 BITS=p.bits, GROUP_SIZE=p.group_size, HAS_BIAS=bias is not None, REDUCE=reduce,
                 GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=scale_after,
                 DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), X_ONCE=cfg.x_once,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, STREAM_K=stream_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
     return out.copy_(target) if reduce == splitk.ATOMIC_BUFFER else out
