@@ -402,12 +402,17 @@ def test_gpu_split_k_reduce_back_to_back():
     """The in-kernel split-K reduction under real concurrency: 20 launches per shape queued without a sync
     (the tile's programs race for their tickets), every output right, workspace and counters back at zero."""
     _gpu()
+    # the second layer has 67 column tiles of 256: stream-K picks at M <= 32 on a 132-SM GPU
+    for n, k, ms in ((4104, 4096, (1, 3, 16, 40)), (16904, 1024, (4, 16, 32))):
+        _back_to_back(n, k, ms)
+
+
+def _back_to_back(n: int, k: int, ms) -> None:
     from lowbit.kernels.triton import splitk
 
-    n, k = 4104, 4096
     codes, zeros, scales, gs, w_t = random_layer(n, k, 4, 128, False, seed=5)
     p = gptq_packed(codes, zeros, scales, 4, gs, 0, "cuda")
-    for m in (1, 3, 16, 40):
+    for m in ms:
         x = torch.randn(m, k).half()
         ref = (x.double().cuda() @ w_t.cuda()).cpu()
         outs = [torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda") for _ in range(20)]
@@ -517,8 +522,12 @@ def test_pick_config_regimes():
     for m in (33, 64):
         cfg = pick_config(m, 4096, shallow, 4, 128)
         assert cfg.unpack4 and not cfg.split_unpack and cfg.block_m == 64
-    for m, bits, gs in ((1, 4, 128), (8, 4, 128), (8, 8, 128), (9, 4, 128), (16, 8, 32), (32, 4, 128), (64, 8, 128)):
+    for m, bits, gs in ((1, 4, 128), (8, 4, 128), (8, 8, 128), (9, 4, 128), (16, 8, 32), (33, 4, 128), (64, 8, 128)):
         assert pick_config(m, 4096, shallow, bits, gs).in_kernel_reduce == (m <= 8), (m, bits, gs)
+    # stream-K (2 per SM, reduced in the launch): 17 <= M <= 32, and M <= 16 on layers with >= 66 column tiles
+    for m, n, sk in ((32, 4096, 2), (17, 28672, 2), (16, 28672, 2), (1, 28672, 2), (16, 8192, 0), (4, 4096, 0), (33, 28672, 0)):
+        cfg = pick_config(m, n, 8192, 4, 128, 132)
+        assert cfg.stream_k == sk and (cfg.in_kernel_reduce if sk else True), (m, n)
     assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS
     from lowbit.kernels.triton.dequant_gemm import DequantGemm
 

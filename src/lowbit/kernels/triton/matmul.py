@@ -363,6 +363,8 @@ def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
 
 # Largest M whose small-M dot reduces its K splits inside the launch (splitk.py); see pick_config.
 IN_KERNEL_REDUCE_MAX_M = 8
+# At M <= 16, stream-K where the layer has at least this many column tiles per SM (see pick_config).
+STREAM_K_MIN_TILES_PER_SM = 0.5
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | DequantGemm | None:
@@ -372,6 +374,12 @@ def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: in
     M = 8 2.36 / 2.98 / 1.36 against 2.33 / 2.92 / 1.29, M = 16 2.26 / 2.88 / 1.33 against 2.29 / 2.88 / 1.40,
     M = 64 0.88 / 0.98 / 0.80 against 1.11 / 1.24 / 0.93."""
     cfg = _pick_kernel(m, n, k, bits, group_size, sm_count)
+    if isinstance(cfg, Config) and cfg.x_once and m <= 32 and (m > 16 or STREAM_K_MIN_TILES_PER_SM * sm_count <= triton.cdiv(n, cfg.block_n)):
+        # stream-K, 2 programs per SM (H100 r21, against the K-split pick in the same run): M = 32 1.53 / 1.55 /
+        # 1.08x fp16 vs 1.44 / 1.50 / 1.09x on 8192x28672 / 28672x8192 / 4096x4096; at M <= 16 it won only with many
+        # column tiles (8192x28672, 112 tiles: 2.58 / 2.40x vs 2.50 / 2.34x at M = 1 / 16) and lost 2-6% with few
+        # (28672x8192, 32 tiles: 3.00 / 2.45 vs 3.07 / 2.51; 4096x4096, 16: 1.33 vs 1.41 at M = 16)
+        return dataclasses.replace(cfg, stream_k=2, in_kernel_reduce=True)
     if isinstance(cfg, Config):
         cfg = dataclasses.replace(cfg, in_kernel_reduce=m <= IN_KERNEL_REDUCE_MAX_M)
     return cfg
