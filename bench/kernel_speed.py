@@ -29,7 +29,7 @@ from common import Timer, environment, write_json  # noqa: E402
 from lowbit.kernels.repack import Packed, awq_pack  # noqa: E402
 from lowbit.kernels.triton.dequant import dequantize  # noqa: E402
 from lowbit.kernels.triton.dequant_gemm import DequantGemm  # noqa: E402
-from lowbit.kernels.triton.matmul import Config, gemv_config, pick_config, quant_matmul  # noqa: E402
+from lowbit.kernels.triton.matmul import IN_KERNEL_REDUCE_MAX_M, Config, _pick_kernel, gemv_config, pick_config, quant_matmul  # noqa: E402
 from lowbit.quant.pack import pack_bitstream  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -126,6 +126,33 @@ def old_config(m: int, n: int, k: int, bits: int, gs: int, sm: int):
     return cfg
 
 
+def swap_candidates(m: int, n: int, k: int, sm: int) -> dict:
+    """swapab.py tiles for this M: token tile (block_m) x weight-column tile (block_n), warps, and K splits
+    giving >= 1 and >= 2 waves of programs; x reordered in torch (the default) and, once, in the kernel."""
+    c = {}
+    chunks = -(-k // 128)
+    bm_fit = max(16, 1 << (m - 1).bit_length())
+    if m >= 1024:
+        shapes = ((128, 128, 8), (256, 128, 8), (128, 256, 8))
+    elif m > 128:
+        shapes = ((128, 128, 8), (256, 128, 8), (64, 128, 4))
+    else:
+        shapes = ((bm_fit, 128, 4), (bm_fit, 128, 8)) + (((bm_fit, 256, 8),) if m <= 64 else ())
+    for bm, bn, warps in shapes:
+        tiles = -(-m // bm) * -(-n // bn)
+        split = 1
+        while tiles * split < sm and split * 2 <= chunks // 2:
+            split *= 2
+        for s_ in sorted({split, min(split * 2, max(1, chunks // 2))}) if m < 1024 else (1,):
+            name = f"swap_m{bm}_n{bn}_w{warps}_s{s_}"
+            c[name] = Config(bm, bn, 128, split_k=s_, num_warps=warps, num_stages=3, swap_ab=True, x_permuted=True, in_kernel_reduce=False)
+    first = next(iter(c))
+    c[first + "_xin"] = dataclasses.replace(c[first], x_permuted=False)  # x reordered in the kernel
+    if m < 1024 and c[first].split_k > 1:
+        c[first + "_ik"] = dataclasses.replace(c[first], in_kernel_reduce=True)  # K splits met inside the launch
+    return c
+
+
 def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dict:
     """Configs timed beside pick_config's in --quick mode (the new paths and their nearest variants)."""
     c = {}
@@ -171,6 +198,11 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
             if slab < n:
                 c[f"dequant_slab{slab}"] = DequantGemm(slab)
                 c[f"dequant_slab{slab}_overlap"] = DequantGemm(slab, overlap=True)
+    if bits == 4 and m > 8:  # swapab.py: the weight as the wgmma's register operand
+        c.update(swap_candidates(m, n, k, sm))
+    ours = pick_config(m, n, k, bits, gs, sm)
+    if isinstance(ours, Config) and ours.stream_k:  # the same tile with the K split instead of stream-K
+        c["ours_ksplit"] = dataclasses.replace(_pick_kernel(m, n, k, bits, gs, sm), in_kernel_reduce=m <= IN_KERNEL_REDUCE_MAX_M)
     if m <= 16 and bits == 4:  # unpack4.py: two codes per instruction (inline PTX)
         for bn, warps in ((128, 4), (256, 4), (256, 8)):
             tiles = -(-n // bn)
@@ -240,9 +272,11 @@ def quick(args):
             if m >= 1024:  # the dequantize pass alone (not a matmul: its "speedup" is fp16 GEMM time / dequantize time)
                 row["cand_us"]["dequantize_alone"] = timer(lambda: dequantize(layer.packed, torch.float16))
             for name, cfg in quick_candidates(m, n, k, args.bits, layer.gs, sm).items():
+                if args.cands and not name.startswith(tuple(args.cands)):
+                    continue
                 try:
                     row["err"][name] = rel_err(quant_matmul(x, layer.packed, config=cfg), ref)
-                    if isinstance(cfg, Config) and cfg.unpack4:  # its bf16 assembly too
+                    if isinstance(cfg, Config) and (cfg.unpack4 or cfg.swap_ab):  # its bf16 assembly too
                         row["err"][name + "_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=cfg), ref)
                     row["cand_us"][name] = timer(lambda: quant_matmul(x, layer.packed, config=cfg))
                     row["cand_cfg"][name] = repr(cfg)
@@ -275,6 +309,7 @@ def quick(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", help="--quick: only these M")
+    ap.add_argument("--cands", nargs="+", help="--quick: only the candidates whose names start with these")
     ap.add_argument("--quick", action="store_true", help="3 shapes, M in 1/4/16/64/1024, ours vs old heuristic vs candidates")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--bits", type=int, default=4)

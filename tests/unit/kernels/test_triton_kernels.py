@@ -147,6 +147,43 @@ def test_unpack4(device, group_size, sym, dtype):
         assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[dtype], (m, cfg)
 
 
+@pytest.mark.parametrize("group_size", [128, 256, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swap_ab(device, group_size, sym, dtype):
+    """swapab.py (the unpacked weight as the dot's first operand, out^T = W x^T): every code against every
+    zero, x reordered in the kernel and in torch (x_permuted; K = 384 divides the 128-deep chunk, K = 416 leaves
+    a partial last chunk and group, where x_permuted falls back to the in-kernel order), token tiles of 16 and
+    32 with M off them, N off the 64-column tile, K splits through both reduce paths, bias."""
+    from lowbit.kernels.triton import splitk
+
+    n = 136
+    for k, m, cfg, in_kernel in ((416, 19, Config(16, 64, 128, split_k=1, swap_ab=True), None),
+                                 (416, 45, Config(32, 64, 128, split_k=3, swap_ab=True), True),
+                                 (384, 37, Config(16, 64, 128, split_k=2, swap_ab=True, x_permuted=True), False),
+                                 (384, 5, Config(16, 128, 128, split_k=1, num_warps=8, swap_ab=True, x_permuted=True), None)):
+        seed = zlib.crc32(repr(("swap_ab", group_size, sym, dtype, k, m)).encode())
+        codes, zeros, scales, gs, w_t = random_layer(n, k, 4, group_size, sym, seed)
+        p = gptq_packed(codes, zeros, scales, 4, gs, int(sym), device)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        bias = torch.randn(n).to(dtype)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+        quant_matmul(x.to(device), p, bias.to(device), config=cfg, out=out, in_kernel_reduce=in_kernel)
+        assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[dtype], (k, m, cfg)
+        if in_kernel:
+            ws, counters = splitk._workspaces[out.device]
+            assert not ws.any() and not counters.any()
+
+
+def test_swap_ab_needs_a_group_per_chunk(device):
+    """Groups of 64 (two per 128-deep chunk) or 8 bits cannot take the swap-AB kernel: one-line error."""
+    for bits, gs in ((4, 64), (8, 128)):
+        codes, zeros, scales, gs, _ = random_layer(32, 256, bits, gs, False, seed=3)
+        p = gptq_packed(codes, zeros, scales, bits, gs, 0, device)
+        with pytest.raises(ValueError, match="swap-AB kernel reads 4 bits with one group per 128-deep chunk"):
+            quant_matmul(torch.zeros(20, 256, dtype=torch.float16, device=device), p, config=Config(16, 64, 128, swap_ab=True))
+
+
 def test_unpack4_assembly_text():
     """The PTX selects byte i of both words per PRMT and masks one nibble per LOP3 (the GPU tests run it)."""
     from lowbit.kernels.triton.unpack4 import ASM_BF16, ASM_FP16

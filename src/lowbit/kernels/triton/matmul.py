@@ -36,7 +36,7 @@ import triton.language as tl
 from ..repack import Packed
 from . import device_guard, interpreting
 from . import gemv as _gemv
-from . import splitk
+from . import splitk, swapab
 from .splitk import finish_tile
 from .dequant import _unpack_tile
 from .dequant_gemm import DequantGemm, dequant_gemm
@@ -275,6 +275,10 @@ class Config:
     # > 0: stream-K, a 1-D grid of stream_k programs per SM, each an equal run of the tiles x chunks steps
     # (crossing tile boundaries; split_k is then unused), so no SM idles on a partial last wave
     stream_k: int = 0
+    # swapab.py: the unpacked weight as the wgmma's register operand, block_m tokens x block_n weight columns
+    # (4 bits, a group per 128-deep chunk; block_k is 128); x_permuted: x reordered in torch, not in the kernel
+    swap_ab: bool = False
+    x_permuted: bool = False
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -492,6 +496,10 @@ def quant_matmul(
         return dequant_gemm(x, p, bias, out, config or DequantGemm())
 
     cfg = config
+    if cfg.swap_ab:
+        if in_kernel_reduce is None:
+            in_kernel_reduce = cfg.in_kernel_reduce and splitk.IN_KERNEL_DEFAULT
+        return swapab.launch(x, p, bias, out, cfg, in_kernel_reduce)
     if cfg.gemv:
         bk = _gemv.gemv_block_k(p.bits, p.group_size, k, cfg.block_k)
         if bk is None:  # group size the GEMV cannot chunk: the split-unpack dot path instead

@@ -64,26 +64,38 @@ CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r")  # 8 outputs (one 
 
 
 @triton.jit
-def _code_minus_zero(words, z, j: tl.constexpr, DTYPE: tl.constexpr):
-    return (((words >> (4 * j)) & 0xF).to(tl.float32) - z[None, :]).to(DTYPE)
+def _per_column(z, shape, ZERO_PER_ROW: tl.constexpr):
+    """z [BN] broadcast over a word tile: along its rows ([R, BN], the default) or, with ZERO_PER_ROW, its
+    columns ([BN, R], the transposed tile of swapab.py)."""
+    if ZERO_PER_ROW:  # (if / else: code after a constexpr branch's return is still compiled)
+        zb = tl.broadcast_to(z[:, None], shape)
+    else:
+        zb = tl.broadcast_to(z[None, :], shape)
+    return zb
 
 
 @triton.jit
-def unpack4_dot_operands(words, z, DTYPE: tl.constexpr, ASM: tl.constexpr):
+def _code_minus_zero(words, z, j: tl.constexpr, DTYPE: tl.constexpr, ZERO_PER_ROW: tl.constexpr):
+    return (((words >> (4 * j)) & 0xF).to(tl.float32) - _per_column(z, words.shape, ZERO_PER_ROW)).to(DTYPE)
+
+
+@triton.jit
+def unpack4_dot_operands(words, z, DTYPE: tl.constexpr, ASM: tl.constexpr, ZERO_PER_ROW: tl.constexpr = False):
     """int32 words [R, BN] (GPTQ order: code j of word r is k = 8r + j), zeros z fp32 [BN] (integers) ->
-    8 tiles [R, BN] of DTYPE (fp16 / bf16), tile j holding q_j - z (exact). ASM=False: the same values with
+    8 tiles [R, BN] of DTYPE (fp16 / bf16), tile j holding q_j - z (exact). ZERO_PER_ROW: the words come
+    transposed, [BN, R], z indexing their rows (the outputs are [BN, R] too). ASM=False: the same values with
     plain Triton ops (for the interpreter)."""
     if not ASM:
-        return (_code_minus_zero(words, z, 0, DTYPE), _code_minus_zero(words, z, 1, DTYPE),
-                _code_minus_zero(words, z, 2, DTYPE), _code_minus_zero(words, z, 3, DTYPE),
-                _code_minus_zero(words, z, 4, DTYPE), _code_minus_zero(words, z, 5, DTYPE),
-                _code_minus_zero(words, z, 6, DTYPE), _code_minus_zero(words, z, 7, DTYPE))
+        return (_code_minus_zero(words, z, 0, DTYPE, ZERO_PER_ROW), _code_minus_zero(words, z, 1, DTYPE, ZERO_PER_ROW),
+                _code_minus_zero(words, z, 2, DTYPE, ZERO_PER_ROW), _code_minus_zero(words, z, 3, DTYPE, ZERO_PER_ROW),
+                _code_minus_zero(words, z, 4, DTYPE, ZERO_PER_ROW), _code_minus_zero(words, z, 5, DTYPE, ZERO_PER_ROW),
+                _code_minus_zero(words, z, 6, DTYPE, ZERO_PER_ROW), _code_minus_zero(words, z, 7, DTYPE, ZERO_PER_ROW))
     elif DTYPE == tl.float16:
-        zlo = tl.broadcast_to((-(z + 1024.0)).to(tl.float16)[None, :], words.shape)
-        zhi = tl.broadcast_to((-(z + 64.0)).to(tl.float16)[None, :], words.shape)
+        zlo = _per_column((-(z + 1024.0)).to(tl.float16), words.shape, ZERO_PER_ROW)
+        zhi = _per_column((-(z + 64.0)).to(tl.float16), words.shape, ZERO_PER_ROW)
         return tl.inline_asm_elementwise(ASM_FP16, CONSTRAINTS, [words, zlo, zhi], dtype=(tl.float16,) * 8,
                                          is_pure=True, pack=2)
     else:
-        zb = tl.broadcast_to((-(z + 128.0)).to(tl.bfloat16)[None, :], words.shape)
+        zb = _per_column((-(z + 128.0)).to(tl.bfloat16), words.shape, ZERO_PER_ROW)
         return tl.inline_asm_elementwise(ASM_BF16, CONSTRAINTS, [words, zb, zb], dtype=(tl.bfloat16,) * 8,
                                          is_pure=True, pack=2)
