@@ -135,9 +135,9 @@ def swap_candidates(m: int, n: int, k: int, sm: int) -> dict:
     if m >= 1024:
         shapes = ((128, 128, 8), (256, 128, 8), (128, 256, 8))
     elif m > 128:
-        shapes = ((128, 128, 8), (256, 128, 8), (64, 128, 4))
-    else:
-        shapes = ((bm_fit, 128, 4), (bm_fit, 128, 8)) + (((bm_fit, 256, 8),) if m <= 64 else ())
+        shapes = ((256, 128, 8), (128, 128, 8))
+    else:  # (r22 also timed 4 warps on 128 columns and 8 warps on 256: 10-40% slower at every M)
+        shapes = ((bm_fit, 128, 8),)
     for bm, bn, warps in shapes:
         tiles = -(-m // bm) * -(-n // bn)
         split = 1
@@ -146,6 +146,16 @@ def swap_candidates(m: int, n: int, k: int, sm: int) -> dict:
         for s_ in sorted({split, min(split * 2, max(1, chunks // 2))}) if m < 1024 else (1,):
             name = f"swap_m{bm}_n{bn}_w{warps}_s{s_}"
             c[name] = Config(bm, bn, 128, split_k=s_, num_warps=warps, num_stages=3, swap_ab=True, x_permuted=True, in_kernel_reduce=False)
+    if m <= 128:  # r22's best tile with 4 pipeline stages, and 64-column tiles of one warpgroup (several CTAs per SM)
+        tiles = -(-m // bm_fit) * -(-n // 64)
+        split = 1
+        while tiles * split < 2 * sm and split * 2 <= chunks // 2:
+            split *= 2
+        c[f"swap_m{bm_fit}_n64_w4_s{split}"] = Config(bm_fit, 64, 128, split_k=split, num_warps=4, num_stages=3, swap_ab=True,
+                                                      x_permuted=True, in_kernel_reduce=False)
+        c[f"swap_m{bm_fit}_n64_w4_s{split}_st4"] = dataclasses.replace(c[f"swap_m{bm_fit}_n64_w4_s{split}"], num_stages=4)
+        best = next(nm for nm in c if nm.startswith(f"swap_m{bm_fit}_n128_w8_"))
+        c[best + "_st4"] = dataclasses.replace(c[best], num_stages=4)
     first = next(iter(c))
     c[first + "_xin"] = dataclasses.replace(c[first], x_permuted=False)  # x reordered in the kernel
     if m < 1024 and c[first].split_k > 1:

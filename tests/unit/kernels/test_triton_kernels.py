@@ -397,7 +397,7 @@ def _gpu(n_devices: int = 1):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 1024])
+@pytest.mark.parametrize("m", [1, 4, 16, 40, 64, 256, 1024])
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 128, False), (4, 32, True), (8, -1, True), (4, 64, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_large(m, bits, group_size, sym, dtype):
@@ -556,13 +556,18 @@ def test_pick_config_regimes():
     for m in (17, 32):  # x_once split form, 32-row tiles
         cfg = pick_config(m, 4096, shallow, 4, 128)
         assert cfg.unpack4 and cfg.split_unpack and cfg.x_once and cfg.block_m == 32
-    for m in (33, 64):
-        cfg = pick_config(m, 4096, shallow, 4, 128)
-        assert cfg.unpack4 and not cfg.split_unpack and cfg.block_m == 64
+    swap = lambda cfg: isinstance(cfg, Config) and cfg.swap_ab  # noqa: E731
+    for m, n, k, bm, split in ((33, 4096, 4096, 64, 8), (64, 4096, 4096, 64, 8), (128, 4096, 4096, 128, 8), (17, 28672, 8192, 32, 1),
+                               (64, 8192, 28672, 64, 4), (200, 28672, 8192, 256, 1)):
+        cfg = pick_config(m, n, k, 4, 128, 132)  # swapab.py: the weight as the register operand
+        assert cfg.swap_ab and cfg.x_permuted and (cfg.block_m, cfg.block_n, cfg.split_k) == (bm, 128, split), (m, n, k)
+        assert not swap(pick_config(m, n, k, 4, 64, 132)) and not swap(pick_config(m, n, k, 8, 128, 132))
+    assert not swap(pick_config(200, 4096, 4096, 4, 128, 132))  # small layers keep the tiled GEMM at 129-256
+    assert pick_config(33, 4096, 4096 + 64, 4, 128).unpack4  # K off the 128-deep chunk: the interleaved unpack4 dot
     for m, bits, gs in ((1, 4, 128), (8, 4, 128), (8, 8, 128), (9, 4, 128), (16, 8, 32), (33, 4, 128), (64, 8, 128)):
         assert pick_config(m, 4096, shallow, bits, gs).in_kernel_reduce == (m <= 8), (m, bits, gs)
-    # stream-K (2 per SM, reduced in the launch): 17 <= M <= 32, and M <= 16 on layers with >= 66 column tiles
-    for m, n, sk in ((32, 4096, 2), (17, 28672, 2), (16, 28672, 2), (1, 28672, 2), (16, 8192, 0), (4, 4096, 0), (33, 28672, 0)):
+    # stream-K (2 per SM, reduced in the launch): 17 <= M <= 32 on small layers, and M <= 16 on layers with >= 66 column tiles
+    for m, n, sk in ((32, 2048, 2), (16, 28672, 2), (1, 28672, 2), (16, 8192, 0), (4, 4096, 0), (17, 2048, 2)):
         cfg = pick_config(m, n, 8192, 4, 128, 132)
         assert cfg.stream_k == sk and (cfg.in_kernel_reduce if sk else True), (m, n)
     assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS

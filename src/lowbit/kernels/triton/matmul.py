@@ -371,6 +371,36 @@ IN_KERNEL_REDUCE_MAX_M = 8
 STREAM_K_MIN_TILES_PER_SM = 0.5
 
 
+# swapab.py (the weight as the wgmma's register operand) from M = 17 to 256 at 4 bits with a group per
+# 128-deep chunk. H100 r22 (2026-11-26, bench/results/kernels-2026-11-26-r22.*), fp16 speedup on 8192x28672 /
+# 28672x8192 / 4096x4096, swap_ab_config's tile against the pick of the time:
+#   M = 32   1.85 / 1.96 / 1.00  vs 1.53 / 1.54 / 1.07 (x_once, stream-K)
+#   M = 64   1.55 / 1.64 / 0.92  vs 1.13 / 1.23 / 0.91 (interleaved unpack4 dot)
+#   M = 128  1.07 / 1.19 / 0.67  vs 0.84 / 0.48 / 0.63 (tiled GEMM)
+#   M = 256  0.77 / 0.76 / 0.62  vs 0.49 / 0.48 / 0.70 (tiled GEMM)
+#   M = 16   1.97 / 2.04 / 1.13  vs 2.40 / 2.50 / 1.37 (unpack4 x_once: stays)
+# so at 17-32 and 129-256 only on large layers (>= SWAP_AB_MIN_WEIGHTS codes; 4096x4096 has 16.8M, the Llama
+# shapes between it and 8192x28672 were not timed), at 33-128 everywhere. At M = 1024 its best tile reached
+# 0.61-0.69x against dequantize + cuBLAS' 0.74-0.79x: not used there.
+SWAP_AB_MIN_M = 17
+SWAP_AB_MAX_M = 256
+SWAP_AB_MIN_WEIGHTS = 1 << 25
+
+
+def swap_ab_config(m: int, n: int, k: int, sm_count: int = 132) -> Config:
+    """swapab.py launch: token tile = M rounded up to a power of two (16..128; 256 above 128), 128 weight
+    columns, 8 warps (two warpgroups, one m64 wgmma row block each: 4 warps doing both lost 10-30% in r22),
+    x reordered in torch, and the smallest power-of-two K split giving one program per SM (twice that lost
+    4-12% in r22), at most half the chunks; splits meet in a zeroed buffer (in the launch lost 6-10%)."""
+    bm = 256 if m > 128 else max(16, 1 << (m - 1).bit_length())
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
+    chunks = triton.cdiv(k, swapab.CHUNK)
+    split = 1
+    while tiles * split < sm_count and split * 2 <= chunks // 2:
+        split *= 2
+    return Config(bm, 128, swapab.CHUNK, split_k=split, num_warps=8, num_stages=3, swap_ab=True, x_permuted=True, in_kernel_reduce=False)
+
+
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | DequantGemm | None:
     """Kernel choice by M (see `_pick_kernel`); K splits are reduced inside the launch (splitk.py) at
     M <= IN_KERNEL_REDUCE_MAX_M only. H100 r11-r13, pick_config's tiles, in launch / zero-fill + cast, fp16
@@ -423,6 +453,9 @@ def _pick_kernel(m: int, n: int, k: int, bits: int, group_size: int, sm_count: i
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
                       split_unpack=True, magic=True)
+    if SWAP_AB_MIN_M <= m <= SWAP_AB_MAX_M and unpack4_ok and k % swapab.CHUNK == 0 and (
+            n * k >= SWAP_AB_MIN_WEIGHTS or 32 < m <= 128):
+        return swap_ab_config(m, n, k, sm_count)
     if m <= 32 and unpack4_ok:
         # the split unpack4 form with x loaded once, 32-row tiles (H100 r11, 2026-11-26: 1.36 / 1.49 / 1.05x fp16 at
         # M = 32 on 8192x28672 / 28672x8192 / 4096x4096 against 1.16 / 1.23 / 0.95x for the interleaved 64x128 dot)
