@@ -132,12 +132,13 @@ def swap_candidates(m: int, n: int, k: int, sm: int) -> dict:
     c = {}
     chunks = -(-k // 128)
     bm_fit = max(16, 1 << (m - 1).bit_length())
+    # 16 warps on 256 columns: four warpgroups of one m64 row block each, 4 warps per scheduler to hide latency
     if m >= 1024:
-        shapes = ((128, 128, 8), (256, 128, 8), (128, 256, 8))
+        shapes = ((256, 128, 8), (128, 256, 16), (256, 256, 16))
     elif m > 128:
-        shapes = ((256, 128, 8), (128, 128, 8))
+        shapes = ((256, 128, 8), (256, 256, 16))
     else:  # (r22 also timed 4 warps on 128 columns and 8 warps on 256: 10-40% slower at every M)
-        shapes = ((bm_fit, 128, 8),)
+        shapes = ((bm_fit, 128, 8), (bm_fit, 256, 16))
     for bm, bn, warps in shapes:
         tiles = -(-m // bm) * -(-n // bn)
         split = 1

@@ -15,6 +15,9 @@ One kernel, two regimes picked by `pick_config` from M:
   weight (dequant.py; whole or in column slabs, dequant_gemm.py) and call cuBLAS, which wins once the matmul
   dwarfs the extra weight traffic.
 
+At 4 bits with a group per 128-deep chunk and 17-256 tokens, `pick_config` may instead return a Config with
+swap_ab: swapab.py's kernel, which puts the unpacked weight in the tensor cores' register operand.
+
 Unpacking: a [BK*bits/32, BN] tile of int32 words holds codes for BK consecutive k. Either it is expanded
 to [BK, BN] by a broadcast shift and a reshape (one dot of depth BK), or (Config.split_unpack) shifted
 once per code position j, giving VALS = 32/bits tiles [BK/VALS, BN] whose rows are k = r*VALS + j, each
@@ -389,9 +392,10 @@ SWAP_AB_MIN_WEIGHTS = 1 << 25
 
 def swap_ab_config(m: int, n: int, k: int, sm_count: int = 132) -> Config:
     """swapab.py launch: token tile = M rounded up to a power of two (16..128; 256 above 128), 128 weight
-    columns, 8 warps (two warpgroups, one m64 wgmma row block each: 4 warps doing both lost 10-30% in r22),
+    columns, 8 warps (two warpgroups, one m64 wgmma row block each: 4 warps doing both lost 13-34% in r22),
     x reordered in torch, and the smallest power-of-two K split giving one program per SM (twice that lost
-    4-12% in r22), at most half the chunks; splits meet in a zeroed buffer (in the launch lost 6-10%)."""
+    3-21% in r22/r23), at most half the chunks; splits meet in a zeroed buffer (in the launch: within 2% at
+    M <= 64 on 28672x8192, up to 20% slower at M >= 128)."""
     bm = 256 if m > 128 else max(16, 1 << (m - 1).bit_length())
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
     chunks = triton.cdiv(k, swapab.CHUNK)
