@@ -136,11 +136,17 @@ def use_pick(variant: str) -> None:
     """DECODE_PICK=r7: run the W4 kinds with pick_config as it was before x_once (r7: the GEMV at M = 1, the
     per-position x loads at 2 <= M <= 16), to compare the two in one device call (separate processes, since
     generate's compiled CUDA graphs are cached on the model). DECODE_PICK=3launch: K splits reduced by a
-    zero-fill and a cast launch around each matmul, as before splitk.py (r11)."""
+    zero-fill and a cast launch around each matmul, as before splitk.py (r11). DECODE_PICK=noswap: without
+    the swap-AB kernel (r22) at 17-256 tokens."""
     if variant == "3launch":
         from lowbit.kernels.triton import splitk
 
         splitk.IN_KERNEL_DEFAULT = False
+        return
+    if variant == "noswap":  # pick_config without swapab.py (before r22)
+        from lowbit.kernels.triton import matmul as mm
+
+        mm.SWAP_AB_MAX_M = 0
         return
     if variant != "r7":
         return
