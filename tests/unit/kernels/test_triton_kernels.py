@@ -154,7 +154,7 @@ def test_swap_ab(device, group_size, sym, dtype):
     """swapab.py (the unpacked weight as the dot's first operand, out^T = W x^T): every code against every
     zero, x reordered in the kernel and in torch (x_permuted; K = 384 divides the 128-deep chunk, K = 416 leaves
     a partial last chunk and group, where x_permuted falls back to the in-kernel order), token tiles of 16 and
-    32 with M off them, N off the 64-column tile, K splits through both reduce paths, bias."""
+    32 with M off them, N off the 64-column tile, K splits through both reduce paths, bias, x rows not adjacent."""
     from lowbit.kernels.triton import splitk
 
     n = 136
@@ -168,7 +168,8 @@ def test_swap_ab(device, group_size, sym, dtype):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
         bias = torch.randn(n).to(dtype)
         out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-        quant_matmul(x.to(device), p, bias.to(device), config=cfg, out=out, in_kernel_reduce=in_kernel)
+        x_rows_strided = torch.cat([x, x], 1).to(device)[:, :k]  # rows 2K apart: the kernel and permute_x take strides
+        quant_matmul(x_rows_strided, p, bias.to(device), config=cfg, out=out, in_kernel_reduce=in_kernel)
         assert rel_err(out, x.double() @ w_t + bias.double()) < TOL[dtype], (k, m, cfg)
         if in_kernel:
             ws, counters = splitk._workspaces[out.device]

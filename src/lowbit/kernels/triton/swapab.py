@@ -46,7 +46,7 @@ def eligible(p: Packed, k: int) -> bool:
 def permute_x(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] (K % 128 == 0) -> the kernel's column order: column c*128 + j*16 + r holds k = c*128 + 8r + j."""
     m, k = x.shape
-    return x.view(m, k // CHUNK, 16, 8).transpose(2, 3).reshape(m, k)
+    return x.reshape(m, k // CHUNK, 16, 8).transpose(2, 3).reshape(m, k)  # (reshape: x rows may be strided)
 
 
 @triton.jit
