@@ -157,6 +157,20 @@ def swap_candidates(m: int, n: int, k: int, sm: int) -> dict:
         c[f"swap_m{bm_fit}_n64_w4_s{split}_st4"] = dataclasses.replace(c[f"swap_m{bm_fit}_n64_w4_s{split}"], num_stages=4)
         best = next(nm for nm in c if nm.startswith(f"swap_m{bm_fit}_n128_w8_"))
         c[best + "_st4"] = dataclasses.replace(c[best], num_stages=4)
+    if m <= 128:  # registers capped for two 8-warp programs per SM (r26: the pipelined wgmmas need 162 at 64 tokens)
+        for bm in (min(bm_fit, 64),):
+            tiles = -(-m // bm) * -(-n // 128)
+            splits = []
+            for waves in (1, 2):  # the smallest power-of-two K split giving one / two programs per SM
+                split = 1
+                while tiles * split < waves * sm and split * 2 <= chunks // 2:
+                    split *= 2
+                splits.append(split)
+            for split in sorted(set(splits)):
+                c[f"swap_m{bm}_n128_w8_s{split}_r128"] = Config(bm, 128, 128, split_k=split, num_warps=8, num_stages=3, swap_ab=True,
+                                                               x_permuted=True, in_kernel_reduce=False, max_registers=128)
+            if bm <= 32:  # three programs per SM (80 registers: spills 12-52 bytes)
+                c[f"swap_m{bm}_n128_w8_s{splits[1]}_r80"] = dataclasses.replace(c[f"swap_m{bm}_n128_w8_s{splits[1]}_r128"], max_registers=80)
     first = next(iter(c))
     c[first + "_xin"] = dataclasses.replace(c[first], x_permuted=False)  # x reordered in the kernel
     if m < 1024 and c[first].split_k > 1:

@@ -161,7 +161,7 @@ def test_swap_ab(device, group_size, sym, dtype):
     for k, m, cfg, in_kernel in ((416, 19, Config(16, 64, 128, split_k=1, swap_ab=True), None),
                                  (416, 45, Config(32, 64, 128, split_k=3, swap_ab=True), True),
                                  (384, 37, Config(16, 64, 128, split_k=2, swap_ab=True, x_permuted=True), False),
-                                 (384, 5, Config(16, 128, 128, split_k=1, num_warps=8, swap_ab=True, x_permuted=True), None)):
+                                 (384, 5, Config(16, 128, 128, split_k=1, num_warps=8, swap_ab=True, x_permuted=True, max_registers=128), None)):
         seed = zlib.crc32(repr(("swap_ab", group_size, sym, dtype, k, m)).encode())
         codes, zeros, scales, gs, w_t = random_layer(n, k, 4, group_size, sym, seed)
         p = gptq_packed(codes, zeros, scales, 4, gs, int(sym), device)
@@ -559,11 +559,14 @@ def test_pick_config_regimes():
         assert cfg.unpack4 and cfg.split_unpack and cfg.x_once and cfg.block_m == 32
     swap = lambda cfg: isinstance(cfg, Config) and cfg.swap_ab  # noqa: E731
     for m, n, k, bm, split in ((33, 4096, 4096, 64, 8), (64, 4096, 4096, 64, 8), (128, 4096, 4096, 128, 8), (17, 28672, 8192, 32, 1),
-                               (64, 8192, 28672, 64, 4), (200, 28672, 8192, 256, 1)):
+                               (64, 8192, 28672, 64, 4), (200, 28672, 8192, 256, 1), (512, 8192, 28672, 256, 2), (1023, 28672, 8192, 256, 1)):
         cfg = pick_config(m, n, k, 4, 128, 132)  # swapab.py: the weight as the register operand
         assert cfg.swap_ab and cfg.x_permuted and (cfg.block_m, cfg.block_n, cfg.split_k) == (bm, 128, split), (m, n, k)
+        assert cfg.max_registers == (128 if bm <= 64 else 0)  # two programs per SM up to 64 tokens
         assert not swap(pick_config(m, n, k, 4, 64, 132)) and not swap(pick_config(m, n, k, 8, 128, 132))
-    assert not swap(pick_config(200, 4096, 4096, 4, 128, 132))  # small layers keep the tiled GEMM at 129-256
+    for m in (200, 512):  # small layers keep the tiled GEMM at 129-1023
+        assert not swap(pick_config(m, 4096, 4096, 4, 128, 132))
+    assert not swap(pick_config(1024, 28672, 8192, 4, 128, 132))  # dequantize + cuBLAS from 1024
     assert pick_config(33, 4096, 4096 + 64, 4, 128).unpack4  # K off the 128-deep chunk: the interleaved unpack4 dot
     for m, bits, gs in ((1, 4, 128), (8, 4, 128), (8, 8, 128), (9, 4, 128), (16, 8, 32), (33, 4, 128), (64, 8, 128)):
         assert pick_config(m, 4096, shallow, bits, gs).in_kernel_reduce == (m <= 8), (m, bits, gs)

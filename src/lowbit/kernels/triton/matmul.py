@@ -282,6 +282,9 @@ class Config:
     # (4 bits, a group per 128-deep chunk; block_k is 128); x_permuted: x reordered in torch, not in the kernel
     swap_ab: bool = False
     x_permuted: bool = False
+    # > 0: ptxas register cap per thread (Triton's maxnreg), swapab.py only: two 8-warp programs per SM need
+    # <= 128 (65536 registers / 512 threads)
+    max_registers: int = 0
 
 
 # M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
@@ -374,7 +377,7 @@ IN_KERNEL_REDUCE_MAX_M = 8
 STREAM_K_MIN_TILES_PER_SM = 0.5
 
 
-# swapab.py (the weight as the wgmma's register operand) from M = 17 to 256 at 4 bits with a group per
+# swapab.py (the weight as the wgmma's register operand) from M = 17 to 1023 at 4 bits with a group per
 # 128-deep chunk. H100 r22 (2026-11-26, bench/results/kernels-2026-11-26-r22.*), fp16 speedup on 8192x28672 /
 # 28672x8192 / 4096x4096, swap_ab_config's tile against the pick of the time:
 #   M = 32   1.85 / 1.96 / 1.00  vs 1.53 / 1.54 / 1.07 (x_once, stream-K)
@@ -382,11 +385,13 @@ STREAM_K_MIN_TILES_PER_SM = 0.5
 #   M = 128  1.07 / 1.19 / 0.67  vs 0.84 / 0.48 / 0.63 (tiled GEMM)
 #   M = 256  0.77 / 0.76 / 0.62  vs 0.49 / 0.48 / 0.70 (tiled GEMM)
 #   M = 16   1.97 / 2.04 / 1.13  vs 2.40 / 2.50 / 1.37 (unpack4 x_once: stays)
-# so at 17-32 and 129-256 only on large layers (>= SWAP_AB_MIN_WEIGHTS codes; 4096x4096 has 16.8M, the Llama
-# shapes between it and 8192x28672 were not timed), at 33-128 everywhere. At M = 1024 its best tile reached
-# 0.61-0.69x against dequantize + cuBLAS' 0.74-0.79x: not used there.
+# r26/r27 (wgmmas no longer serialised by ptxas, see swapab.py): M = 128 1.12-1.15 / 1.21-1.22 / 0.68,
+# M = 256 0.85 / 0.79 / 0.57, M = 512 0.69 / 0.68 / 0.51 against 0.43 / 0.44 / 0.72 (tiled GEMM),
+# M = 1024 0.76 / 0.67 / 0.65 against dequantize + cuBLAS' 0.79 / 0.76 / 0.75 (stays).
+# So at 17-32 and 129-1023 only on large layers (>= SWAP_AB_MIN_WEIGHTS codes; 4096x4096 has 16.8M, the Llama
+# shapes between it and 8192x28672 were not timed), at 33-128 everywhere.
 SWAP_AB_MIN_M = 17
-SWAP_AB_MAX_M = 256
+SWAP_AB_MAX_M = DEQUANT_MIN_M - 1
 SWAP_AB_MIN_WEIGHTS = 1 << 25
 
 
@@ -395,14 +400,17 @@ def swap_ab_config(m: int, n: int, k: int, sm_count: int = 132) -> Config:
     columns, 8 warps (two warpgroups, one m64 wgmma row block each: 4 warps doing both lost 13-34% in r22),
     x reordered in torch, and the smallest power-of-two K split giving one program per SM (twice that lost
     3-21% in r22/r23), at most half the chunks; splits meet in a zeroed buffer (in the launch: within 2% at
-    M <= 64 on 28672x8192, up to 20% slower at M >= 128)."""
+    M <= 64 on 28672x8192, up to 20% slower at M >= 128). Token tiles of <= 64 are capped at 128 registers so
+    two programs share an SM (r27, 64 tokens: 1.54 / 1.64x fp16 on 8192x28672 / 28672x8192 against 1.43 / 1.64x
+    with the 162 registers ptxas takes for the pipelined wgmmas; smaller tiles need fewer anyway)."""
     bm = 256 if m > 128 else max(16, 1 << (m - 1).bit_length())
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
     chunks = triton.cdiv(k, swapab.CHUNK)
     split = 1
     while tiles * split < sm_count and split * 2 <= chunks // 2:
         split *= 2
-    return Config(bm, 128, swapab.CHUNK, split_k=split, num_warps=8, num_stages=3, swap_ab=True, x_permuted=True, in_kernel_reduce=False)
+    return Config(bm, 128, swapab.CHUNK, split_k=split, num_warps=8, num_stages=3, swap_ab=True, x_permuted=True, in_kernel_reduce=False,
+                  max_registers=128 if bm <= 64 else 0)
 
 
 def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | DequantGemm | None:

@@ -87,7 +87,11 @@ def _swap_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))
-    for c in range(c_start, c_end):
+    # launch() makes every split non-empty; saying so (trip count >= 1) removes the loop's zero-trip path, whose
+    # `acc = 0` on the way to the final wgmma wait makes ptxas serialise every wgmma (C7515: "non wgmma
+    # instructions defining accumulator registers"): with it, each HGMMA waited for the one before (r26)
+    for i in range(0, tl.maximum(c_end - c_start, 1)):
+        c = c_start + i
         offs_w = c * R + tl.arange(0, R)  # packed rows [R]
         # words transposed, [BN, R]: the weight column is the wgmma's row; out-of-range k reads code 0 / x 0
         if X_PERMUTED:  # K % 128 == 0: no k mask
@@ -156,5 +160,6 @@ def launch(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, out: torch.Ten
             DOT_F32=interpreting() and x.dtype == torch.bfloat16, X_PERMUTED=x_permuted,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, GROUP_N=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({"maxnreg": cfg.max_registers} if cfg.max_registers and not interpreting() else {}),
         )
     return out.copy_(target) if reduce == splitk.ATOMIC_BUFFER else out
