@@ -32,7 +32,7 @@ from lowbit.kernels.triton.dequant_gemm import DequantGemm  # noqa: E402
 from lowbit.kernels.triton.matmul import IN_KERNEL_REDUCE_MAX_M, Config, _pick_kernel, gemv_config, pick_config, quant_matmul  # noqa: E402
 from lowbit.quant.pack import pack_bitstream  # noqa: E402
 
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 # (K, N) of Llama-3-8B (q/o 4096x4096, gate/up 4096x14336, down 14336x4096) and 70B
 # (largest first: the targets are set on them, and a run cut short keeps them)
 SHAPES = [(8192, 28672), (28672, 8192), (8192, 8192), (4096, 4096), (4096, 14336), (14336, 4096)]
@@ -223,6 +223,9 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
             if slab < n:
                 c[f"dequant_slab{slab}"] = DequantGemm(slab)
                 c[f"dequant_slab{slab}_overlap"] = DequantGemm(slab, overlap=True)
+    elif m > 128:  # between the small-M paths and dequantize + cuBLAS in slabs: the two older large-M paths
+        c["dequant_cublas"] = DequantGemm()
+        c["tiled_gemm"] = Config(128, 128, 64, split_k=1, num_warps=4, num_stages=4, scale_after_dot=False)
     if bits == 4 and m > 8:  # swapab.py: the weight as the wgmma's register operand
         c.update(swap_candidates(m, n, k, sm))
     ours = pick_config(m, n, k, bits, gs, sm)
@@ -259,7 +262,7 @@ def quick(args):
 
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
-    shapes = [(8192, 28672), (28672, 8192), (4096, 4096)]
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else [(8192, 28672), (28672, 8192), (4096, 4096)]
     ms = args.ms or [1, 4, 16, 32, 64, 1024]
     awq = load_awq() if args.bits == 4 else None
     timer = Timer()
@@ -334,6 +337,7 @@ def quick(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", help="--quick: only these M")
+    ap.add_argument("--shapes", nargs="+", help="--quick: these KxN layers (e.g. 8192x8192) instead of the three default ones")
     ap.add_argument("--cands", nargs="+", help="--quick: only the candidates whose names start with these")
     ap.add_argument("--quick", action="store_true", help="3 shapes, M in 1/4/16/64/1024, ours vs old heuristic vs candidates")
     ap.add_argument("--sweep", action="store_true")

@@ -557,15 +557,20 @@ def test_pick_config_regimes():
     for m in (17, 32):  # x_once split form, 32-row tiles
         cfg = pick_config(m, 4096, shallow, 4, 128)
         assert cfg.unpack4 and cfg.split_unpack and cfg.x_once and cfg.block_m == 32
+    from lowbit.kernels.triton.dequant_gemm import DequantGemm
+
     swap = lambda cfg: isinstance(cfg, Config) and cfg.swap_ab  # noqa: E731
     for m, n, k, bm, split in ((33, 4096, 4096, 64, 8), (64, 4096, 4096, 64, 8), (128, 4096, 4096, 128, 8), (17, 28672, 8192, 32, 1),
-                               (64, 8192, 28672, 64, 4), (200, 28672, 8192, 256, 1), (512, 8192, 28672, 256, 2), (1023, 28672, 8192, 256, 1)):
+                               (64, 8192, 28672, 64, 4), (200, 28672, 8192, 256, 1), (512, 14336, 4096, 256, 1), (1023, 28672, 8192, 256, 1)):
         cfg = pick_config(m, n, k, 4, 128, 132)  # swapab.py: the weight as the register operand
         assert cfg.swap_ab and cfg.x_permuted and (cfg.block_m, cfg.block_n, cfg.split_k) == (bm, 128, split), (m, n, k)
         assert cfg.max_registers == (128 if bm <= 64 else 0)  # two programs per SM up to 64 tokens
         assert not swap(pick_config(m, n, k, 4, 64, 132)) and not swap(pick_config(m, n, k, 8, 128, 132))
-    for m in (200, 512):  # small layers keep the tiled GEMM at 129-1023
-        assert not swap(pick_config(m, 4096, 4096, 4, 128, 132))
+    for m in (200, 512, 768):  # small layers at 129-1023: dequantize + cuBLAS (the tiled GEMM lost to it, r29)
+        assert pick_config(m, 4096, 4096, 4, 128, 132) is None
+    assert pick_config(300, 28672, 8192, 8, 128, 132) is None  # 8 bits: whole (slabs from M = 1024 only)
+    for m, n, k in ((257, 8192, 28672), (768, 8192, 8192), (512, 4096, 14336)):  # above 256 tokens, too few column tiles
+        assert pick_config(m, n, k, 4, 128, 132) is None, (m, n, k)
     assert not swap(pick_config(1024, 28672, 8192, 4, 128, 132))  # dequantize + cuBLAS from 1024
     assert pick_config(33, 4096, 4096 + 64, 4, 128).unpack4  # K off the 128-deep chunk: the interleaved unpack4 dot
     for m, bits, gs in ((1, 4, 128), (8, 4, 128), (8, 8, 128), (9, 4, 128), (16, 8, 32), (33, 4, 128), (64, 8, 128)):
@@ -575,6 +580,5 @@ def test_pick_config_regimes():
         cfg = pick_config(m, n, 8192, 4, 128, 132)
         assert cfg.stream_k == sk and (cfg.in_kernel_reduce if sk else True), (m, n)
     assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS
-    from lowbit.kernels.triton.dequant_gemm import DequantGemm
 
     assert pick_config(1024, 28672, 8192, 4, 128) == DequantGemm(2048, overlap=True)  # wide: in slabs

@@ -388,11 +388,17 @@ STREAM_K_MIN_TILES_PER_SM = 0.5
 # r26/r27 (wgmmas no longer serialised by ptxas, see swapab.py): M = 128 1.12-1.15 / 1.21-1.22 / 0.68,
 # M = 256 0.85 / 0.79 / 0.57, M = 512 0.69 / 0.68 / 0.51 against 0.43 / 0.44 / 0.72 (tiled GEMM),
 # M = 1024 0.76 / 0.67 / 0.65 against dequantize + cuBLAS' 0.79 / 0.76 / 0.75 (stays).
-# So at 17-32 and 129-1023 only on large layers (>= SWAP_AB_MIN_WEIGHTS codes; 4096x4096 has 16.8M, the Llama
-# shapes between it and 8192x28672 were not timed), at 33-128 everywhere.
+# r31, 257-1023 on the mid-sized Llama layers (swap AB vs dequantize + cuBLAS): M = 512 0.58 vs 0.61
+# (8192x8192), 0.59 vs 0.63 (14336x4096), 0.76 vs 0.65 (4096x14336); M = 768 0.58 vs 0.70, 0.56 vs 0.70,
+# 0.67 vs 0.66; M = 256 0.70 / 0.78 / 0.63 vs 0.52 / 0.57 / 0.54. Above 256 tokens swap AB wins only where the
+# weight columns alone nearly fill the GPU (no K split; 28672x8192, 64 column tiles: 0.57 vs 0.55 at 384,
+# 0.69 vs 0.69 at 768, r29).
+# So: 33-128 everywhere; 17-32 and 129-256 on large layers (>= SWAP_AB_MIN_WEIGHTS codes; 4096x4096 has
+# 16.8M); 257-1023 on large layers with >= SWAP_AB_MIN_COLUMN_TILES_PER_SM 128-column tiles per SM.
 SWAP_AB_MIN_M = 17
 SWAP_AB_MAX_M = DEQUANT_MIN_M - 1
 SWAP_AB_MIN_WEIGHTS = 1 << 25
+SWAP_AB_MIN_COLUMN_TILES_PER_SM = 0.75
 
 
 def swap_ab_config(m: int, n: int, k: int, sm_count: int = 132) -> Config:
@@ -446,8 +452,10 @@ def _pick_kernel(m: int, n: int, k: int, bits: int, group_size: int, sm_count: i
     dot per chunk, 64x128, 8 warps, K split 4 (r6: 1.14-1.27x at M = 64, 1.16-1.21x at M = 32 on the large
     shapes); since r12 17 <= M <= 32 takes the split unpack4 form with x loaded once, 32x128, K split 8
     (1.43 / 1.50 / 1.09x). Otherwise 16 < M <= 32: reshape unpack, 32x128, K split 4, magic; 32 < M <= 64: reshape unpack,
-    64x128, K split 4, 8 warps, magic (1.09-1.15x). Larger M: the tiled GEMM when its tiles fill the GPU, else
-    dequantize + cuBLAS (0.73x at M = 1024; in 2048-column slabs where N >= 8192: 0.74-0.79x, r15/r18).
+    64x128, K split 4, 8 warps, magic (1.09-1.15x). Since r22 swap AB (swapab.py) at 17 <= M <= 1023 where
+    4-bit chunks hold one group (on every layer at 33-128, on large ones elsewhere). Larger M, and M > 64
+    otherwise: dequantize + cuBLAS (0.73x at M = 1024; in 2048-column slabs where N >= 8192: 0.74-0.79x,
+    r15/r18).
     """
     if m >= DEQUANT_MIN_M:
         # dequantize + cuBLAS; on wide layers in 2048-column slabs, the next dequantized on a side stream
@@ -465,8 +473,8 @@ def _pick_kernel(m: int, n: int, k: int, bits: int, group_size: int, sm_count: i
         block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
         return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
                       split_unpack=True, magic=True)
-    if SWAP_AB_MIN_M <= m <= SWAP_AB_MAX_M and unpack4_ok and k % swapab.CHUNK == 0 and (
-            n * k >= SWAP_AB_MIN_WEIGHTS or 32 < m <= 128):
+    large = n * k >= SWAP_AB_MIN_WEIGHTS and (m <= 256 or triton.cdiv(n, 128) >= SWAP_AB_MIN_COLUMN_TILES_PER_SM * sm_count)
+    if SWAP_AB_MIN_M <= m <= SWAP_AB_MAX_M and unpack4_ok and k % swapab.CHUNK == 0 and (large or 32 < m <= 128):
         return swap_ab_config(m, n, k, sm_count)
     if m <= 32 and unpack4_ok:
         # the split unpack4 form with x loaded once, 32-row tiles (H100 r11, 2026-11-26: 1.36 / 1.49 / 1.05x fp16 at
@@ -500,9 +508,13 @@ def _pick_kernel(m: int, n: int, k: int, bits: int, group_size: int, sm_count: i
         while split > 1 and chunks(block_k) // split < 4:
             split //= 2
         return Config(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4, magic=True)
-    if triton.cdiv(m, 128) * triton.cdiv(n, 128) < sm_count:
-        return None  # too few output tiles to fill the GPU: dequantize + cuBLAS
-    return Config(128, 128, 64, split_k=1, num_warps=4, num_stages=4, scale_after_dot=False)
+    # M > 64 without swap AB: dequantize + cuBLAS, the whole weight at once. The tiled GEMM with a per-tile
+    # dequantize (Config(128, 128, 64, scale_after_dot=False)) lost everywhere it was timed (r29, fp16 speedup
+    # at M = 384 / 768: 0.42 / 0.44, 0.37 / 0.34, 0.35 / 0.37 on 8192x28672 / 28672x8192 / 4096x4096 against
+    # 0.51 / 0.69, 0.55 / 0.69, 0.74 / 0.71), and so did the 2048-column slabs of M >= 1024 (r32, M = 384 /
+    # 768: 0.46 / 0.63 on 28672x8192, 0.45 / 0.58 on 8192x8192 against 0.56 / 0.68 and 0.57 / 0.69 whole:
+    # cuBLAS runs M x 2048 slabs below its best rate)
+    return None
 
 
 def quant_matmul(
