@@ -15,7 +15,7 @@ One kernel, two regimes picked by `pick_config` from M:
   weight (dequant.py; whole or in column slabs, dequant_gemm.py) and call cuBLAS, which wins once the matmul
   dwarfs the extra weight traffic.
 
-At 4 bits with a group per 128-deep chunk and 17-256 tokens, `pick_config` may instead return a Config with
+At 4 bits with a group per 128-deep chunk and 17-1023 tokens, `pick_config` may instead return a Config with
 swap_ab: swapab.py's kernel, which puts the unpacked weight in the tensor cores' register operand.
 
 Unpacking: a [BK*bits/32, BN] tile of int32 words holds codes for BK consecutive k. Either it is expanded
