@@ -219,6 +219,7 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
                 c[f"unpack4_join_m{bm}_bn{bn}_w{warps}_s{split}"] = Config(bm, bn, 128, split_k=split, num_warps=warps, num_stages=3, unpack4=True)
     elif m >= 1024:  # dequantize + cuBLAS in column slabs (dequant_gemm.py), sequential or overlapped
         # (the fused unpack4 GEMMs timed here in r8 reached 0.14-0.36x fp16: dropped)
+        c["dequant_cublas"] = DequantGemm()  # the whole weight at once
         for slab in (1024, 2048, 4096, 8192):
             if slab < n:
                 c[f"dequant_slab{slab}"] = DequantGemm(slab)
@@ -266,6 +267,7 @@ def quick(args):
     ms = args.ms or [1, 4, 16, 32, 64, 1024]
     awq = load_awq() if args.bits == 4 else None
     timer = Timer()
+    tm = (lambda fn: timer(fn, graph=False)) if args.eager else timer  # noqa: E731 - --eager: launch by launch
     env = environment()
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
@@ -280,25 +282,25 @@ def quick(args):
             ref = x.float() @ layer.dequant()
             ours, old = pick_config(m, n, k, args.bits, layer.gs, sm), old_config(m, n, k, args.bits, layer.gs, sm)
             row = {"K": k, "N": n, "M": m, "ours_cfg": repr(ours), "old_cfg": repr(old), "err": {}, "cand_us": {}, "cand_cfg": {}}
-            row["fp16_us"] = timer(lambda: F.linear(x, layer.w_fp16))
+            row["fp16_us"] = tm(lambda: F.linear(x, layer.w_fp16))
             try:
                 row["err"]["ours"] = rel_err(quant_matmul(x, layer.packed, config=ours), ref)
                 row["err"]["ours_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=ours), ref)
-                row["ours_us"] = timer(lambda: quant_matmul(x, layer.packed))
+                row["ours_us"] = tm(lambda: quant_matmul(x, layer.packed))
                 if isinstance(ours, Config) and ours.split_k > 1:  # same config, K splits reduced the other way
                     other = "ours_3launch" if ours.in_kernel_reduce else "ours_in_kernel"
-                    row["cand_us"][other] = timer(lambda: quant_matmul(x, layer.packed, in_kernel_reduce=not ours.in_kernel_reduce))
+                    row["cand_us"][other] = tm(lambda: quant_matmul(x, layer.packed, in_kernel_reduce=not ours.in_kernel_reduce))
             except Exception as exc:  # noqa: BLE001 - keep the other columns
                 row["err"]["ours"] = float("inf")
                 print(f"ours {ours} failed: {str(exc)[:500]}", flush=True)
             row["err"]["old"] = rel_err(quant_matmul(x, layer.packed, config=old), ref)
-            row["old_us"] = timer(lambda: quant_matmul(x, layer.packed, config=old))
+            row["old_us"] = tm(lambda: quant_matmul(x, layer.packed, config=old))
             if tg and m < 1024:
-                row["tinygemm_us"] = timer(lambda: torch.ops.aten._weight_int4pack_mm(xb, tg[0], layer.gs, tg[1]))
+                row["tinygemm_us"] = tm(lambda: torch.ops.aten._weight_int4pack_mm(xb, tg[0], layer.gs, tg[1]))
             if aw and m < 1024:
-                row["awq_us"] = timer(lambda: awq_call(awq, x, aw, m))
+                row["awq_us"] = tm(lambda: awq_call(awq, x, aw, m))
             if m >= 1024:  # the dequantize pass alone (not a matmul: its "speedup" is fp16 GEMM time / dequantize time)
-                row["cand_us"]["dequantize_alone"] = timer(lambda: dequantize(layer.packed, torch.float16))
+                row["cand_us"]["dequantize_alone"] = tm(lambda: dequantize(layer.packed, torch.float16))
             for name, cfg in quick_candidates(m, n, k, args.bits, layer.gs, sm).items():
                 if args.cands and not name.startswith(tuple(args.cands)):
                     continue
@@ -306,7 +308,7 @@ def quick(args):
                     row["err"][name] = rel_err(quant_matmul(x, layer.packed, config=cfg), ref)
                     if isinstance(cfg, Config) and (cfg.unpack4 or cfg.swap_ab):  # its bf16 assembly too
                         row["err"][name + "_bf16"] = rel_err(quant_matmul(xb, layer.packed, config=cfg), ref)
-                    row["cand_us"][name] = timer(lambda: quant_matmul(x, layer.packed, config=cfg))
+                    row["cand_us"][name] = tm(lambda: quant_matmul(x, layer.packed, config=cfg))
                     row["cand_cfg"][name] = repr(cfg)
                 except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported and skipped
                     print(f"{name} {cfg} failed: {str(exc)[:300]}", flush=True)
@@ -315,13 +317,13 @@ def quick(args):
             path.parent.mkdir(parents=True, exist_ok=True)
             bad = [r for r in rows if max(r["err"].values()) > 1.5e-2 or r["err"]["ours"] > 3e-3]
             payload = {"env": env, "bits": args.bits, "group_size": args.group_size, "rows": rows, "failed_checks": bad,
-                       "command": "PYTHONPATH=src python3 bench/kernel_speed.py --quick"}
+                       "command": "PYTHONPATH=src python3 bench/kernel_speed.py " + " ".join(sys.argv[1:])}
             path.write_text(json.dumps(payload, indent=1))
             if os.environ.get("OUT"):
                 shutil.copy(path, Path(os.environ["OUT"]) / path.name)
         del layer, tg, aw
         torch.cuda.empty_cache()
-    print(f"\nW{args.bits}A16 g{args.group_size}, speedup over fp16 cuBLAS, CUDA-graph replays, median of 40, L2 flushed; "
+    print(f"\nW{args.bits}A16 g{args.group_size}, speedup over fp16 cuBLAS, {'eager calls' if args.eager else 'CUDA-graph replays'}, median of 40, L2 flushed; "
           f"{env['gpus'][0]}, {env['date']}, torch {env['torch']}, triton {env['triton']}")
     print(f"{'KxN':>12} {'M':>5} {'fp16 us':>8} {'ours':>6} {'old':>6} {'tinyg':>6} {'awq':>6}  best candidate / all candidates")
     for r in rows:
@@ -337,6 +339,7 @@ def quick(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", help="--quick: only these M")
+    ap.add_argument("--eager", action="store_true", help="--quick: time eager calls, not CUDA-graph replays (prefill outside a graph)")
     ap.add_argument("--shapes", nargs="+", help="--quick: these KxN layers (e.g. 8192x8192) instead of the three default ones")
     ap.add_argument("--cands", nargs="+", help="--quick: only the candidates whose names start with these")
     ap.add_argument("--quick", action="store_true", help="3 shapes, M in 1/4/16/64/1024, ours vs old heuristic vs candidates")

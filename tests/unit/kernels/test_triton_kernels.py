@@ -519,6 +519,36 @@ def test_gpu_cuda_graph_dequant_slabs_overlapped():
 
 
 @pytest.mark.gpu
+def test_gpu_auto_slabs_only_under_capture(monkeypatch):
+    """pick_config's slabs (M >= 1024, N >= 8192) run inside a CUDA graph; called eagerly, quant_matmul takes the
+    whole weight instead (r35: the slabs' launches outran the GPU there). Both answers match the reference."""
+    _gpu()
+    from lowbit.kernels.triton import matmul
+    from lowbit.kernels.triton.dequant_gemm import DequantGemm
+
+    n, k, m = 8192, 256, 1024
+    codes, zeros, scales, gs, w_t = random_layer(n, k, 4, 128, False, seed=12)
+    p = gptq_packed(codes, zeros, scales, 4, gs, 0, "cuda")
+    assert matmul.pick_config(m, n, k, 4, 128) == DequantGemm(2048, overlap=True)
+    plans = []
+    real = matmul.dequant_gemm
+    monkeypatch.setattr(matmul, "dequant_gemm", lambda x, p, bias, out, plan: plans.append(plan) or real(x, p, bias, out, plan))
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    a = quant_matmul(x, p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph):
+        y = quant_matmul(x, p)
+    torch.cuda.current_stream().wait_stream(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert plans == [DequantGemm(), DequantGemm(2048, overlap=True)]
+    for out in (a, y):
+        assert rel_err(out, x.double().cpu() @ w_t) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
 @pytest.mark.multigpu
 def test_gpu_other_device_than_current():
     """Weight and input on cuda:1 while cuda:0 is current: the launch must follow the weight."""

@@ -549,6 +549,11 @@ def quant_matmul(
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
     if isinstance(config, str):
         config = pick_config(m, n, k, p.bits, p.group_size, _sm_count(x.device))
+        if isinstance(config, DequantGemm) and config.slab_n and x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            # The slabs win inside a CUDA graph only: launched call by call (eager prefill), their ~4 launches
+            # per slab cost more host time than the GPU spends on a slab (H100 r35, eager, M = 1024:
+            # 0.25-0.54x fp16 on 8192x28672 and 0.22-0.29x on 4096x14336 against 0.74x for the whole weight)
+            config = DequantGemm()
     if config is None or isinstance(config, DequantGemm):
         return dequant_gemm(x, p, bias, out, config or DequantGemm())
 
