@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .errors import LowbitError
 
@@ -91,15 +92,45 @@ class CalibConfig:
                 raise LowbitError(f"{name}={getattr(self, name)} must be positive", f"pass --{name} N with N >= 1")
 
 
+class MethodConfig:
+    """What every method config tells the runner, so the runner names no method.
+
+    needs_calibration: the method reads calibration samples (the runner captures block inputs).
+    fp_targets: the method wants the fp model's block outputs on the fp model's own inputs beside the
+        quantized chain (the runner then propagates both chains).
+    quantized_inputs: the next block sees this block's outputs with quantized weights (else fp weights).
+    cache_on_cpu: keep the calibration samples in CPU memory instead of the device's.
+    """
+
+    needs_calibration: ClassVar[bool] = True
+
+    @property
+    def fp_targets(self) -> bool:
+        return False
+
+    @property
+    def quantized_inputs(self) -> bool:
+        return True
+
+    @property
+    def cache_on_cpu(self) -> bool:
+        return False
+
+    def metadata(self) -> dict:
+        """What ran, for the exports' quantization_config and the run log."""
+        return {}
+
+
 @dataclass(frozen=True)
-class RtnConfig:
+class RtnConfig(MethodConfig):
     """Round-to-nearest with min/max per group: no calibration data at all."""
 
     name: str = "rtn"
+    needs_calibration: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
-class AutoRoundConfig:
+class AutoRoundConfig(MethodConfig):
     """SignRound (arXiv 2309.05516): learn rounding offsets V and min/max scale factors per block.
 
     Args:
@@ -144,9 +175,29 @@ class AutoRoundConfig:
     def minmax_step_size(self) -> float:
         return self.minmax_lr if self.minmax_lr is not None else self.step_size
 
+    @property
+    def needs_calibration(self) -> bool:  # 0 iterations is plain RTN
+        return self.iters > 0
+
+    @property
+    def fp_targets(self) -> bool:
+        return self.enable_quanted_input and self.iters > 0
+
+    @property
+    def quantized_inputs(self) -> bool:
+        return self.enable_quanted_input
+
+    @property
+    def cache_on_cpu(self) -> bool:
+        return self.low_gpu_mem
+
+    def metadata(self) -> dict:
+        return {"iters": self.iters, "lr": self.step_size, "minmax_lr": self.minmax_step_size, "enable_minmax_tuning": self.enable_minmax_tuning,
+                "enable_quanted_input": self.enable_quanted_input, "seed": self.seed}
+
 
 @dataclass(frozen=True)
-class AwqConfig:
+class AwqConfig(MethodConfig):
     """AWQ (Lin et al., arXiv 2306.00978): activation-aware per-channel scales folded into the preceding op,
     then a per-group clipping search, then round-to-nearest on the scaled and clipped weights.
 
@@ -174,9 +225,12 @@ class AwqConfig:
         if self.search_samples is not None and self.search_samples < 1:
             raise LowbitError(f"search_samples={self.search_samples} must be >= 1", "pass None to score on every calibration window")
 
+    def metadata(self) -> dict:
+        return {"n_grid": self.n_grid, "duo_scaling": self.duo_scaling, "apply_clip": self.apply_clip}
+
 
 @dataclass(frozen=True)
-class GptqConfig:
+class GptqConfig(MethodConfig):
     """GPTQ (Frantar et al., arXiv 2210.17323): column-by-column rounding with second-order error feedback.
 
     Args:
@@ -204,6 +258,24 @@ class GptqConfig:
             raise LowbitError(f"block_size={self.block_size} must be >= 1", "pass --gptq_block_size 128")
         if self.act_order and not self.static_groups:
             raise LowbitError("act_order without static_groups needs a g_idx that lowbit's formats do not store", "keep static_groups=True with act_order")
+
+    def metadata(self) -> dict:
+        # act_order with static groups: codes stay in natural column order (no g_idx permutation is stored)
+        return {"damp_percent": self.damp_percent, "desc_act": self.act_order, "static_groups": self.static_groups,
+                "true_sequential": self.true_sequential, "block_size": self.block_size}
+
+
+METHOD_CONFIGS = {"rtn": RtnConfig, "autoround": AutoRoundConfig, "awq": AwqConfig, "gptq": GptqConfig}
+
+
+def method_config(method) -> MethodConfig:
+    """A method name ("rtn", "autoround", "awq", "gptq") or a method config -> the config."""
+    if isinstance(method, MethodConfig):
+        return method
+    if isinstance(method, str) and method in METHOD_CONFIGS:
+        return METHOD_CONFIGS[method]()
+    hint = " (a scheme goes in scheme=lowbit.Scheme.from_name(...))" if isinstance(method, str) and method.upper().startswith("W") else ""
+    raise LowbitError(f"unknown method {method!r}{hint}", f"pass one of {', '.join(METHOD_CONFIGS)} or a method config such as lowbit.AutoRoundConfig(iters=200)")
 
 
 PRESETS = {
@@ -262,6 +334,9 @@ __all__ = [
     "FORMATS",
     "SUPPORTED_BITS",
     "METHODS",
+    "METHOD_CONFIGS",
+    "MethodConfig",
+    "method_config",
     "replace",
     "field",
 ]

@@ -18,24 +18,27 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .algorithms import BlockContext, algorithm
+from .algorithms import BlockContext, handler_for
 from .arch import ArchSpec, spec_for
 from .atomic import atomic_folder, check_target, partial_path
-from .calib.capture import BlockInputs, capture_block_inputs, run_block
+from .calib.capture import ReplayPlan, capture_block_inputs
 from .calib.corpora import load_text
 from .calib.samples import calibration_windows
-from .config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RtnConfig, RunConfig, Scheme
+from .config import CalibConfig, MethodConfig, RunConfig, Scheme, method_config
+from .engine import BlockEngine
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
-from .model.skeleton import submodule
+from .model.names import NameMap, check_complete, map_names
+from .model.skeleton import free_tensors, load_tensors, submodule
 from .quant import QuantResult
 from .report import RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
 PROGRESS = "lowbit_progress.json"
 LOG = "lowbit_log.json"
 # files that describe the tokenizer and generation; copied verbatim into the output
-TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*", "*.model", "vocab*", "merges.txt", "added_tokens.json", "preprocessor_config.json", "processor_config.json")
+TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*", "*.model", "vocab*", "merges.txt", "added_tokens.json",
+                   "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,12 +72,12 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise LowbitError(f"weight {name} contains NaN or inf", "fix or re-export the checkpoint; non-finite weights cannot be quantized")
 
 
-def plan_linears(block: torch.nn.Module, prefix: str, scheme: Scheme, formats) -> tuple[dict, dict]:
+def plan_linears(block: torch.nn.Module, prefix: str, spec: ArchSpec, scheme: Scheme, formats) -> tuple[dict, dict]:
     """Split a block's linears into (to quantize: name -> module, kept in fp: full name -> reason)."""
-    quantize, kept = {}, {}
-    for name, module in block.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
+    names, fp = spec.block_linears(block, prefix)
+    quantize, kept = {}, {f"{prefix}.{n}": "router / gate: kept in full precision by the architecture spec" for n in fp}
+    for name in names:
+        module = block.get_submodule(name)
         reasons = [w.can_hold(scheme, module.out_features, module.in_features) for w in formats]
         reason = next((r for r in reasons if r), None)
         if reason:
@@ -82,19 +85,6 @@ def plan_linears(block: torch.nn.Module, prefix: str, scheme: Scheme, formats) -
         else:
             quantize[name] = module
     return quantize, kept
-
-
-def method_name(method) -> str:
-    return method if isinstance(method, str) else method.name
-
-
-def method_dict(method, calib: CalibConfig | None) -> dict:
-    out = {}
-    if isinstance(method, AutoRoundConfig):
-        out.update(iters=method.iters, lr=method.step_size, minmax_lr=method.minmax_step_size)
-    if calib is not None:
-        out.update(nsamples=calib.nsamples, seqlen=calib.seqlen)
-    return out
 
 
 def fingerprint(*parts) -> str:
@@ -132,7 +122,7 @@ def copy_side_files(source: Path, target: Path) -> None:
 
 def quantize(
     model: str,
-    method: str | RtnConfig | AutoRoundConfig = "rtn",
+    method: str | MethodConfig = "rtn",
     scheme: Scheme = Scheme(),
     calib: CalibConfig = CalibConfig(),
     run: RunConfig = RunConfig(),
@@ -142,7 +132,7 @@ def quantize(
 
     Args:
         model: checkpoint folder, .gguf file or "default".
-        method: "rtn", "autoround" or a method config (RtnConfig, AutoRoundConfig).
+        method: "rtn", "autoround", "awq", "gptq" or a method config (RtnConfig, AutoRoundConfig, ...).
         scheme: bits / group size / symmetry for every quantized linear.
         calib: calibration text and sizes (ignored by RTN).
         run: output folder, formats, device, lm_head handling.
@@ -150,19 +140,18 @@ def quantize(
     started = time.time()
     target = Path(run.output_dir)
     check_target(target, run.overwrite)  # before any work: refuse early
-    name = method_name(method)
-    method_cfg = method if not isinstance(method, str) else {"autoround": AutoRoundConfig, "awq": AwqConfig, "gptq": GptqConfig}.get(name, RtnConfig)()
-    block_fn, needs_calib = algorithm(name)
+    method_cfg = method_config(method)
+    block_fn, needs_calib = handler_for(method_cfg), method_cfg.needs_calibration
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = Checkpoint(resolve_model(model))
     spec = spec_for(ckpt.config)
     device = resolve_device(run.device)
     dtype = compute_dtype(device, ckpt, needs_calib)
-    storage = device if device.type == "cpu" or not getattr(method_cfg, "low_gpu_mem", False) else torch.device("cpu")
-    summary = RunSummary(method=name, scheme=f"W{scheme.bits}A16 g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", output_dir=str(target), checkpoint_bytes=ckpt.total_bytes)
+    storage = torch.device("cpu") if device.type == "cpu" or method_cfg.cache_on_cpu else device
+    summary = RunSummary(method=method_cfg.name, scheme=f"W{scheme.bits}A16 g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", output_dir=str(target), checkpoint_bytes=ckpt.total_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    key = fingerprint(str(ckpt.path), name, method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
+    key = fingerprint(str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
     partial = partial_path(target)
     state = load_progress(partial, key) if partial.exists() else None
     if partial.exists() and state is None:
@@ -170,51 +159,53 @@ def quantize(
 
     with RssSampler() as rss, atomic_folder(target, run.overwrite) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
+        names = map_names(skeleton, ckpt.index)
+        check_complete(skeleton, names, ckpt.path)  # every tensor the model needs is found before block 0
         blocks = submodule(skeleton, spec.blocks)
         refuse_unholdable(skeleton, spec, scheme, formats, run.quant_lm_head)
-        check_outside_finite(ckpt, spec)
+        check_outside_finite(ckpt, spec, names)
         outputs = [FormatOutput(fmt, folder / fmt.NAME if len(formats) > 1 else folder, run.max_shard_bytes) for fmt in formats]
         done = 0
         if state:
             for out in outputs:
                 out.restore(state["writers"][out.fmt.NAME])
             done = state["blocks_done"]
-        inputs = capture(skeleton, ckpt, spec, calib, device, dtype, storage, blocks) if needs_calib else None
-        # AutoRound with quantized inputs also follows the fp model (auto-round does the same): twice the cache
-        fp_chain = list(inputs.hidden) if inputs is not None and isinstance(method_cfg, AutoRoundConfig) and method_cfg.enable_quanted_input and method_cfg.iters > 0 else None
+        engine = stream = fp_stream = None
+        if needs_calib:
+            plan = capture(skeleton, ckpt, names, spec, calib, device, dtype, storage, blocks)
+            engine = BlockEngine(plan, device, storage, calib.batch_size)
+            stream = engine.stream()
+            # the fp model's own chain beside the quantized one (AutoRound's targets): twice the cache
+            fp_stream = stream.copy() if method_cfg.fp_targets else None
 
-        bar = tqdm(range(len(blocks)), desc=f"lowbit {name}", unit="block", disable=not progress)
+        bar = tqdm(range(len(blocks)), desc=f"lowbit {method_cfg.name}", unit="block", disable=not progress)
         for i in bar:
             prefix = f"{spec.blocks}.{i}"
-            block = load_module(skeleton, prefix, ckpt, spec, device, dtype)
+            block = load_module(skeleton, prefix, ckpt, names, device, dtype)
             for pname, p in block.named_parameters():
                 check_finite(f"{prefix}.{pname}", p)
-            linears, kept = plan_linears(block, prefix, scheme, formats)
+            linears, kept = plan_linears(block, prefix, spec, scheme, formats)
             summary.kept_fp.update(kept)
             summary.quantized.extend(f"{prefix}.{n}" for n in linears)
-            kwargs = None if inputs is None else inputs.kwargs_for(i, device)
             targets = None
-            if fp_chain is not None:  # the fp model's outputs of this block: this block's targets, next block's fp inputs
-                targets = fp_chain = run_block(block, fp_chain, kwargs, calib.batch_size, device, storage)
+            if fp_stream is not None:  # the fp model's outputs of this block: this block's targets, next block's fp inputs
+                fp_stream = engine.propagate(block, i, fp_stream)
+                targets = fp_stream.hidden
             if i < done:  # resumed: the block is on disk; only its outputs are needed
-                if inputs is not None:
+                if stream is not None:
                     outputs[0].replay(block, prefix, linears, scheme)
-                    inputs.hidden = run_block(block, inputs.hidden, kwargs, calib.batch_size, device, storage)
+                    stream = engine.propagate(block, i, stream)
                 free_module(block)
                 continue
-            ctx = BlockContext(
-                index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec,
-                device=device, storage=storage, batch_size=calib.batch_size,
-                inputs=None if inputs is None else inputs.hidden, targets=targets, kwargs=kwargs,
-                log=bar.write,
-            )
+            ctx = BlockContext(index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec, device=device,
+                               engine=engine, stream=stream, targets=targets, log=bar.write)
             results = block_fn(ctx, method_cfg)
             if ctx.losses:
                 summary.block_losses.append((i, *ctx.losses))
-            if inputs is not None and i < len(blocks) - 1:
-                if getattr(method_cfg, "enable_quanted_input", True):
+            if stream is not None and i < len(blocks) - 1:
+                if method_cfg.quantized_inputs:
                     set_dequantized(linears, results)
-                inputs.hidden = run_block(block, inputs.hidden, ctx.kwargs, calib.batch_size, device, storage)
+                stream = engine.propagate(block, i, stream)
             for out in outputs:
                 out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
             if any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
@@ -225,12 +216,13 @@ def quantize(
             ckpt.close()  # unmap the shards: pages of finished blocks must not stay resident (and count in RSS)
             release_freed_memory()
         bar.close()
-        inputs = fp_chain = None  # release the calibration caches before the final writes
+        engine = stream = fp_stream = ctx = None  # release the calibration caches before the final writes
 
-        tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
-        method_info = method_dict(method_cfg, calib if needs_calib else None)
+        kept_outside = outside_fp_linears(skeleton, spec, run.quant_lm_head)
+        for name, why in kept_outside.items():
+            summary.kept_fp.setdefault(name, why)
         for out in outputs:
-            pending = outside_tensors(skeleton, ckpt, spec, run, scheme, out.fmt, summary)
+            pending = outside_tensors(ckpt, names, spec, run, scheme, out.fmt, summary)
             while pending:  # popped, so a written tensor (a view of its shard's map) is released right away
                 tensor_name, tensor = pending.popitem()
                 big = tensor.numel() * tensor.element_size() >= run.max_shard_bytes // 4
@@ -241,7 +233,8 @@ def quantize(
                     out.writer.flush()
             out.writer.finish()
             ckpt.close()
-            write_config(out.folder, ckpt, spec, scheme, summary, method_info, untie=run.quant_lm_head and tied, fmt=out.fmt)
+            write_config(out.folder, ckpt, spec, scheme, summary, method_metadata(method_cfg, calib if needs_calib else None), fmt=out.fmt,
+                         untie=run.quant_lm_head and tied_head(skeleton, spec))
             copy_side_files(ckpt.path, out.folder)
         (folder / PROGRESS).unlink(missing_ok=True)
         summary.output_bytes = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
@@ -251,6 +244,31 @@ def quantize(
         (folder / LOG).write_text(json.dumps(summary.to_dict(), indent=2))
     summary.peak_rss = max(summary.peak_rss, rss.peak)
     return summary
+
+
+def method_metadata(method_cfg: MethodConfig, calib: CalibConfig | None) -> dict:
+    out = {"method": method_cfg.name, **method_cfg.metadata()}
+    if calib is not None:
+        out.update(nsamples=calib.nsamples, seqlen=calib.seqlen, batch_size=calib.batch_size)
+    return out
+
+
+def tied_head(skeleton, spec: ArchSpec) -> bool:
+    """lm_head reads the embedding's weight (one Parameter under two names)."""
+    return submodule(skeleton, spec.lm_head).weight is submodule(skeleton, spec.embed).weight
+
+
+def outside_fp_linears(skeleton, spec: ArchSpec, quant_lm_head: bool) -> dict[str, str]:
+    """Linears outside the blocks, all kept in full precision (lm_head unless asked): name -> reason."""
+    out = {}
+    for name, m in skeleton.named_modules():
+        if isinstance(m, torch.nn.Linear) and not spec.in_blocks(name):
+            if name == spec.lm_head:
+                if not quant_lm_head:
+                    out[name] = "lm_head stays in full precision (pass --quant_lm_head to quantize it)"
+            else:
+                out[name] = "outside the language model's blocks (vision / audio tower, projector): kept in full precision"
+    return out
 
 
 class FormatOutput:
@@ -301,17 +319,26 @@ def refuse_unholdable(skeleton, spec: ArchSpec, scheme: Scheme, formats, quant_l
             raise LowbitError(reason)
 
 
-def capture(skeleton, ckpt, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks) -> BlockInputs:
-    """Tokenize the calibration text and record every block's inputs (only pre-block modules loaded)."""
+def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks) -> ReplayPlan:
+    """Tokenize the calibration text and record every block's inputs. Loaded for it: every tensor outside
+    the blocks that runs before block 0 on text (embeddings, Gemma 4's per-layer tables), i.e. all but
+    lm_head, the final norm and the sub-models kept in fp (vision towers, which text never reaches)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     windows = calibration_windows(tokenizer, load_text(calib.dataset), calib)
-    loaded = [load_module(skeleton, path, ckpt, spec, device, dtype) for path in (spec.embed, *spec.pre_block)]
-    inputs = capture_block_inputs(skeleton, blocks, windows, device, storage)
-    for module in loaded:
-        free_module(module)
-    return inputs
+    after = (spec.lm_head, *spec.post_block)
+    needed = [(n, t) for n, t in skeleton.state_dict(keep_vars=True).items()
+              if not spec.in_blocks(n) and not spec.is_kept_fp(n) and not any(n == a or n.startswith(a + ".") for a in after)]
+    load_tensors(skeleton, needed, ckpt, names, device, dtype)
+    try:
+        plan = capture_block_inputs(skeleton, blocks, [{"input_ids": w.unsqueeze(0)} for w in windows], device, storage, spec.state_kwargs)
+    finally:
+        free_tensors(skeleton, [n for n, t in needed if names.get(n) is not None])
+        ckpt.close()
+    if plan.refusal:
+        raise LowbitError(f"{type(skeleton).__name__}'s blocks cannot be replayed exactly: {plan.refusal}", "quantize it with --method rtn (no calibration), or extend its ArchSpec")
+    return plan
 
 
 def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantResult], fmt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -326,50 +353,58 @@ def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantRes
     return out
 
 
-def check_outside_finite(ckpt: Checkpoint, spec: ArchSpec) -> None:
+def check_outside_finite(ckpt: Checkpoint, spec: ArchSpec, names: NameMap) -> None:
     """Fail before any block work on NaN/inf in the tensors outside the blocks (embeddings, head, norm)."""
-    for name in ckpt.index:
-        if not name.startswith(spec.blocks + "."):
-            check_finite(name, ckpt.tensor(name))
+    for name, key in names.to_checkpoint.items():
+        if not spec.in_blocks(name):
+            check_finite(name, ckpt.tensor(key))
     ckpt.close()
 
 
-def outside_tensors(skeleton, ckpt: Checkpoint, spec: ArchSpec, run: RunConfig, scheme: Scheme, fmt, summary: RunSummary) -> dict:
-    """Everything outside the blocks, copied from the checkpoint; lm_head quantized (RTN) if asked."""
+def outside_tensors(ckpt: Checkpoint, names: NameMap, spec: ArchSpec, run: RunConfig, scheme: Scheme, fmt, summary: RunSummary) -> dict:
+    """Everything outside the blocks, under the model's names (checked for NaN/inf before the block loop);
+    lm_head quantized (RTN) if asked; checkpoint tensors that match no model tensor copied as they are."""
     from .quant import quantize_weight
 
-    out = {}
-    block_prefix = spec.blocks + "."
-    for name in ckpt.index:
-        if name.startswith(block_prefix):
-            continue
-        out[name] = ckpt.tensor(name)  # checked for NaN/inf before the block loop (check_outside_finite)
+    out, written = {}, set()
     head = f"{spec.lm_head}.weight"
-    weight = out.pop(head, None)
-    if run.quant_lm_head:
-        if weight is None:  # tied: the head reads the embedding
-            weight = ckpt.tensor(f"{spec.embed}.weight")
+    for name, key in names.to_checkpoint.items():
+        if spec.in_blocks(name) or name == head or key in written:
+            continue
+        out[name] = ckpt.tensor(key)
+        written.add(key)
+    for key in names.unmapped:
+        out[key] = ckpt.tensor(key)
+    head_key = names.get(head)
+    tied = head_key is not None and head_key == names.get(f"{spec.embed}.weight")
+    if run.quant_lm_head and head_key is not None:
+        weight = ckpt.tensor(head_key)
         n, k = weight.shape
         reason = fmt.can_hold(scheme, n, k)
         if reason is None:
             out.update(fmt.layer_tensors(spec.lm_head, quantize_weight(weight.float(), scheme)))
-            summary.quantized.append(spec.lm_head)
+            if spec.lm_head not in summary.quantized:
+                summary.quantized.append(spec.lm_head)
             return out
         summary.kept_fp[spec.lm_head] = reason
         out[head] = weight
         return out
-    if weight is not None:
-        out[head] = weight
-    summary.kept_fp[spec.lm_head] = "lm_head stays in full precision (pass --quant_lm_head to quantize it)"
+    if head_key is not None and not tied:
+        out[head] = ckpt.tensor(head_key)
     summary.kept_fp[spec.embed] = "embeddings stay in full precision"
     return out
 
 
-def write_config(folder: Path, ckpt: Checkpoint, spec: ArchSpec, scheme: Scheme, summary: RunSummary, method: dict, untie: bool, fmt) -> None:
+def write_config(folder: Path, ckpt: Checkpoint, spec: ArchSpec, scheme: Scheme, summary: RunSummary, method: dict, fmt, untie: bool) -> None:
+    """config.json with the format's quantization_config: every linear kept in fp is listed by name (block
+    linears the format cannot hold, routers, lm_head, vision / audio towers and projectors), and the kept
+    sub-models by path, so loaders never expect quantized tensors where there are none."""
     config = ckpt.config.to_dict()
     if untie:
         config["tie_word_embeddings"] = False
-    kept = [k for k in summary.kept_fp if k.startswith(spec.blocks + ".")]
-    config["quantization_config"] = fmt.quantization_config(scheme, spec.blocks, kept, method, __version__)
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+    kept = sorted(k for k in summary.kept_fp if k != spec.embed)
+    config["quantization_config"] = fmt.quantization_config(scheme, spec.blocks, kept, method, __version__, fp_modules=list(spec.keep_fp))
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     fmt.extra_files(folder, config["quantization_config"])

@@ -1,4 +1,7 @@
-"""Every registered spec resolved against a tiny from_config model: paths exist, linears all covered."""
+"""Every registered spec resolved against a tiny from_config model: paths exist, every linear is covered,
+nothing outside the blocks is quantized except on request."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -7,45 +10,52 @@ from transformers import AutoConfig
 from lowbit.arch import registered_architectures, spec_for
 from lowbit.errors import LowbitError
 from lowbit.model.skeleton import build_skeleton
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, head_dim=16)
-TINY_CONFIGS = {
-    "LlamaForCausalLM": ("llama", {}),
-    "MistralForCausalLM": ("mistral", {}),
-    "Qwen2ForCausalLM": ("qwen2", {}),
-    "Qwen3ForCausalLM": ("qwen3", {}),
-    "Gemma3ForCausalLM": ("gemma3_text", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
-    "Phi3ForCausalLM": ("phi3", {"pad_token_id": 0}),
-}
-
-
-def tiny_config(arch):
-    model_type, extra = TINY_CONFIGS[arch]
-    return AutoConfig.for_model(model_type, architectures=[arch], **{**SMALL, **extra})
+from tests.arch.tiny import TINY, tiny_config
 
 
 def test_every_registered_architecture_has_a_tiny_config():
-    assert set(registered_architectures()) <= set(TINY_CONFIGS), "add a tiny config for each new spec"
+    assert set(registered_architectures()) <= set(TINY), "add a tiny config for each new spec in tests/arch/tiny.py"
 
 
-@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("arch", sorted(TINY))
 def test_spec_resolves_and_covers_every_linear(arch):
     config = tiny_config(arch)
     spec = spec_for(config)
     model = build_skeleton(config)
     blocks = model.get_submodule(spec.blocks)
-    assert isinstance(blocks, torch.nn.ModuleList) and len(blocks) == 2
-    for path in (spec.embed, *spec.pre_block, *spec.post_block, spec.lm_head):
+    assert isinstance(blocks, torch.nn.ModuleList) and len(blocks) >= 2
+    for path in (spec.embed, *spec.post_block, spec.lm_head):
         model.get_submodule(path)  # raises on a missing path
-    for block in blocks:
-        found = {name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-        assert found == set(spec.linears), f"{arch}: block linears {sorted(found)} vs spec {sorted(spec.linears)}"
-        for group in spec.scale_groups:
-            block.get_submodule(group.prev)
-            for name in group.linears:
-                assert name in spec.linears
-    outside = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith(spec.blocks + ".")}
-    assert outside <= {spec.lm_head}, f"{arch}: linears outside the blocks not covered: {outside}"
+    for i, block in enumerate(blocks):
+        quantize, fp = spec.block_linears(block, f"{spec.blocks}.{i}")  # raises on an uncovered linear
+        found = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert set(quantize) | set(fp) == found and quantize
+        present = [g for g in spec.scale_groups if g.prev in dict(block.named_modules())]
+        assert present, f"{arch}: no AWQ scale group resolves in block {i}"
+    outside = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not spec.in_blocks(n)}
+    assert all(n == spec.lm_head or spec.is_kept_fp(n) for n in outside), f"{arch}: linears outside the blocks not kept: {outside}"
+    if config.architectures[0].endswith("ForConditionalGeneration"):
+        tower = [n for n in outside if "vision" in n or "visual" in n]
+        assert tower and all(spec.is_kept_fp(n) for n in tower)
+
+
+def test_gemma4_kv_reuse_layers_have_no_kv_projections_and_are_still_covered():
+    """The linears differ by layer: the spec's patterns follow each layer's own modules."""
+    config = tiny_config("Gemma4ForCausalLM")
+    spec = spec_for(config)
+    blocks = build_skeleton(config).get_submodule(spec.blocks)
+    names = [set(spec.block_linears(b, f"b{i}")[0]) for i, b in enumerate(blocks)]
+    first_shared = config.num_hidden_layers - config.num_kv_shared_layers
+    assert "self_attn.k_proj" in names[0] and "self_attn.k_proj" not in names[first_shared]
+    assert "per_layer_input_gate" in names[first_shared]
+
+
+def test_a_linear_the_spec_does_not_know_is_an_error_naming_it():
+    config = tiny_config("LlamaForCausalLM")
+    spec = dataclasses.replace(spec_for(config), linears=("self_attn.*",))
+    block = build_skeleton(config).get_submodule(spec.blocks)[0]
+    with pytest.raises(LowbitError, match="model.layers.0.mlp.gate_proj matches no pattern"):
+        spec.block_linears(block, "model.layers.0")
 
 
 def test_unknown_architecture_names_itself_and_the_fix():

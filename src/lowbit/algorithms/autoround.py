@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..calib.capture import block_output
 from ..config import AutoRoundConfig, Scheme
 from ..quant import QuantResult, quantize_weight
 from ..quant.primitives import SCALE_FLOOR, group_view
@@ -264,27 +263,7 @@ class IndexSampler:
         return out
 
 
-# ---------------------------------------------------------------- placement of the cached tensors
-
-
-def cache_on_device(device: torch.device, nbytes: int, low_gpu_mem: bool) -> bool:
-    """Keep inputs / fp targets on the GPU when they take at most half of its free memory."""
-    if device.type != "cuda" or low_gpu_mem:
-        return device.type != "cuda"
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes <= free // 2
-
-
-def place(t: torch.Tensor, on_device: bool, device: torch.device) -> torch.Tensor:
-    if on_device:
-        return t.to(device)
-    t = t.to("cpu")
-    return t.pin_memory() if device.type == "cuda" else t
-
-
-def gather(samples: list[torch.Tensor], indices: list[int], device: torch.device) -> torch.Tensor:
-    """[len(indices), T, H] on device from per-sample [1, T, H] tensors (async copies from pinned memory)."""
-    return torch.cat([samples[i].to(device, non_blocking=True) for i in indices])
+# ---------------------------------------------------------------- training setup
 
 
 def autocast_dtype(block: torch.nn.Module, device: torch.device, config: AutoRoundConfig) -> torch.dtype | None:
@@ -374,27 +353,23 @@ def recompile_limit(limit: int):
 def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> dict[str, QuantResult]:
     config = config or AutoRoundConfig()
     linears, device = ctx.linears, ctx.device
-    if not linears or config.iters == 0 or not ctx.inputs:
+    if not linears or config.iters == 0 or not ctx.calibrated:
         return {n: quantize_weight(l.weight.data, ctx.schemes[n], bias=l.bias) for n, l in linears.items()}
     started = time.time()
     block = ctx.block.eval()
     amp = autocast_dtype(block, device, config)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     out_dtype = amp or next(block.parameters()).dtype
-    kwargs = ctx.kwargs or {}
-    n, bs = len(ctx.inputs), min(ctx.batch_size, len(ctx.inputs))
+    n, bs = ctx.n_samples, min(ctx.batch_size, ctx.n_samples)
 
-    # cached inputs and fp targets: on the GPU when they fit in half its free memory, else pinned CPU
-    on_device = cache_on_device(device, 2 * n * ctx.inputs[0].numel() * ctx.inputs[0].element_size(), config.low_gpu_mem)
-    inputs = [place(t, on_device, device) for t in ctx.inputs]
-    if ctx.targets is not None:  # the runner's fp chain: targets of the fp model on its own inputs
-        targets = [place(t, on_device, device) for t in ctx.targets]
-    else:
+    # fp targets per sample [1, T, H], where the engine keeps its samples (the device unless low_gpu_mem)
+    targets = ctx.targets
+    if targets is None:  # the block's own fp outputs on the quantized chain's inputs
         with torch.no_grad(), autocast():
-            targets = []
-            for start in range(0, n, bs):
-                y = block_output(block(gather(inputs, list(range(start, min(start + bs, n))), device), **kwargs))
-                targets.extend(place(t.unsqueeze(0), on_device, device) for t in y)
+            targets = [ctx.engine.store(t.unsqueeze(0)) for indices in ctx.batches() for t in ctx.forward(indices)]
+
+    def gather_targets(indices: list[int]) -> torch.Tensor:
+        return torch.cat([targets[i].to(device, non_blocking=True) for i in indices])
 
     states = {name: LinearState.from_weight(l.weight, ctx.schemes[name], config.enable_minmax_tuning) for name, l in linears.items()}
     fns = grid_fns(config.compile, device)
@@ -416,9 +391,9 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
         for start in range(0, global_bs, bs):
             idx = indices[start : start + bs]
             with autocast():
-                pred = block_output(run_block(gather(inputs, idx, device), **kwargs))
+                pred = ctx.forward(idx, block=run_block)
             # mean over the global batch: each micro-batch weighs by its share of the samples
-            loss = block_loss(pred, gather(targets, idx, device)) * (len(idx) / global_bs)
+            loss = block_loss(pred, gather_targets(idx)) * (len(idx) / global_bs)
             loss.backward()
             total += loss.detach()
         return total.item()  # one sync per step
@@ -458,4 +433,4 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     return results
 
 
-register_algorithm("autoround", quantize_block, needs_calibration=True)
+register_algorithm(AutoRoundConfig, quantize_block)

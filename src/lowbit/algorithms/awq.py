@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..calib.capture import _to, block_output
 from ..config import AwqConfig, Scheme
+from ..engine import block_output
 from ..errors import LowbitError
 from ..quant import QuantResult, quantize_weight
 from ..quant.primitives import fake_quantize, group_view
@@ -160,7 +160,7 @@ class Stats:
 @torch.no_grad()
 def collect(ctx: BlockContext, modules: list[str], max_calls: int) -> Stats:
     stats = Stats()
-    total = sum(t.shape[0] * t.shape[1] for t in ctx.inputs)
+    total = sum(t.shape[0] * t.shape[1] for t in ctx.stream.hidden)
     stride = max(1, total // CLIP_TOKENS)
 
     def linear_hook(name):
@@ -179,16 +179,15 @@ def collect(ctx: BlockContext, modules: list[str], max_calls: int) -> Stats:
         def hook(module, args, kwargs):
             calls = stats.calls.setdefault(name, [])
             if len(calls) < max_calls:
-                calls.append((_to(args, ctx.storage), _to(kwargs, ctx.storage)))
+                calls.append((ctx.engine.to_storage(args), ctx.engine.to_storage(kwargs)))
 
         return hook
 
     handles = [ctx.block.get_submodule(n).register_forward_pre_hook(linear_hook(n)) for n in ctx.linears]
     handles += [ctx.block.get_submodule(n).register_forward_pre_hook(module_hook(n), with_kwargs=True) for n in modules]
     try:
-        for start in range(0, len(ctx.inputs), ctx.batch_size):
-            batch = torch.cat(ctx.inputs[start : start + ctx.batch_size]).to(ctx.device)
-            ctx.block(batch, **(ctx.kwargs or {}))
+        for indices in ctx.batches():
+            ctx.forward(indices)
     finally:
         for h in handles:
             h.remove()
@@ -224,8 +223,8 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: 
     return out
 
 
-def module_output(module, args, kwargs, device) -> torch.Tensor:
-    return block_output(module(*_to(args, device), **_to(kwargs, device))).float()
+def module_output(module, args, kwargs, engine) -> torch.Tensor:
+    return block_output(module(*engine.to_device(args), **engine.to_device(kwargs))).float()
 
 
 @torch.no_grad()
@@ -236,7 +235,7 @@ def search_group(ctx: BlockContext, group, stats: Stats, config: AwqConfig) -> t
     calls = stats.calls[mod_name]  # one (args, kwargs) per batch of ctx.batch_size windows
     quantized = [n for n in group.linears if n in ctx.linears]
     originals = {n: ctx.block.get_submodule(n).weight.data.clone() for n in quantized}
-    targets = [module_output(module, a, k, ctx.device) for a, k in calls]
+    targets = [module_output(module, a, k, ctx.engine) for a, k in calls]
     x_mean = stats.x_mean(quantized[0]).to(ctx.device)
     gs = ctx.schemes[quantized[0]].group_size
     w_mean = weight_mean(list(originals.values()), gs).to(ctx.device) if config.duo_scaling else None
@@ -248,7 +247,7 @@ def search_group(ctx: BlockContext, group, stats: Stats, config: AwqConfig) -> t
                 # Q(W s) / s: the quantized weight as the unscaled input sees it, [N, K]
                 q = fake_quantize(w.float() * s[None, :], ctx.schemes[n]) / s[None, :]
                 ctx.block.get_submodule(n).weight.data = q.to(w.dtype)
-            loss = sum(F.mse_loss(module_output(module, a, k, ctx.device), t).item() for (a, k), t in zip(calls, targets)) / len(calls)
+            loss = sum(F.mse_loss(module_output(module, a, k, ctx.engine), t).item() for (a, k), t in zip(calls, targets)) / len(calls)
             losses.append(loss)
             if best is None or loss < best[0]:
                 best = (loss, alpha, s)
@@ -298,7 +297,7 @@ def search(ctx: BlockContext, config: AwqConfig) -> tuple[AwqSearch, float, floa
     summed over groups. The block ends with the search applied (the clipping search reads the scaled
     weights), by the same functions `apply` uses, so `apply` on a fresh copy gives identical weights."""
     groups = usable_groups(ctx)
-    samples = len(ctx.inputs) if config.search_samples is None else config.search_samples
+    samples = ctx.n_samples if config.search_samples is None else config.search_samples
     max_calls = -(-samples // ctx.batch_size)  # batches whose windows score the grid
     stats = collect(ctx, [inspected_module(g.linears) for g in groups], max_calls)
     result, before, after = AwqSearch(), 0.0, 0.0
@@ -328,7 +327,7 @@ def quantize_block(ctx: BlockContext, config: AwqConfig | None = None) -> dict[s
         if ctx.log and ctx.index == 0:
             ctx.log("awq: this architecture declares no scale groups; falling back to RTN")
         return rtn()
-    if not ctx.linears or not ctx.inputs:
+    if not ctx.linears or not ctx.calibrated:
         return rtn()
     started = time.time()
     ctx.block.eval()
@@ -339,4 +338,4 @@ def quantize_block(ctx: BlockContext, config: AwqConfig | None = None) -> dict[s
     return rtn()  # round-to-nearest on the scaled, clipped weights
 
 
-register_algorithm("awq", quantize_block, needs_calibration=True)
+register_algorithm(AwqConfig, quantize_block)

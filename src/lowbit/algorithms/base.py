@@ -1,4 +1,4 @@
-"""What an algorithm sees of one block."""
+"""What an algorithm sees of one block: the block, its linears, and the block engine's samples."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ import torch
 
 from ..arch import ArchSpec
 from ..config import Scheme
+from ..engine import BlockEngine, Stream
 
 
 @dataclass
 class BlockContext:
-    """One block, loaded on `device`, with its calibration data.
+    """One block, loaded on `device`, with its calibration samples.
 
     linears: block-relative name -> nn.Linear to quantize (those kept in full precision are absent).
     schemes: block-relative name -> Scheme for that linear.
-    inputs: cached block inputs, one [1, seqlen, hidden] tensor per sample on `storage` (None for RTN).
-    targets: what the fp model's block produces, [1, seqlen, hidden] per sample on `storage`, when the runner
-        keeps an fp chain of inputs beside the quantized one (AutoRound with quantized inputs, as auto-round
+    engine / stream: the block engine and this block's inputs (None for methods without calibration).
+    targets: what the fp model's block produces, [1, T, H] per sample on the storage device, when the
+        runner keeps an fp chain beside the quantized one (AutoRound with quantized inputs, as auto-round
         does: the block learns to map quantized inputs to the fp model's outputs); None otherwise.
-    kwargs: the block's per-sample-constant keyword arguments, already on `device`.
     """
 
     index: int
@@ -29,10 +29,40 @@ class BlockContext:
     schemes: dict[str, Scheme]
     spec: ArchSpec
     device: torch.device
-    storage: torch.device
-    batch_size: int = 8
-    inputs: list[torch.Tensor] | None = None
-    targets: list[torch.Tensor] | None = None  # fp block outputs on the fp chain's inputs (AutoRound), per sample
-    kwargs: dict | None = None
+    engine: BlockEngine | None = None
+    stream: Stream | None = None
+    targets: list[torch.Tensor] | None = None
     log: object = None  # callable(str) for per-block progress lines
     losses: tuple[float, float] | None = None  # (loss at start, best loss), set by calibrated methods
+
+    @property
+    def calibrated(self) -> bool:
+        return self.stream is not None and len(self.stream.hidden) > 0
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.stream.hidden) if self.stream is not None else 0
+
+    @property
+    def storage(self) -> torch.device:
+        return self.engine.storage
+
+    @property
+    def batch_size(self) -> int:
+        return self.engine.batch_size
+
+    def batches(self) -> list[list[int]]:
+        return self.engine.batches(self.n_samples)
+
+    def kwargs(self, indices: list[int]) -> dict:
+        return self.engine.kwargs(self.index, self.stream, indices)
+
+    def hidden(self, indices: list[int]) -> torch.Tensor:
+        return self.engine.hidden(self.stream, indices)
+
+    def forward(self, indices: list[int], block: torch.nn.Module | None = None) -> torch.Tensor:
+        """The block (or a stand-in for it, e.g. a compiled copy) on these samples: [b, T, H]."""
+        return self.engine.call(self.block if block is None else block, self.index, self.stream, indices)
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.engine.reduce_sum(t)

@@ -153,7 +153,7 @@ def sequential_stages(ctx: BlockContext) -> list[list[str]]:
 
     handles = [linear.register_forward_pre_hook(hook(n)) for n, linear in ctx.linears.items()]
     try:
-        ctx.block(ctx.inputs[0].to(ctx.device), **(ctx.kwargs or {}))
+        ctx.forward([0])
     finally:
         for h in handles:
             h.remove()
@@ -185,21 +185,30 @@ def stage_hessians(ctx: BlockContext, names: list[str]) -> dict[str, tuple[torch
 
     handles = [ctx.linears[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
-        for start in range(0, len(ctx.inputs), ctx.batch_size):
+        for indices in ctx.batches():
             pending.update(names)
             try:
-                ctx.block(torch.cat(ctx.inputs[start : start + ctx.batch_size]).to(ctx.device), **(ctx.kwargs or {}))
+                ctx.forward(indices)
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
-    return acc
+    return {name: reduce_hessian(ctx, ctx.linears[name].in_features, h, n) for name, (h, n) in acc.items()}
+
+
+def reduce_hessian(ctx: BlockContext, k: int, h: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
+    """The mean Hessian over every process's rows: sum_p n_p H_p / sum_p n_p (one process: unchanged)."""
+    if ctx.engine.reducer.world_size == 1:
+        return h, n
+    total = ctx.reduce_sum(torch.tensor(float(n), device=ctx.device))
+    weighted = ctx.reduce_sum(h * n if h is not None else torch.zeros(k, k, device=ctx.device))
+    return (weighted / total if total > 0 else None), int(total.item())
 
 
 def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[str, QuantResult]:
     config = config or GptqConfig()
-    if not ctx.linears or not ctx.inputs:
+    if not ctx.linears or not ctx.calibrated:
         return {n: quantize_weight(l.weight.data, ctx.schemes[n], bias=l.bias) for n, l in ctx.linears.items()}
     started = time.time()
     ctx.block.eval()
@@ -222,4 +231,4 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
     return results
 
 
-register_algorithm("gptq", quantize_block, needs_calibration=True)
+register_algorithm(GptqConfig, quantize_block)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import RtnConfig
 from ..quant import QuantResult, quantize_weight
 from . import register_algorithm
 from .base import BlockContext
@@ -14,4 +15,4 @@ def quantize_block(ctx: BlockContext, config=None) -> dict[str, QuantResult]:
     }
 
 
-register_algorithm("rtn", quantize_block, needs_calibration=False)
+register_algorithm(RtnConfig, quantize_block)

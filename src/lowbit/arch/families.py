@@ -1,21 +1,29 @@
-"""Built-in architecture specs. Adding a family is adding an entry here (and a tiny config in the tests).
+"""Built-in architecture specs. Adding a family is adding an entry here (and a tiny config in tests/arch).
 
 Each entry says where the blocks are and which linears a block holds; the AWQ scale groups say which
-linears read the same input (the output of a norm or of another linear). v -> o is declared only where
-the shapes allow folding (no grouped-query attention: o_proj's inputs must match v_proj's outputs).
+linears read the same input (the output of a norm or of another linear). v -> o is folded only where the
+shapes allow (AWQ checks o_proj's inputs match v_proj's outputs on each layer).
+
+Vision-language models keep their language model's decoder blocks under `model.language_model.layers`
+(transformers 5 layout); the vision tower, the projector and anything else outside the blocks stays in
+full precision (`keep_fp`) and is listed in every export's config.
 """
+
+from __future__ import annotations
+
+from dataclasses import replace
 
 from .spec import ArchSpec, ScaleGroup, register
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_QKV = ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+_VO = ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",))
+_UD = ScaleGroup("mlp.up_proj", ("mlp.down_proj",))
 
-_LLAMA_GROUPS = (
-    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
-)
+_LLAMA_GROUPS = (_QKV, _VO, ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UD)
+# Gemma 3 / 4: norms sit before *and* after attention / MLP; the MLP reads pre_feedforward_layernorm.
+_GEMMA_GROUPS = (_QKV, _VO, ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UD)
 
 # Llama and its close relatives: identical module names, different attention details.
 DECODER = register(
@@ -26,17 +34,11 @@ DECODER = register(
     "Qwen3ForCausalLM",
 )
 
-# Gemma 3: norms sit before *and* after attention / MLP; the MLP reads pre_feedforward_layernorm.
 GEMMA3 = register(
     ArchSpec(
         blocks="model.layers",
         linears=_ATTN + _MLP,
-        scale_groups=(
-            ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
-            ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-            ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
-        ),
+        scale_groups=_GEMMA_GROUPS,
         norm_weight_offset=1.0,  # Gemma3RMSNorm computes x_hat * (1 + weight)
     ),
     "Gemma3ForCausalLM",
@@ -53,4 +55,50 @@ PHI3 = register(
         ),
     ),
     "Phi3ForCausalLM",
+)
+
+# Gemma 4 (text): sliding / full attention layers with their own masks and rotary tables; per-layer
+# inputs (a [T, 256] embedding slice per block, gated into the residual by per_layer_input_gate /
+# per_layer_projection); KV sharing: the last `num_kv_shared_layers` layers have no k/v projections and
+# read the keys / values the last storing layer of their attention type wrote into `shared_kv_states`.
+# Gemma4RMSNorm computes x_hat * weight (no +1, unlike Gemma 3). The per-layer embedding table and its
+# model-level projection run before block 0 and stay in full precision.
+GEMMA4_TEXT = register(
+    ArchSpec(
+        blocks="model.layers",
+        linears=_ATTN + _MLP + ("per_layer_input_gate", "per_layer_projection"),
+        scale_groups=_GEMMA_GROUPS,
+        keep_fp=("model.embed_tokens_per_layer", "model.per_layer_model_projection"),
+        state_kwargs=("shared_kv_states",),
+    ),
+    "Gemma4ForCausalLM",
+)
+
+
+def multimodal(text: ArchSpec, keep_fp: tuple[str, ...], text_only: str = "") -> ArchSpec:
+    """A text spec re-rooted under model.language_model, with the model's other sub-models kept in fp."""
+    inner = tuple(p.replace("model.", "model.language_model.", 1) for p in text.keep_fp)
+    return replace(
+        text,
+        blocks="model.language_model.layers",
+        embed="model.language_model.embed_tokens",
+        post_block=("model.language_model.norm",),
+        keep_fp=inner + keep_fp,
+        text_only=text_only,
+    )
+
+
+_LLAVA_FP = ("model.vision_tower", "model.multi_modal_projector")
+GEMMA4 = register(multimodal(GEMMA4_TEXT, ("model.vision_tower", "model.embed_vision", "model.audio_tower", "model.embed_audio")), "Gemma4ForConditionalGeneration")
+GEMMA3_VLM = register(multimodal(GEMMA3, _LLAVA_FP), "Gemma3ForConditionalGeneration")
+LLAVA = register(multimodal(DECODER, _LLAVA_FP), "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Mistral3ForConditionalGeneration")
+QWEN2_5_VL = register(multimodal(DECODER, ("model.visual",)), "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+QWEN3_VL = register(
+    multimodal(
+        replace(DECODER, linears=_ATTN + _MLP),
+        ("model.visual",),
+        text_only="Qwen3-VL adds deepstack visual features to the hidden states between its first blocks, outside any "
+        "block; calibrate on text (the default)",
+    ),
+    "Qwen3VLForConditionalGeneration",
 )

@@ -1,30 +1,164 @@
-"""Capture what each block receives, running only the modules before block 0.
+"""Capture what every block receives, running only the modules before block 0.
 
-Every block of the skeleton is swapped for a `_Recorder` that stores its call's keyword arguments
-(masks, position embeddings, position ids: the same for every sample of equal length, so stored once
-per block and shared between blocks when they are the same object) and hands the hidden states on
-unchanged; the last one stops the forward. Block 0's recorder also stores the hidden states, one
-[1, seqlen, hidden] tensor per sample. Recording every block's kwargs, not only block 0's, is what lets
-models with per-layer inputs (Gemma 3's sliding vs full attention masks and rotary tables) work
-without a special case.
+Every block of the skeleton is swapped for a `_Recorder` that binds its call's arguments to the block
+forward's signature (positional ones included: Gemma 4 passes `per_layer_input` positionally) and hands
+the hidden states on unchanged; the last one stops the forward. Each argument is classified across the
+calibration samples, as it arrives:
+- the first parameter is the hidden states: block 0's are kept per sample, [1, T, H] each;
+- `const`: equal for every sample (rotary tables, masks and position ids of equal-length windows): stored
+  once, and shared between blocks that receive the same object (one copy of the sliding-window mask for
+  all sliding layers);
+- `sample`: differs between samples and is tensors with a batch dimension of 1 (Gemma 4's per-layer
+  inputs; image-dependent position ids): stored per sample, batched together at replay;
+- `state`: the spec's `state_kwargs`, containers that blocks write and later blocks read (Gemma 4's
+  shared KV states): not recorded; the block engine gives every sample its own, carried across blocks.
+Anything else (an argument that differs between samples but cannot be split by sample, an undeclared
+mutable container) cannot be replayed exactly: `ReplayPlan.refusal` says why, and the runner refuses
+to calibrate with it.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections import UserDict
 from dataclasses import dataclass, field
 
 import torch
 
-# kwargs that only matter for generation; blocks are run without a KV cache
-_DROPPED = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions")
+from ..errors import LowbitError
+from .tree import tree_equal, tree_map, tree_leaves
+
+# arguments that only matter for generation; blocks are replayed without a KV cache
+DROPPED = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions", "cache_position")
 
 
 class _StopForward(Exception):
     pass
 
 
+@dataclass
+class BlockArgs:
+    """How block i's arguments are replayed. const: name -> value (batch dim 1 or none, broadcast);
+    sample: name -> per-sample values; state: name -> the container class to instantiate per sample."""
+
+    const: dict = field(default_factory=dict)
+    sample: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReplayPlan:
+    """Everything captured: block 0's hidden states per sample, every block's argument plan."""
+
+    hidden: list  # [1, T, H] per sample, on the storage device
+    blocks: list  # BlockArgs per block index
+    hidden_name: str = "hidden_states"
+    refusal: str = ""  # why replay cannot be exact ("" = it can)
+
+
+def _movable(value) -> bool:
+    """Tensors (and Nones) only: can be copied to the storage device and compared."""
+    leaves = tree_leaves(value)
+    return any(isinstance(t, torch.Tensor) for t in leaves) and all(t is None or isinstance(t, torch.Tensor) for t in leaves)
+
+
+def _per_sample(value) -> bool:
+    """Tensors that all carry a batch dimension of 1 (so samples can be concatenated along it)."""
+    leaves = [t for t in tree_leaves(value) if t is not None]
+    return bool(leaves) and all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1 for t in leaves)
+
+
+class _Sink:
+    """Classifies the arguments of every block as the samples arrive (see the module docstring)."""
+
+    def __init__(self, n_blocks: int, storage: torch.device, state_kwargs: tuple[str, ...]):
+        self.storage, self.state_kwargs = storage, state_kwargs
+        self.plan = ReplayPlan(hidden=[], blocks=[BlockArgs() for _ in range(n_blocks)])
+        self.sample = -1
+        self._stored: dict[int, object] = {}  # id(original object) -> stored copy, within one sample
+        self._shared: list = []  # stored constants, for sharing equal ones between blocks
+
+    def new_sample(self) -> None:
+        self.sample += 1
+        self._stored.clear()
+
+    def store(self, value):
+        key = id(value)
+        if key not in self._stored:
+            stored = tree_map(lambda t: t.detach().to(self.storage) if isinstance(t, torch.Tensor) else t, value)
+            self._stored[key] = (value, stored)  # keep `value` alive so its id is not reused this sample
+        return self._stored[key][1]
+
+    def share(self, value):
+        """A constant equal to one stored for another block is that one (one copy of each mask)."""
+        for known in self._shared:
+            if known is value or tree_equal(known, value):
+                return known
+        self._shared.append(value)
+        return value
+
+    def refuse(self, reason: str) -> None:
+        if not self.plan.refusal:
+            self.plan.refusal = reason
+
+    def record(self, index: int, block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = _bind(block, args, kwargs)
+        hidden_name = next(iter(bound))
+        hidden = bound.pop(hidden_name)
+        if index == 0:
+            self.plan.hidden.append(hidden.detach().to(self.storage))
+            self.plan.hidden_name = hidden_name
+        plan = self.plan.blocks[index]
+        for name, value in bound.items():
+            if name in DROPPED:
+                continue
+            if name in self.state_kwargs:
+                plan.state[name] = type(value) if value is not None else dict
+                continue
+            if isinstance(value, (dict, UserDict)) and not _movable(value):
+                self.refuse(f"block {index}'s argument {name!r} is a container ({type(value).__name__}) that blocks may share; "
+                            "declare it in the spec's state_kwargs if blocks pass state through it")
+                continue
+            if not _movable(value):
+                if self.sample == 0:
+                    plan.const[name] = value
+                elif not (plan.const.get(name) is value or tree_equal(plan.const.get(name), value)) and name not in plan.sample:
+                    self.refuse(f"block {index}'s argument {name!r} ({type(value).__name__}) differs between samples")
+                continue
+            if name in plan.sample:
+                plan.sample[name].append(self.store(value))
+            elif self.sample == 0:
+                plan.const[name] = self.share(self.store(value))
+            elif not tree_equal(plan.const[name], value):
+                if not _per_sample(value):
+                    self.refuse(f"block {index}'s argument {name!r} differs between samples and has no batch dimension of 1")
+                    continue
+                first = plan.const.pop(name)  # was the same for samples 0 .. sample-1
+                plan.sample[name] = [first] * self.sample + [self.store(value)]
+
+
+def _bind(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """name -> value of one block call, bound to its forward's signature (**kwargs flattened in)."""
+    signature = inspect.signature(block.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise LowbitError(f"cannot bind the arguments of {type(block).__name__}.forward: {err}", "this transformers version calls its blocks differently; report it") from None
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise LowbitError(f"{type(block).__name__}.forward takes extra positional arguments lowbit cannot name", "report this architecture")
+        else:
+            out[name] = value
+    return out
+
+
 class _Recorder(torch.nn.Module):
-    def __init__(self, wrapped: torch.nn.Module, index: int, sink: "BlockInputs", last: bool):
+    def __init__(self, wrapped: torch.nn.Module, index: int, sink: _Sink, last: bool):
         super().__init__()
         self.wrapped = [wrapped]  # a list, so the meta block is not registered as a child
         self.index, self.sink, self.last = index, sink, last
@@ -35,70 +169,30 @@ class _Recorder(torch.nn.Module):
         except AttributeError:
             return getattr(self.wrapped[0], name)  # e.g. a layer's attention_type read by the model
 
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.index == 0:
-            self.sink.hidden.append(hidden_states.detach().to(self.sink.storage))
-        if len(self.sink.kwargs) == self.index:
-            self.sink.kwargs.append({k: v for k, v in kwargs.items() if k not in _DROPPED})
+    def forward(self, *args, **kwargs):
+        self.sink.record(self.index, self.wrapped[0], args, kwargs)
         if self.last:
             raise _StopForward
-        return hidden_states
-
-
-@dataclass
-class BlockInputs:
-    """Cached inputs of the current block: hidden states per sample and kwargs per block index."""
-
-    storage: torch.device
-    hidden: list[torch.Tensor] = field(default_factory=list)  # each [1, seqlen, hidden]
-    kwargs: list[dict] = field(default_factory=list)  # kwargs[i] is what block i receives
-
-    def kwargs_for(self, index: int, device) -> dict:
-        return {k: _to(v, device) for k, v in self.kwargs[index].items()}
-
-
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
+        return args[0] if args else next(iter(kwargs.values()))
 
 
 @torch.no_grad()
-def capture_block_inputs(model, blocks: torch.nn.ModuleList, windows: torch.Tensor, device, storage) -> BlockInputs:
-    """Run `model` on each window [n, seqlen] up to block 0; the pre-block modules must be loaded."""
-    sink = BlockInputs(storage=torch.device(storage))
+def capture_block_inputs(model, blocks: torch.nn.ModuleList, samples: list[dict], device, storage, state_kwargs: tuple[str, ...] = ()) -> ReplayPlan:
+    """Run `model` on each sample (a dict of model inputs with batch 1, e.g. {"input_ids": [1, T]}) up to
+    the last block, recording what every block receives; the modules before block 0 must be loaded."""
+    sink = _Sink(len(blocks), torch.device(storage), state_kwargs)
     originals = list(blocks)
     for i, block in enumerate(originals):
         blocks[i] = _Recorder(block, i, sink, last=i == len(originals) - 1)
     try:
-        for window in windows:
+        for sample in samples:
+            sink.new_sample()
             try:
-                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}, use_cache=False)
             except _StopForward:
                 pass
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    return sink
-
-
-def block_output(out):
-    """Decoder layers return a tensor (transformers 5) or a tuple whose first item is the hidden states."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def run_block(block, hidden: list[torch.Tensor], kwargs: dict, batch_size: int, device, storage) -> list[torch.Tensor]:
-    """Outputs of `block` for every cached sample, batched; returned per sample on `storage`."""
-    outs = []
-    for start in range(0, len(hidden), batch_size):
-        batch = torch.cat(hidden[start : start + batch_size]).to(device)
-        y = block_output(block(batch, **kwargs))
-        outs.extend(t.unsqueeze(0).to(storage) for t in y)
-    return outs
+    sink.new_sample()
+    return sink.plan

@@ -75,14 +75,16 @@ def read_layer(get, name: str, scheme: Scheme, out_features: int, in_features: i
     return QuantResult(scheme, codes.to(torch.uint8), get(f"{name}.scales").t().float(), zeros.to(torch.uint8))
 
 
-def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str) -> dict:
+def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str, fp_modules: list[str] = ()) -> dict:
+    """modules_to_not_convert: transformers / GPTQModel skip every module whose name contains one of these
+    strings: the kept linears and the kept sub-models (vision tower, projector)."""
     return {
         "quant_method": "awq",
         "version": "gemm",
         "zero_point": True,
         "bits": scheme.bits,
         "group_size": scheme.group_size,
-        "modules_to_not_convert": kept_fp or None,
+        "modules_to_not_convert": [*kept_fp, *fp_modules] or None,
         "quantizer": f"lowbit {version}",
     }
 

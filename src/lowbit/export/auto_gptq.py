@@ -17,6 +17,7 @@ auto_round, which stores zeros as they are.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -50,22 +51,31 @@ def read_layer(get, name: str, scheme: Scheme, out_features: int, in_features: i
     return auto_round.read_layer(get, name, scheme, out_features, in_features)  # zero_offset 1 for sym
 
 
-def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str) -> dict:
+def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str, fp_modules: list[str] = ()) -> dict:
+    """What ran goes in: desc_act / static_groups / true_sequential / damp_percent are GPTQ's own settings
+    when GPTQ ran (act-order with static groups keeps the codes in natural order, g_idx = k // group_size),
+    and desc_act false otherwise. Kept linears and kept sub-models are GPTQModel `dynamic` skip rules."""
+    gptq_ran = method.get("method") == "gptq"
     config = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "bits": scheme.bits,
         "group_size": scheme.group_size,
         "sym": scheme.sym,
-        "desc_act": False,
-        "static_groups": False,
-        "true_sequential": True,
-        "damp_percent": method.get("damp_percent", 0.01),
+        "desc_act": bool(method.get("desc_act", False)) if gptq_ran else False,
+        "static_groups": bool(method.get("static_groups", False)) if gptq_ran else False,
         "pack_dtype": "int32",
+        "block_name_to_quantize": blocks,
         "quantizer": [f"lowbit:{version}"],
+        "lowbit_method": method.get("method", "rtn"),
     }
-    if kept_fp:
-        config["dynamic"] = {f"-:^{name}$": {} for name in kept_fp}  # GPTQModel's per-module skip rules
+    if gptq_ran:
+        config.update(true_sequential=bool(method.get("true_sequential")), damp_percent=method.get("damp_percent"))
+    if kept_fp or fp_modules:
+        # GPTQModel's per-module skip rules: exact names, and every module under a kept sub-model
+        rules = {f"-:^{re.escape(name)}$": {} for name in kept_fp}
+        rules.update({f"-:^{re.escape(path)}\\.": {} for path in fp_modules})
+        config["dynamic"] = rules
     return config
 
 

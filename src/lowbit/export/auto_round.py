@@ -75,7 +75,9 @@ def extra_files(folder, config: dict) -> None:
     """auto_round needs nothing beside config.json."""
 
 
-def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str) -> dict:
+def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str, fp_modules: list[str] = ()) -> dict:
+    """kept_fp: every linear left in full precision, by name (listed in extra_config with 16 bits, so
+    auto-round's loader leaves them as nn.Linear); only layers inside `blocks` are converted at all."""
     config = {
         "quant_method": QUANT_METHOD,
         "packing_format": packing_format(scheme),
@@ -86,7 +88,7 @@ def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method:
         "act_bits": 16,
         "block_name_to_quantize": blocks,
         "quantizer": f"lowbit {version}",
-        **{k: v for k, v in method.items() if k in ("iters", "nsamples", "seqlen", "lr", "minmax_lr")},
+        **{k: v for k, v in method.items() if k in ("iters", "nsamples", "seqlen", "lr", "minmax_lr", "batch_size")},
     }
     if kept_fp:
         config["extra_config"] = {name: {"bits": 16, "data_type": "float"} for name in kept_fp}

@@ -86,7 +86,10 @@ def zero_offset(scheme: Scheme) -> int:
     return 0
 
 
-def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str) -> dict:
+def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method: dict, version: str, fp_modules: list[str] = ()) -> dict:
+    """`ignore` lists every linear kept in full precision by name (lm_head unless quantized, routers, vision /
+    audio towers, projectors): vLLM and compressed-tensors match ignore entries against layer names, and
+    `targets: Linear` would otherwise claim them."""
     weights = {
         "num_bits": scheme.bits,
         "type": "int",
@@ -112,7 +115,7 @@ def quantization_config(scheme: Scheme, blocks: str, kept_fp: list[str], method:
                 "format": "pack-quantized",
             }
         },
-        "ignore": ["lm_head", *kept_fp],
+        "ignore": list(kept_fp),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "sparsity_config": {},

@@ -12,7 +12,6 @@ import transformers
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
-from ..arch import ArchSpec
 from ..errors import LowbitError
 from .checkpoint import Checkpoint
 
@@ -39,35 +38,46 @@ def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
         raise LowbitError(f"module {path!r} not found in {type(model).__name__}", "the architecture spec does not match this model") from None
 
 
-def checkpoint_name(ckpt: Checkpoint, name: str, spec: ArchSpec) -> str:
-    """The checkpoint key for a model parameter; a tied lm_head reads the embedding."""
-    if ckpt.has(name):
-        return name
-    if name == f"{spec.lm_head}.weight" and getattr(ckpt.config, "tie_word_embeddings", False):
-        return f"{spec.embed}.weight"
-    # transformers may root a text model differently from its checkpoint (e.g. "model." prefixes)
-    for alt in (name.removeprefix("model."), "model." + name):
-        if ckpt.has(alt):
-            return alt
-    return name  # Checkpoint.tensor raises a clear error for it
+def load_tensors(model, full_names, ckpt: Checkpoint, names, device, dtype: torch.dtype) -> None:
+    """Materialize these parameters / buffers of `model` from the checkpoint.
 
-
-def load_module(model, path: str, ckpt: Checkpoint, spec: ArchSpec, device, dtype: torch.dtype) -> torch.nn.Module:
-    """Materialize the parameters (and persistent meta buffers) of `model.<path>` from the checkpoint."""
-    module = submodule(model, path)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if tensor.device.type != "meta":
+    `names` (model/names.py) maps model names to checkpoint keys. Buffers that the checkpoint holds are
+    loaded even though the skeleton built them real (Gemma 4's per-layer `layer_scalar` is a persistent
+    buffer initialised to 1 whose trained value lives in the checkpoint); computed ones (rotary tables)
+    are not in it and stay as built."""
+    for full, tensor in full_names:
+        key = names.get(full)
+        if key is None:
+            if tensor.device.type == "meta":
+                raise LowbitError(f"tensor {full} is missing from the checkpoint at {ckpt.path}", "the checkpoint is incomplete or for another architecture")
             continue
-        full = f"{path}.{name}" if path else name
-        value = ckpt.tensor(checkpoint_name(ckpt, full, spec))
+        value = ckpt.tensor(key)
         if value.is_floating_point():
             value = value.to(dtype)
         if tuple(value.shape) != tuple(tensor.shape):
             raise LowbitError(f"tensor {full} has shape {tuple(value.shape)} in the checkpoint but {tuple(tensor.shape)} in the model", "config.json does not match the weights")
         set_module_tensor_to_device(model, full, device, value=value)
+
+
+def load_module(model, path: str, ckpt: Checkpoint, names, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Materialize the parameters and checkpointed buffers of `model.<path>` (see load_tensors)."""
+    module = submodule(model, path)
+    prefix = f"{path}." if path else ""
+    load_tensors(model, [(prefix + n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers())], ckpt, names, device, dtype)
     return module
 
 
+def free_tensors(model, full_names) -> None:
+    """Send these parameters / persistent buffers back to `meta`, releasing their memory."""
+    for full in full_names:
+        set_module_tensor_to_device(model, full, "meta")
+
+
 def free_module(module: torch.nn.Module) -> None:
-    """Send a module's tensors back to `meta`, releasing their memory."""
-    module.to("meta")
+    """Send a module's parameters and persistent buffers back to `meta` (computed buffers stay)."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            m._parameters[name] = torch.nn.Parameter(p.data.to("meta"), requires_grad=p.requires_grad)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if name not in m._non_persistent_buffers_set and b is not None:
+                m._buffers[name] = b.to("meta")

@@ -1,0 +1,132 @@
+"""The block engine: the one place that runs a block on the calibration samples.
+
+Every algorithm reaches it through its BlockContext (algorithms/base.py) and the runner uses it to carry
+the samples from block to block; nothing else runs a block. It owns:
+- the samples: a `Stream` (the hidden states of every sample, [1, T, H] each, plus the state that earlier
+  blocks wrote for each sample, e.g. Gemma 4's shared KV) on the storage device;
+- the arguments: the captured `ReplayPlan` (calib/capture.py) gives each block its constants (stored once,
+  moved to the device once per block), its per-sample arguments (concatenated per batch) and fresh
+  state containers filled with the batch's own state;
+- batching: contiguous batches of `batch_size` samples, or any index list (AutoRound's random batches);
+- reduction: `reduce_sum` over statistics. Locally the identity; the data-parallel engine of several
+  processes plugs in here (a Reducer with torch.distributed's all_reduce), as does placing a block over
+  several devices (`call` is the only place a block is invoked).
+The contract, tested for every registered architecture (tests/arch): propagating the samples through the
+blocks one by one reproduces the full model's forward, at every batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .calib.capture import ReplayPlan
+from .calib.tree import cat_samples, split_samples, to_device
+
+
+def block_output(out) -> torch.Tensor:
+    """Decoder layers return a tensor (transformers 5) or a tuple whose first item is the hidden states."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class Stream:
+    """One chain of per-sample block inputs.
+
+    hidden: per sample [1, T, H] on the storage device.
+    state: per sample, state argument name -> {key: tree of [1, ...] tensors} written by earlier blocks.
+    """
+
+    hidden: list
+    state: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.state:
+            self.state = [{} for _ in self.hidden]
+
+    def copy(self) -> "Stream":
+        return Stream(list(self.hidden), [{name: dict(d) for name, d in s.items()} for s in self.state])
+
+
+class LocalReducer:
+    """Statistics of one process are already complete."""
+
+    world_size = 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class BlockEngine:
+    def __init__(self, plan: ReplayPlan, device, storage, batch_size: int, reducer=None):
+        self.plan = plan
+        self.device, self.storage = torch.device(device), torch.device(storage)
+        self.batch_size = batch_size
+        self.reducer = reducer or LocalReducer()
+        self._const: tuple[int, dict] | None = None  # (block index, constants on the device)
+
+    # ------------------------------------------------------------ storage
+    def store(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor as the cache keeps it (detached, on the storage device)."""
+        return t.detach().to(self.storage)
+
+    def to_storage(self, value):
+        return to_device(value, self.storage)
+
+    def to_device(self, value):
+        return to_device(value, self.device)
+
+    def stream(self) -> Stream:
+        """The captured inputs of block 0."""
+        return Stream([self.store(h) for h in self.plan.hidden])
+
+    # ------------------------------------------------------------ batches and calls
+    def batches(self, n: int) -> list[list[int]]:
+        return [list(range(s, min(s + self.batch_size, n))) for s in range(0, n, self.batch_size)]
+
+    def hidden(self, stream: Stream, indices: list[int]) -> torch.Tensor:
+        """[len(indices), T, H] on the device."""
+        return torch.cat([stream.hidden[i].to(self.device, non_blocking=True) for i in indices])
+
+    def kwargs(self, index: int, stream: Stream, indices: list[int]) -> dict:
+        """Block `index`'s keyword arguments for these samples, on the device; state containers are fresh
+        (what the block writes to them is read back by `propagate`, or dropped)."""
+        args = self.plan.blocks[index]
+        if self._const is None or self._const[0] != index:
+            self._const = (index, self.to_device(args.const))
+        out = dict(self._const[1])
+        for name, values in args.sample.items():
+            out[name] = self.to_device(cat_samples([values[i] for i in indices]))
+        for name, cls in args.state.items():
+            container = cls()
+            written = [stream.state[i].get(name, {}) for i in indices]
+            for key in written[0]:
+                container[key] = self.to_device(cat_samples([w[key] for w in written]))
+            out[name] = container
+        return out
+
+    def call(self, block: torch.nn.Module, index: int, stream: Stream, indices: list[int], kwargs: dict | None = None) -> torch.Tensor:
+        """Block output [len(indices), T, H] for these samples (forward hooks on the block fire)."""
+        kwargs = self.kwargs(index, stream, indices) if kwargs is None else kwargs
+        return block_output(block(self.hidden(stream, indices), **kwargs))
+
+    @torch.no_grad()
+    def propagate(self, block: torch.nn.Module, index: int, stream: Stream) -> Stream:
+        """The next block's inputs: this block's outputs for every sample, and the state it wrote."""
+        out = stream.copy()
+        for indices in self.batches(len(stream.hidden)):
+            kwargs = self.kwargs(index, stream, indices)
+            before = {name: dict(kwargs[name]) for name in self.plan.blocks[index].state}
+            y = self.call(block, index, stream, indices, kwargs)
+            for j, t in zip(indices, y):
+                out.hidden[j] = self.store(t.unsqueeze(0))
+            for name, old in before.items():
+                for key, value in kwargs[name].items():
+                    if old.get(key) is not value:  # written by this block: keep it per sample
+                        for j, part in zip(indices, split_samples(value, len(indices))):
+                            out.state[j].setdefault(name, {})[key] = self.to_storage(part)
+        return out
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.reducer.sum(t)

@@ -1,0 +1,86 @@
+"""Checkpoint tensor names -> the model's parameter names, through transformers' own renaming rules.
+
+Checkpoints on the hub predate the layouts transformers builds now (LLaVA-style VLMs saved as
+`language_model.model.layers.*`, loaded as `model.language_model.layers.*`). transformers renames keys
+when it loads a checkpoint (`conversion_mapping`: WeightRenaming rules per model class, plus the
+base-model prefix added or stripped); lowbit applies the very same rules, once, before any work, so every
+tensor of the model is found (or the missing ones are listed) before block 0 and the export is written
+under the names transformers builds. Keys that a rule would *convert* (e.g. per-expert tensors fused into
+one 3-D parameter) are not simple renames and are reported as unmapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LowbitError
+
+
+@dataclass
+class NameMap:
+    """model name -> checkpoint key; `unmapped`: checkpoint keys that match no tensor of the model."""
+
+    to_checkpoint: dict[str, str] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> str:
+        return self.to_checkpoint[name]
+
+    def get(self, name: str) -> str | None:
+        return self.to_checkpoint.get(name)
+
+
+def _renamer(model):
+    """key -> (renamed key, converted?) with transformers' rules for this model; identity if unavailable."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: names are used as they are
+        return lambda key, meta: (key, False)
+    transforms = get_model_conversion_mapping(model) or []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str, meta: dict):
+        new, converter = rename_source_key(key, renamings, converters, prefix, meta)
+        return new, converter is not None
+
+    return rename
+
+
+def map_names(model: torch.nn.Module, checkpoint_keys) -> NameMap:
+    """Map every checkpoint key onto the model's state dict (tied parameters read their source)."""
+    state = model.state_dict(keep_vars=True)
+    rename = _renamer(model)
+    names = NameMap()
+    for key in checkpoint_keys:
+        new, converted = rename(key, state)
+        if new in state and not converted:
+            names.to_checkpoint[new] = key
+        else:
+            names.unmapped.append(key)
+    # tied parameters (lm_head reading the embedding): the same Parameter object under several names
+    by_object: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_object.setdefault(id(p), []).append(name)
+    for aliases in by_object.values():
+        source = next((a for a in aliases if a in names.to_checkpoint), None)
+        for alias in aliases:
+            if source and alias not in names.to_checkpoint:
+                names.to_checkpoint[alias] = names.to_checkpoint[source]
+    return names
+
+
+def check_complete(model: torch.nn.Module, names: NameMap, path) -> None:
+    """Every parameter (and every persistent buffer still on meta) must come from the checkpoint."""
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if n not in names.to_checkpoint and t.device.type == "meta"]
+    if missing:
+        shown = ", ".join(missing[:3])
+        raise LowbitError(
+            f"the checkpoint at {path} lacks {len(missing)} tensors the model needs, e.g. {shown}"
+            + (f" (and has {len(names.unmapped)} that match nothing, e.g. {names.unmapped[0]})" if names.unmapped else ""),
+            "the checkpoint is incomplete, for another architecture, or in a layout lowbit cannot map yet",
+        )

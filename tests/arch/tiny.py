@@ -1,0 +1,57 @@
+"""Tiny offline configs (transformers `from_config`) for every registered architecture.
+
+Text models get 2-4 small layers; vision-language models a tiny text model and a tiny vision tower, so
+the whole model builds in well under a second and every path of the spec can be resolved.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, head_dim=16)
+GEMMA4_TEXT = dict(
+    TEXT, num_hidden_layers=4, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, num_kv_shared_layers=2, global_head_dim=16,
+)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
+def _text(model_type: str, arch: str, **extra):
+    return lambda: AutoConfig.for_model(model_type, architectures=[arch], **{**TEXT, **extra})
+
+
+def _vlm(model_type: str, arch: str, text: dict, vision: dict, **top):
+    def build():
+        config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **top)
+        config.architectures = [arch]
+        return config
+
+    return build
+
+
+TINY = {
+    "LlamaForCausalLM": _text("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": _text("mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": _text("qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": _text("qwen3", "Qwen3ForCausalLM"),
+    "Gemma3ForCausalLM": _text("gemma3_text", "Gemma3ForCausalLM", sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "Phi3ForCausalLM": _text("phi3", "Phi3ForCausalLM", pad_token_id=0),
+    "Gemma4ForCausalLM": _text("gemma4_text", "Gemma4ForCausalLM", **{k: v for k, v in GEMMA4_TEXT.items() if k not in TEXT or k == "num_hidden_layers"}),
+    "Gemma4ForConditionalGeneration": _vlm("gemma4", "Gemma4ForConditionalGeneration", {**GEMMA4_TEXT, "model_type": "gemma4_text"},
+                                           dict(VISION, model_type="gemma4_vision", head_dim=16, num_key_value_heads=2)),
+    "Gemma3ForConditionalGeneration": _vlm("gemma3", "Gemma3ForConditionalGeneration", dict(TEXT, model_type="gemma3_text", sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+                                           dict(VISION, model_type="siglip_vision_model", image_size=32, patch_size=8), mm_tokens_per_image=4),
+    "LlavaForConditionalGeneration": _vlm("llava", "LlavaForConditionalGeneration", dict(TEXT, model_type="llama"), dict(VISION, model_type="clip_vision_model", image_size=32, patch_size=8, projection_dim=32)),
+    "LlavaNextForConditionalGeneration": _vlm("llava_next", "LlavaNextForConditionalGeneration", dict(TEXT, model_type="llama"), dict(VISION, model_type="clip_vision_model", image_size=32, patch_size=8, projection_dim=32)),
+    "Mistral3ForConditionalGeneration": _vlm("mistral3", "Mistral3ForConditionalGeneration", dict(TEXT, model_type="mistral"), dict(VISION, model_type="pixtral", image_size=32, patch_size=8, head_dim=16)),
+    "Qwen2_5_VLForConditionalGeneration": _vlm("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", dict(TEXT, model_type="qwen2_5_vl_text", rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}),
+                                               dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0], window_size=16, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)),
+    "Qwen2VLForConditionalGeneration": _vlm("qwen2_vl", "Qwen2VLForConditionalGeneration", dict(TEXT, model_type="qwen2_vl_text", rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}),
+                                            dict(depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)),
+    "Qwen3VLForConditionalGeneration": _vlm("qwen3_vl", "Qwen3VLForConditionalGeneration", dict(TEXT, model_type="qwen3_vl_text", rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "mrope_interleaved": True, "rope_theta": 10000.0}),
+                                            dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], num_position_embeddings=16)),
+}
+
+
+def tiny_config(arch: str):
+    return TINY[arch]()
