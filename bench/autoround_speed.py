@@ -61,10 +61,10 @@ def settings(args) -> dict:
 
 def run_ours(args) -> dict:
     import lowbit
-    from lowbit.algorithms import algorithm, register_algorithm
+    from lowbit.algorithms import handler_for, register_algorithm
 
     s = settings(args)
-    inner, _ = algorithm("autoround")
+    inner = handler_for(lowbit.AutoRoundConfig())
     times = []
 
     def timed(ctx, config):
@@ -75,7 +75,7 @@ def run_ours(args) -> dict:
         times.append(time.perf_counter() - t0)
         return out
 
-    register_algorithm("autoround", timed, needs_calibration=True)
+    register_algorithm(lowbit.AutoRoundConfig, timed)
     out_dir = Path(args.workdir) / "ours-out"
     shutil.rmtree(out_dir, ignore_errors=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,6 +28,7 @@ def build_skeleton(config, dtype: torch.dtype = torch.float32) -> torch.nn.Modul
     """The full model with every parameter on `meta` and real buffers; eval mode."""
     with init_empty_weights(include_buffers=False):
         model = model_class(config)._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.tie_weights()  # tied parameters (lm_head and the embedding) become one Parameter, as when loaded
     return model.eval()
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lowbit
 from tests.conftest import save_tiny_model_with_tokenizer
-from lowbit.algorithms import BlockContext, algorithm
+from lowbit.algorithms.rtn import quantize_block as rtn_block
 from lowbit.algorithms.awq import (
     GroupScale,
     apply,
@@ -22,7 +22,9 @@ from lowbit.algorithms.awq import (
     usable_groups,
 )
 from lowbit.arch import spec_for
-from lowbit.calib.capture import capture_block_inputs, run_block
+from tests.engine_helpers import block_outputs
+from tests.engine_helpers import capture as capture_windows
+from tests.engine_helpers import make_ctx as engine_ctx
 from lowbit.config import AwqConfig, Scheme
 from lowbit.errors import LowbitError
 
@@ -50,30 +52,23 @@ def tiny_llama(heads=4, kv_heads=2, outlier=False):
 
 def capture(model):
     windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-    return capture_block_inputs(model, model.model.layers, windows, "cpu", "cpu")
+    return capture_windows(model, windows)
 
 
 def make_ctx(model, inputs, scheme, spec=None, log=None):
-    block = model.model.layers[0]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    return BlockContext(
-        index=0, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec or spec_for(model.config),
-        device=torch.device("cpu"), storage=torch.device("cpu"), batch_size=4, inputs=inputs.hidden, kwargs=inputs.kwargs_for(0, "cpu"), log=log,
-    )
+    return engine_ctx(model, inputs, scheme, spec=spec, log=log)
 
 
 def block_out(block, inputs):
-    return torch.cat(run_block(block, inputs.hidden, inputs.kwargs_for(0, "cpu"), 8, "cpu", "cpu"))
+    """Outputs of `block` (standing in for block 0) on the cached inputs, [n, T, H]."""
+    with torch.no_grad():
+        return torch.cat([inputs.engine.call(block, 0, inputs.stream, idx) for idx in inputs.engine.batches(len(inputs.stream.hidden))])
 
 
 def quantized_mse(ctx, results, fp) -> float:
     for n, r in results.items():
         ctx.linears[n].weight.data = r.dequantize()
-    return F.mse_loss(torch.cat(run_block(ctx.block, ctx.inputs, ctx.kwargs, 8, "cpu", "cpu")), fp).item()
-
-
-def test_registered():
-    assert algorithm("awq") == (quantize_block, True)
+    return F.mse_loss(block_outputs(ctx), fp).item()
 
 
 def test_groups_and_inspected_modules():
@@ -127,7 +122,7 @@ def test_folding_into_a_gemma_norm_uses_the_offset():
             if p.ndim == 1:
                 p.normal_(0, 0.5)
     windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
-    inputs = capture_block_inputs(model, model.model.layers, windows, "cpu", "cpu")
+    inputs = capture_windows(model, windows)
     spec = spec_for(config)
     assert spec.norm_weight_offset == 1.0
     block = model.model.layers[0]
@@ -148,7 +143,7 @@ def test_beats_rtn_on_an_outlier_channel(config):
     scheme = Scheme(3, 32, sym=False)
     fp = block_out(model.model.layers[0], inputs)
     rtn_ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
-    rtn = quantized_mse(rtn_ctx, algorithm("rtn")[0](rtn_ctx, None), fp)
+    rtn = quantized_mse(rtn_ctx, rtn_block(rtn_ctx, None), fp)
     ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
     results = quantize_block(ctx, config)
     assert set(results) == set(ctx.linears)
@@ -184,7 +179,7 @@ def test_no_scale_groups_errors_when_explicit_and_falls_back_otherwise():
     lines = []
     ctx = make_ctx(model, inputs, Scheme(), spec, log=lines.append)
     results = quantize_block(ctx, AwqConfig(explicit=False))
-    rtn = algorithm("rtn")[0](make_ctx(model, inputs, Scheme()), None)
+    rtn = rtn_block(make_ctx(model, inputs, Scheme()), None)
     assert len(lines) == 1 and "falling back to RTN" in lines[0]
     for n, r in results.items():
         assert torch.equal(r.codes, rtn[n].codes)

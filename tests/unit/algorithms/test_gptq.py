@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 import lowbit
 from tests.conftest import save_tiny_model_with_tokenizer
-from lowbit.algorithms import BlockContext, algorithm
+from lowbit.algorithms.rtn import quantize_block as rtn_block
 from lowbit.algorithms.gptq import accumulate_hessian, gptq_quantize, quantize_block, sequential_stages
 from lowbit.arch import spec_for
-from lowbit.calib.capture import capture_block_inputs, run_block
+from tests.engine_helpers import block_outputs, capture
+from tests.engine_helpers import make_ctx as engine_ctx
 from lowbit.config import GptqConfig, Scheme
 from lowbit.quant.primitives import compute_qparams, quantize_weight
 
@@ -125,26 +126,17 @@ def tiny_llama(heads=4, kv_heads=2):
 def captured():
     model = tiny_llama()
     windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-    return model, capture_block_inputs(model, model.model.layers, windows, "cpu", "cpu")
+    return model, capture(model, windows)
 
 
 def make_ctx(model, inputs, scheme):
-    block = model.model.layers[0]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    return BlockContext(
-        index=0, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec_for(model.config),
-        device=torch.device("cpu"), storage=torch.device("cpu"), batch_size=4, inputs=inputs.hidden, kwargs=inputs.kwargs_for(0, "cpu"),
-    )
+    return engine_ctx(model, inputs, scheme)
 
 
 def block_mse(ctx, fp, results) -> float:
     for n, r in results.items():
         ctx.linears[n].weight.data = r.dequantize()
-    return F.mse_loss(torch.cat(run_block(ctx.block, ctx.inputs, ctx.kwargs, 8, "cpu", "cpu")), fp).item()
-
-
-def test_registered():
-    assert algorithm("gptq") == (quantize_block, True)
+    return F.mse_loss(block_outputs(ctx), fp).item()
 
 
 def test_true_sequential_stages_follow_the_forward(captured):
@@ -159,9 +151,9 @@ def test_true_sequential_stages_follow_the_forward(captured):
 def test_block_output_error_below_rtn(captured, config):
     model, inputs = captured
     scheme = Scheme(3, 32, sym=False)
-    fp = torch.cat(run_block(model.model.layers[0], inputs.hidden, inputs.kwargs_for(0, "cpu"), 8, "cpu", "cpu"))
+    fp = block_outputs(make_ctx(model, inputs, Scheme()))
     rtn_ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
-    rtn = block_mse(rtn_ctx, fp, algorithm("rtn")[0](rtn_ctx, None))
+    rtn = block_mse(rtn_ctx, fp, rtn_block(rtn_ctx, None))
     ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
     results = quantize_block(ctx, config)
     assert set(results) == set(ctx.linears)
