@@ -322,14 +322,14 @@ def refuse_unholdable(skeleton, spec: ArchSpec, scheme: Scheme, formats, quant_l
 def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks) -> ReplayPlan:
     """Tokenize the calibration text and record every block's inputs. Loaded for it: every tensor outside
     the blocks that runs before block 0 on text (embeddings, Gemma 4's per-layer tables), i.e. all but
-    lm_head, the final norm and the sub-models kept in fp (vision towers, which text never reaches)."""
+    lm_head, the final norm and the media sub-models (vision / audio towers, which text never reaches)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     windows = calibration_windows(tokenizer, load_text(calib.dataset), calib)
     after = (spec.lm_head, *spec.post_block)
     needed = [(n, t) for n, t in skeleton.state_dict(keep_vars=True).items()
-              if not spec.in_blocks(n) and not spec.is_kept_fp(n) and not any(n == a or n.startswith(a + ".") for a in after)]
+              if not spec.in_blocks(n) and not spec.is_media(n) and not any(n == a or n.startswith(a + ".") for a in after)]
     load_tensors(skeleton, needed, ckpt, names, device, dtype)
     try:
         plan = capture_block_inputs(skeleton, blocks, [{"input_ids": w.unsqueeze(0)} for w in windows], device, storage, spec.state_kwargs)

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, head_dim=16)
 GEMMA4_TEXT = dict(
     TEXT, num_hidden_layers=4, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-    hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, num_kv_shared_layers=2, global_head_dim=16,
+    hidden_size_per_layer_input=32, vocab_size_per_layer_input=128, num_kv_shared_layers=2, global_head_dim=16,
 )
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
@@ -55,3 +55,27 @@ TINY = {
 
 def tiny_config(arch: str):
     return TINY[arch]()
+
+
+def save_tiny_checkpoint(arch: str, path, text: str, seed: int = 0):
+    """A random tiny model of `arch` (norms perturbed, so no weight is a constant) plus a word-piece tokenizer
+    of < 128 tokens trained on `text`, saved as a checkpoint folder; returns the fp model."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.model.skeleton import model_class
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=100, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
+    config = tiny_config(arch)
+    torch.manual_seed(seed)
+    model = model_class(config)._from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and t.numel() > 0 and "inv_freq" not in name and ("norm" in name or "scalar" in name):
+                t.copy_(t + 0.1 * torch.randn_like(t))
+    model.save_pretrained(path)
+    return model

@@ -75,15 +75,16 @@ GEMMA4_TEXT = register(
 )
 
 
-def multimodal(text: ArchSpec, keep_fp: tuple[str, ...], text_only: str = "") -> ArchSpec:
-    """A text spec re-rooted under model.language_model, with the model's other sub-models kept in fp."""
+def multimodal(text: ArchSpec, media: tuple[str, ...], text_only: str = "") -> ArchSpec:
+    """A text spec re-rooted under model.language_model; the media sub-models (towers, projectors) kept in fp."""
     inner = tuple(p.replace("model.", "model.language_model.", 1) for p in text.keep_fp)
     return replace(
         text,
         blocks="model.language_model.layers",
         embed="model.language_model.embed_tokens",
         post_block=("model.language_model.norm",),
-        keep_fp=inner + keep_fp,
+        keep_fp=inner + media,
+        media=media,
         text_only=text_only,
     )
 

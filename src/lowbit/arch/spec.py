@@ -39,9 +39,9 @@ class ArchSpec:
         post_block: modules after the last block (final norm).
         lm_head: the output projection; kept in full precision unless asked otherwise.
         keep_fp: patterns of sub-models outside the blocks kept in full precision and listed as such in
-            every export's config (vision towers, projectors, audio towers, per-layer projections). Only
-            what runs before block 0 on text input is loaded for calibration; these are loaded too when
-            the calibration has images.
+            every export's config (vision towers, projectors, audio towers, Gemma 4's per-layer tables).
+        media: the keep_fp sub-models that text input never reaches (vision / audio towers, projectors):
+            not loaded for text-only calibration.
         scale_groups: AWQ scale groups inside a block (a group whose modules a layer lacks is skipped there).
         norm_weight_offset: the block's norms compute x_hat * (offset + weight): 0 for Llama-style
             norms, 1 for Gemma 3's; AWQ folds a scale s into a norm as (offset + weight) / s - offset.
@@ -59,6 +59,7 @@ class ArchSpec:
     post_block: tuple[str, ...] = ("model.norm",)
     lm_head: str = "lm_head"
     keep_fp: tuple[str, ...] = ()
+    media: tuple[str, ...] = ()
     scale_groups: tuple[ScaleGroup, ...] = field(default=())
     norm_weight_offset: float = 0.0
     state_kwargs: tuple[str, ...] = ()
@@ -69,7 +70,10 @@ class ArchSpec:
 
     def is_kept_fp(self, name: str) -> bool:
         """True for a module or tensor name under one of the keep_fp sub-models."""
-        return any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in self.keep_fp)
+        return _under(name, self.keep_fp)
+
+    def is_media(self, name: str) -> bool:
+        return _under(name, self.media)
 
     def block_linears(self, block: torch.nn.Module, prefix: str) -> tuple[list[str], list[str]]:
         """(names to quantize, names kept in fp) of one block's Linear modules, block-relative.
@@ -90,6 +94,10 @@ class ArchSpec:
                     "add it to the spec's linears (to quantize) or fp_linears (to keep) in src/lowbit/arch/families.py",
                 )
         return quantize, fp
+
+
+def _under(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, p) or fnmatchcase(name, p + ".*") for p in patterns)
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
