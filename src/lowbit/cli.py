@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(q, "overwrite", action="store_true", help="replace an existing output folder")
     cal = q.add_argument_group("calibration (calibrated methods only)")
     _flag(cal, "dataset", default="austen", help="austen | kjv | path to a UTF-8 text file (default austen)")
+    _flag(cal, "images", default=None, help="VLMs: calibrate on images: a folder of images or a .jsonl of {\"image\", \"text\"} lines")
     _flag(cal, "nsamples", type=int, default=None, help="calibration windows (default 128; preset best: 512)")
     _flag(cal, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     _flag(cal, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="greedy generation with a model or a quantized output folder")
     g.add_argument("model")
     _flag(g, "prompt", required=True)
+    _flag(g, "image", default=None, help="vision-language models: an image the prompt is about")
     _flag(g, "max_new_tokens", type=int, default=48)
     _flag(g, "device", default="cpu")
     return parser
@@ -122,6 +124,7 @@ def configs_from_args(args):
         seqlen=args.seqlen,
         batch_size=args.batch_size,
         allow_fewer=args.allow_fewer_samples,
+        images=args.images,
     )
     output = args.output_dir or f"{args.model.rstrip('/').split('/')[-1].removesuffix('.gguf')}-w{scheme.bits}g{scheme.group_size}"
     run = RunConfig(
@@ -176,6 +179,11 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     from .eval import generate
 
+    if args.image:
+        from .eval.vision import generate_with_image
+
+        print(generate_with_image(args.model, args.image, args.prompt, args.max_new_tokens, args.device))
+        return
     model, tokenizer = open_model(args.model, args.device)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
 

@@ -78,6 +78,9 @@ class CalibConfig:
         batch_size: windows per forward pass through a block.
         allow_fewer: when the text is too short for nsamples x seqlen, use as many windows as it makes
             instead of failing.
+        images: vision-language models only: calibrate on images with prompts instead of text windows, a
+            folder of images or a .jsonl of {"image": path, "text": prompt} lines (calib/images.py); each
+            sample is padded to seqlen tokens.
     """
 
     dataset: str = "austen"
@@ -85,6 +88,7 @@ class CalibConfig:
     seqlen: int = 2048
     batch_size: int = 8
     allow_fewer: bool = False
+    images: str | None = None
 
     def __post_init__(self):
         for name in ("nsamples", "seqlen", "batch_size"):

@@ -145,6 +145,14 @@ def quantize(
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = Checkpoint(resolve_model(model))
     spec = spec_for(ckpt.config)
+    if needs_calib and calib.images:  # before any work: images need a model that reads them, and a processor
+        from .calib.images import image_prompts, load_processor
+
+        if not spec.media:
+            raise LowbitError(f"--images given but {ckpt.config.architectures[0]} reads text only", "drop --images (text calibration)")
+        if spec.text_only:
+            raise LowbitError(f"image calibration of {ckpt.config.architectures[0]} cannot be replayed exactly: {spec.text_only}", "drop --images")
+        image_prompts(calib.images), load_processor(ckpt.path)
     device = resolve_device(run.device)
     dtype = compute_dtype(device, ckpt, needs_calib)
     storage = torch.device("cpu") if device.type == "cpu" or method_cfg.cache_on_cpu else device
@@ -322,23 +330,34 @@ def refuse_unholdable(skeleton, spec: ArchSpec, scheme: Scheme, formats, quant_l
 def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks) -> ReplayPlan:
     """Tokenize the calibration text and record every block's inputs. Loaded for it: every tensor outside
     the blocks that runs before block 0 on text (embeddings, Gemma 4's per-layer tables), i.e. all but
-    lm_head, the final norm and the media sub-models (vision / audio towers, which text never reaches)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
-    windows = calibration_windows(tokenizer, load_text(calib.dataset), calib)
+    lm_head, the final norm and the media sub-models (vision / audio towers, which text never reaches; they
+    are loaded when the calibration has images)."""
+    samples = calibration_samples(ckpt, spec, calib)
     after = (spec.lm_head, *spec.post_block)
     needed = [(n, t) for n, t in skeleton.state_dict(keep_vars=True).items()
-              if not spec.in_blocks(n) and not spec.is_media(n) and not any(n == a or n.startswith(a + ".") for a in after)]
+              if not spec.in_blocks(n) and (calib.images or not spec.is_media(n)) and not any(n == a or n.startswith(a + ".") for a in after)]
     load_tensors(skeleton, needed, ckpt, names, device, dtype)
     try:
-        plan = capture_block_inputs(skeleton, blocks, [{"input_ids": w.unsqueeze(0)} for w in windows], device, storage, spec.state_kwargs)
+        plan = capture_block_inputs(skeleton, blocks, samples, device, storage, spec.state_kwargs)
     finally:
         free_tensors(skeleton, [n for n, t in needed if names.get(n) is not None])
         ckpt.close()
     if plan.refusal:
         raise LowbitError(f"{type(skeleton).__name__}'s blocks cannot be replayed exactly: {plan.refusal}", "quantize it with --method rtn (no calibration), or extend its ArchSpec")
     return plan
+
+
+def calibration_samples(ckpt: Checkpoint, spec: ArchSpec, calib: CalibConfig) -> list[dict]:
+    """Model inputs per sample (batch 1): token windows of the text, or processed image-text pairs."""
+    if calib.images:
+        from .calib.images import image_samples
+
+        return image_samples(ckpt.path, calib.images, calib.nsamples, calib.seqlen)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    windows = calibration_windows(tokenizer, load_text(calib.dataset), calib)
+    return [{"input_ids": w.unsqueeze(0)} for w in windows]
 
 
 def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantResult], fmt, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -79,3 +79,38 @@ def save_tiny_checkpoint(arch: str, path, text: str, seed: int = 0):
                 t.copy_(t + 0.1 * torch.randn_like(t))
     model.save_pretrained(path)
     return model
+
+
+LLAVA_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+                  "{% endfor %}{% endfor %} ASSISTANT:")
+
+
+def save_tiny_llava_with_processor(path, text: str):
+    """A tiny LLaVA checkpoint (save_tiny_checkpoint) plus a real LlavaProcessor: a CLIP image processor at
+    32 x 32 pixels (16 image tokens for 8-pixel patches) and the tokenizer with an <image> token."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    model = save_tiny_checkpoint("LlavaForConditionalGeneration", path, text)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    model.save_pretrained(path)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tok,
+                   patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+                   chat_template=LLAVA_TEMPLATE).save_pretrained(path)
+    return model
+
+
+def write_images(folder, n: int, seed: int = 0) -> list:
+    """n random RGB PNGs of assorted sizes."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray((rng.random((24 + 8 * i, 40, 3)) * 255).astype("uint8")).save(p)
+        paths.append(p)
+    return paths

@@ -82,3 +82,78 @@ def test_gemma4_gptq_calibrates_through_per_layer_inputs_and_shared_kv(tmp_path,
                         RunConfig(output_dir=str(out), device="cpu"), progress=False)
         errors[method] = torch.nn.functional.mse_loss(logits(lowbit.load(out), ids), fp).item()
     assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_image_calibration_replays_exactly_and_the_export_answers_about_an_image(tmp_path):
+    """Image-text samples (vision tower and projector run before block 0, padded to seqlen) replayed
+    block by block equal the full forward per sample at batch 1 and 3; GPTQ calibrated on them exports a
+    model that `lowbit generate --image` runs."""
+    import subprocess
+    import sys
+
+    from lowbit.arch import spec_for
+    from lowbit.calib.capture import capture_block_inputs
+    from lowbit.calib.images import image_samples
+    from lowbit.engine import BlockEngine
+    from tests.arch.tiny import save_tiny_llava_with_processor, write_images
+
+    src = tmp_path / "src"
+    model = save_tiny_llava_with_processor(src, TEXT)
+    images = tmp_path / "images"
+    paths = write_images(images, 4)
+    samples = image_samples(src, str(images), nsamples=4, seqlen=64)
+    spec = spec_for(model.config)
+    want = []
+    hook = model.get_submodule(spec.post_block[0]).register_forward_hook(lambda m, args, out: want.append(args[0].clone()))
+    with torch.no_grad():
+        for s in samples:
+            model(**s, use_cache=False)
+    hook.remove()
+    plan = capture_block_inputs(model, model.get_submodule(spec.blocks), samples, "cpu", "cpu", spec.state_kwargs)
+    assert not plan.refusal
+    for batch_size in (1, 3):
+        engine = BlockEngine(plan, "cpu", "cpu", batch_size)
+        stream = engine.stream()
+        for i, block in enumerate(model.get_submodule(spec.blocks)):
+            stream = engine.propagate(block, i, stream)
+        for got, ref in zip(stream.hidden, want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+    out = tmp_path / "out"
+    lowbit.quantize(str(src), "gptq", Scheme(4, 32, sym=True), CalibConfig(images=str(images), nsamples=4, seqlen=64, batch_size=2),
+                    RunConfig(output_dir=str(out), device="cpu"), progress=False)
+    assert (out / "processor_config.json").is_file() and (out / "chat_template.jinja").is_file()
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "generate", str(out), "--image", str(paths[0]), "--prompt", "what is it", "--max_new_tokens", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["text_only_model", "bad_image", "no_processor", "generate_image_text_model"])
+def test_image_bad_input_is_one_line_and_leaves_nothing(case, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.arch.tiny import save_tiny_checkpoint, save_tiny_llava_with_processor, write_images
+
+    src = tmp_path / "src"
+    images = tmp_path / "images"
+    write_images(images, 2)
+    if case in ("text_only_model", "generate_image_text_model"):
+        save_tiny_checkpoint("LlamaForCausalLM", src, TEXT)
+        expect = "reads text only"
+    elif case == "bad_image":
+        save_tiny_llava_with_processor(src, TEXT)
+        (images / "img1.png").write_bytes(b"not a png")
+        expect = "cannot decode image"
+    else:
+        save_tiny_checkpoint("LlavaForConditionalGeneration", src, TEXT)
+        expect = "has no usable processor"
+    out = tmp_path / "out"
+    if case == "generate_image_text_model":
+        args = ["generate", str(src), "--image", str(images / "img0.png"), "--prompt", "hi"]
+    else:
+        args = ["quantize", str(src), "--method", "gptq", "--images", str(images), "--nsamples", "2", "--seqlen", "64", "--group_size", "32", "--output_dir", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "out.lowbit-partial").exists()

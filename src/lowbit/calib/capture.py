@@ -176,6 +176,13 @@ class _Recorder(torch.nn.Module):
         return args[0] if args else next(iter(kwargs.values()))
 
 
+def _as_input(value, device, dtype):
+    """A model input on the device; floating ones (pixel values) in the model's dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
 @torch.no_grad()
 def capture_block_inputs(model, blocks: torch.nn.ModuleList, samples: list[dict], device, storage, state_kwargs: tuple[str, ...] = ()) -> ReplayPlan:
     """Run `model` on each sample (a dict of model inputs with batch 1, e.g. {"input_ids": [1, T]}) up to
@@ -188,7 +195,7 @@ def capture_block_inputs(model, blocks: torch.nn.ModuleList, samples: list[dict]
         for sample in samples:
             sink.new_sample()
             try:
-                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}, use_cache=False)
+                model(**{k: _as_input(v, device, model.dtype) for k, v in sample.items()}, use_cache=False)
             except _StopForward:
                 pass
     finally:

@@ -46,13 +46,13 @@ def pack_columns(values: torch.Tensor) -> torch.Tensor:
     """[R, N] 4-bit values -> int32 [R, N/8] in AWQ's interleaved nibble order."""
     r, n = values.shape
     runs = values.to(torch.int64).reshape(r, n // 8, 8)[..., list(ORDER)]  # [R, N/8, 8]: nibble i <- column ORDER[i]
-    words = (runs << (4 * torch.arange(8))).sum(-1)
+    words = (runs << (4 * torch.arange(8, device=values.device))).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_columns(words: torch.Tensor) -> torch.Tensor:
     """int32 [R, N/8] -> int32 [R, N] (inverse of pack_columns)."""
-    nibbles = (words.to(torch.int64).unsqueeze(-1) >> (4 * torch.arange(8))) & 0xF  # [R, N/8, 8]
+    nibbles = (words.to(torch.int64).unsqueeze(-1) >> (4 * torch.arange(8, device=words.device))) & 0xF  # [R, N/8, 8]
     out = torch.empty_like(nibbles)
     out[..., list(ORDER)] = nibbles
     return out.reshape(words.shape[0], -1).to(torch.int32)
