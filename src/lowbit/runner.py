@@ -20,15 +20,18 @@ from tqdm.auto import tqdm
 from . import __version__
 from .algorithms import BlockContext, algorithm
 from .arch import ArchSpec, spec_for
-from .atomic import atomic_folder, check_target, partial_path
+from .atomic import announce_resume, atomic_folder, check_target, partial_path
 from .calib.capture import BlockInputs, capture_block_inputs, run_block
 from .calib.corpora import load_text
 from .calib.samples import calibration_windows
-from .config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RtnConfig, RunConfig, Scheme
+from .config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RtnConfig, RunConfig, Scheme, check_quantize_args
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
+from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
+from .model.scan import check_all_finite
 from .model.skeleton import submodule
+from .model.tokenizer import load_tokenizer
 from .quant import QuantResult
 from .report import RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
@@ -148,14 +151,18 @@ def quantize(
         run: output folder, formats, device, lm_head handling.
     """
     started = time.time()
+    scheme = check_quantize_args(method, scheme, calib, run)  # wrong kinds of argument, one line each
     target = Path(run.output_dir)
+    refuse_unsafe_target(target, run.overwrite)  # symlink, file, read-only parent: before any work
     check_target(target, run.overwrite)  # before any work: refuse early
     name = method_name(method)
     method_cfg = method if not isinstance(method, str) else {"autoround": AutoRoundConfig, "awq": AwqConfig, "gptq": GptqConfig}.get(name, RtnConfig)()
     block_fn, needs_calib = algorithm(name)
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = Checkpoint(resolve_model(model))
+    refuse_source_overlap(target, ckpt.path)  # never write into or over the model folder
     spec = spec_for(ckpt.config)
+    if needs_calib: load_tokenizer(ckpt.path)  # noqa: E701  (calibration needs it: refuse before any output)
     device = resolve_device(run.device)
     dtype = compute_dtype(device, ckpt, needs_calib)
     storage = device if device.type == "cpu" or not getattr(method_cfg, "low_gpu_mem", False) else torch.device("cpu")
@@ -163,10 +170,13 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     key = fingerprint(str(ckpt.path), name, method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
+    lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
+    lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
     partial = partial_path(target)
     state = load_progress(partial, key) if partial.exists() else None
     if partial.exists() and state is None:
         shutil.rmtree(partial)  # a partial run of other settings: start over
+    announce_resume(state, ckpt, spec.blocks, partial)  # "resuming at block i of n"
 
     with RssSampler() as rss, atomic_folder(target, run.overwrite) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
