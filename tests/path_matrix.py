@@ -40,8 +40,8 @@ class Cell:
     method: str
     scheme: lowbit.Scheme
     fmt: str
-    device: str
-    seconds: float = 0.0
+    device: str  # where it was quantized, and where lowbit.load put it
+    seconds: float = 0.0  # the quantize call (every format of the run together)
     err_vs_reference: float = float("nan")  # max |lowbit.load logits - independent dequantization's logits| / max |ref|
     weights_match_first_format: bool = True
     logits: torch.Tensor | None = field(default=None, repr=False)
@@ -76,7 +76,8 @@ def reference_logits(src: Path, folder: Path, fmt: str, scheme: lowbit.Scheme, x
 
 
 def run_cell(src: Path, work: Path, method: str, scheme: lowbit.Scheme, formats: tuple[str, ...], device: str, x: torch.Tensor) -> list[Cell]:
-    """Quantize `src` once with `method` into every format of `formats` on `device`; check each format."""
+    """Quantize `src` once with `method` into every format of `formats` on `device`, load each format there
+    (fp32 on the CPU, fp16 on a GPU) and compare it with the independent dequantization (CPU, fp32)."""
     out = work / f"{method}-w{scheme.bits}{'s' if scheme.sym else 'a'}-{device.replace(':', '')}"
     calib = lowbit.CalibConfig(dataset=str(src.parent / "calib.txt"), nsamples=2, seqlen=32, batch_size=2)
     started = time.time()
@@ -88,7 +89,7 @@ def run_cell(src: Path, work: Path, method: str, scheme: lowbit.Scheme, formats:
         cell = Cell(method, scheme, fmt, device, seconds)
         want, state = reference_logits(src, folder, fmt, scheme, x)
         with torch.no_grad():
-            cell.logits = lowbit.load(folder)(x).logits
+            cell.logits = lowbit.load(folder, device_map=None if device == "cpu" else device)(x.to(device)).logits.float().cpu()
         cell.err_vs_reference = rel_err(cell.logits, want)
         if first_state is None:
             first_state = state
