@@ -79,6 +79,7 @@ class OutputLock:
             raise LowbitError(f"output {target} is already being written by this process", "wait for that run to finish or choose another --output_dir")
         while True:
             try:
+                lock.path.parent.mkdir(parents=True, exist_ok=True)  # the output's parents, as the run would make them
                 fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
                 raise LowbitError(f"cannot create the lock file {lock.path}: {err.strerror}", "choose an --output_dir in a folder you can write") from None

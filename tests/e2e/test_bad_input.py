@@ -239,7 +239,7 @@ def test_nan_past_the_first_read_chunk(tmp_path, tiny, monkeypatch):
     (["--method", "autoround", "--nsamples", "0"], "nsamples=0 must be positive"),
     (["--method", "gptq", "--damp_percent", "2"], "damp_percent=2.0 must be in (0, 1)"),
     (["--method", "awq", "--awq_n_grid", "0"], "n_grid=0 must be >= 1"),
-])
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_flags(capsys, tmp_path, tiny, flags, needle):
     assert_one_line(*quantize_cli(capsys, tiny, tmp_path / "o", *flags), needle)
     assert leftovers(tmp_path / "o") == []
@@ -450,7 +450,7 @@ def test_eval_of_missing_folder(capsys, tmp_path):
     (lambda: RunConfig(formats="auto_round"), ["RunConfig(formats='auto_round')", "formats=('auto_round',)"]),
     (lambda: RunConfig(max_shard_bytes=1.5e9), ["RunConfig(max_shard_bytes=1500000000.0)", "max_shard_bytes=1500000000"]),
     (lambda: RunConfig(quant_lm_head=1), ["RunConfig(quant_lm_head=1)", "got an int", "True or False"]),
-])
+], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_config_types(make, needles):
     refused(make, *needles)
 
@@ -466,7 +466,7 @@ def test_method_given_a_scheme_name(tiny, tmp_path):
     ({"method": "round"}, ["method='round' is not a method"]),
     ({"scheme": 4}, ["scheme=4 is not a Scheme", "'W4A16'"]),
     ({"calib": {"nsamples": 8}}, ["is not a CalibConfig"]),
-])
+], ids=["method-class", "method-unknown", "scheme-int", "calib-dict"])
 def test_quantize_arguments_of_the_wrong_kind(tiny, tmp_path, kwargs, needles):
     args = {"method": "rtn", "run": RunConfig(output_dir=str(tmp_path / "o"), device="cpu"), **kwargs}
     refused(lambda: lowbit.quantize(str(tiny), progress=False, **args), *needles)
@@ -490,6 +490,12 @@ def test_calibration_text_too_short():
 def test_scheme_name_is_accepted_as_scheme(tiny, tmp_path):
     summary = lowbit.quantize(str(tiny), "rtn", "W8A16", run=RunConfig(output_dir=str(tmp_path / "o"), device="cpu"), progress=False)
     assert summary.scheme.startswith("W8A16") and json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["bits"] == 8
+
+
+def test_output_in_folders_that_do_not_exist_yet(tmp_path, tiny):
+    out = tmp_path / "a" / "b" / "o"
+    api_quantize(tiny, out)
+    assert (out / "config.json").is_file() and leftovers(out) == ["o"]
 
 
 def test_overwrite_replaces_a_folder_and_leaves_nothing_beside_it(capsys, tmp_path, tiny):
