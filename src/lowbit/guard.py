@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LowbitError
@@ -37,7 +36,7 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def refuse_unsafe_target(target: Path, overwrite: bool) -> None:
+def refuse_unsafe_target(target: Path) -> None:
     """Refuse output paths that cannot be written safely (see the module docstring)."""
     if Path(target).name in ("", ".."):  # "", ".", "/", "a/..": replacing it would replace a folder the user did not name
         raise LowbitError(f"output path {str(target)!r} names no folder", "pass --output_dir with a new folder name, e.g. --output_dir out")
@@ -127,14 +126,4 @@ def release_output_lock(target: Path) -> None:
     """Release this process's lock on `target`, if it holds one (called when atomic_folder ends)."""
     lock = _HELD.get(Path(os.path.abspath(target)))
     if lock is not None:
-        lock.release()
-
-
-@contextmanager
-def output_lock(target: Path):
-    """`with output_lock(out):` holds the lock for a block of code (tests, tools writing to an output)."""
-    lock = OutputLock.acquire(target)
-    try:
-        yield lock
-    finally:
         lock.release()

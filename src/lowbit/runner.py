@@ -153,7 +153,7 @@ def quantize(
     started = time.time()
     scheme = check_quantize_args(method, scheme, calib, run)  # wrong kinds of argument, one line each
     target = Path(run.output_dir)
-    refuse_unsafe_target(target, run.overwrite)  # symlink, file, read-only parent: before any work
+    refuse_unsafe_target(target)  # symlink, file, read-only parent: before any work
     check_target(target, run.overwrite)  # before any work: refuse early
     name = method_name(method)
     method_cfg = method if not isinstance(method, str) else {"autoround": AutoRoundConfig, "awq": AwqConfig, "gptq": GptqConfig}.get(name, RtnConfig)()

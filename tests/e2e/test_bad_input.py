@@ -374,6 +374,17 @@ def test_second_run_on_a_locked_output_refuses_naming_the_holder(capsys, tmp_pat
         holder.wait()
 
 
+def test_same_process_run_on_an_output_it_is_writing(tmp_path, tiny):
+    from lowbit.guard import OutputLock
+
+    lock = OutputLock.acquire(tmp_path / "o")
+    try:
+        refused(lambda: api_quantize(tiny, tmp_path / "o"), "already being written by this process")
+    finally:
+        lock.release()
+    assert leftovers(tmp_path / "o") == []
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, tiny):
     out = tmp_path / "o"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
