@@ -26,11 +26,11 @@ def check_target(target: Path, overwrite: bool) -> None:
         raise LowbitError(f"output folder {target} already exists", "pass --overwrite to replace it, or choose another --output_dir")
 
 
-def announce_resume(state: dict | None, ckpt, blocks: str, partial: Path) -> None:
+def announce_resume(state: dict | None, ckpt, partial: Path) -> None:
     """Say on stderr, in one line, that a run resumes and where (blocks are counted from 0, as named)."""
     if not state:
         return
-    n = len({name[len(blocks) + 1 :].split(".", 1)[0] for name in ckpt.names_under(blocks)})
+    n = getattr(ckpt.config.get_text_config(), "num_hidden_layers", None) or "?"  # every HF causal LM config has it
     done = state["blocks_done"]
     print(f"lowbit: resuming at block {done} of {n} (blocks 0-{done - 1} are already written in {partial})", file=sys.stderr)
 

@@ -176,7 +176,7 @@ def quantize(
     state = load_progress(partial, key) if partial.exists() else None
     if partial.exists() and state is None:
         shutil.rmtree(partial)  # a partial run of other settings: start over
-    announce_resume(state, ckpt, spec.blocks, partial)  # "resuming at block i of n"
+    announce_resume(state, ckpt, partial)  # "resuming at block i of n"
 
     with RssSampler() as rss, atomic_folder(target, run.overwrite) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
