@@ -64,7 +64,7 @@ def test_tied_lm_head_quantized_on_request(tmp_path):
     from tests.conftest import save_tiny_llama
 
     src = tmp_path / "tied"
-    save_tiny_llama(src, tie=True)
+    fp_model = save_tiny_llama(src, tie=True)
     out = tmp_path / "q"
     summary = quantize_tiny(src, out, lowbit.Scheme(4, 128, False), quant_lm_head=True)
     assert "lm_head" in summary.quantized
@@ -73,6 +73,9 @@ def test_tied_lm_head_quantized_on_request(tmp_path):
     model = lowbit.load(out)
     assert type(model.lm_head).__name__ == "QuantLinear"
     assert model.get_input_embeddings().weight.dtype == torch.float32
+    embedding = fp_model.get_input_embeddings().weight.detach()
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # untied: the embedding stays full precision
+    torch.testing.assert_close(model.lm_head.dequantize_weight(torch.float32).double(), reference_rtn(embedding, 4, 128, False), rtol=0, atol=1e-6)
 
 
 def test_resume_after_a_crash_gives_the_same_output(tiny_llama, tmp_path, monkeypatch):
