@@ -7,6 +7,7 @@ Each config validates itself in `__post_init__` so a bad value fails before any 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ def check_types(config) -> None:
             continue
         if kind == "str" and isinstance(value, os.PathLike):  # paths (dataset, output_dir) may be Path objects
             object.__setattr__(config, f.name, os.fspath(value))
+            continue
+        if kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):  # numpy ints from sweeps
+            object.__setattr__(config, f.name, int(value))
             continue
         accepts, expected = _TYPES[kind]
         if not accepts(value):

@@ -498,6 +498,14 @@ def test_calibration_text_too_short():
 
 # ---------------------------------------------------------------- what is not an error: the controls
 
+def test_numpy_ints_and_paths_are_accepted():
+    import numpy as np
+
+    scheme = Scheme(bits=np.int64(4), group_size=np.int32(64))
+    assert (type(scheme.bits), scheme.bits, type(scheme.group_size), scheme.group_size) == (int, 4, int, 64)
+    assert RunConfig(output_dir=Path("out"), formats=["auto_round"]) == RunConfig(output_dir="out", formats=("auto_round",))
+
+
 def test_scheme_name_is_accepted_as_scheme(tiny, tmp_path):
     summary = lowbit.quantize(str(tiny), "rtn", "W8A16", run=RunConfig(output_dir=str(tmp_path / "o"), device="cpu"), progress=False)
     assert summary.scheme.startswith("W8A16") and json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["bits"] == 8
