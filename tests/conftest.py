@@ -37,8 +37,9 @@ def tiny_llama(tmp_path):
     return path, model
 
 
-def save_tiny_model_with_tokenizer(path, text: str):
-    """A random tiny Llama plus a byte-level BPE tokenizer trained on `text` (everything offline)."""
+def save_tiny_model_with_tokenizer(path, text: str, **sizes):
+    """A random tiny Llama plus a byte-level BPE tokenizer trained on `text` (everything offline); `sizes`
+    override save_tiny_llama's (vocab must stay above the tokenizer's 400 tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,4 +48,4 @@ def save_tiny_model_with_tokenizer(path, text: str):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
-    save_tiny_llama(path, hidden=128, intermediate=256, vocab=512)
+    save_tiny_llama(path, **{"hidden": 128, "intermediate": 256, "vocab": 512, **sizes})

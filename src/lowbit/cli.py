@@ -142,21 +142,23 @@ def open_model(path: str, device: str = "cpu"):
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .loading import load
     from .model.checkpoint import Checkpoint
     from .model.source import resolve_model
+    from .model.tokenizer import load_tokenizer
 
     folder = resolve_model(path)
     Checkpoint(folder)  # validates the folder with one-line errors
+    tokenizer = load_tokenizer(folder)  # before the model: a missing tokenizer fails fast, in one line
     config = json.loads((folder / "config.json").read_text())
     if "quantization_config" in config:
         model = load(folder, device_map=None if device == "cpu" else device)
     else:
         dtype = torch.float32 if device == "cpu" else torch.float16
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=None if device == "cpu" else device).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
 
 
 def cmd_quantize(args) -> None:
@@ -170,15 +172,20 @@ def cmd_quantize(args) -> None:
 def cmd_eval(args) -> None:
     from .calib.corpora import load_text
     from .eval import perplexity
+    from .eval.perplexity import check_windows
 
+    check_windows(args.windows)  # before the model is loaded
+    text = load_text(args.text)
     model, tokenizer = open_model(args.model, args.device)
-    ppl = perplexity(model, tokenizer, load_text(args.text), max_windows=args.windows, progress=True)
+    ppl = perplexity(model, tokenizer, text, max_windows=args.windows, progress=True)
     print(f"perplexity {ppl:.3f}  model={args.model} text={args.text} windows={args.windows}x512")
 
 
 def cmd_generate(args) -> None:
     from .eval import generate
+    from .eval.generate import check_max_new_tokens
 
+    check_max_new_tokens(args.max_new_tokens)  # before the model is loaded
     if args.image:
         from .eval.vision import generate_with_image
 

@@ -7,6 +7,8 @@ Each config validates itself in `__post_init__` so a bad value fails before any 
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -14,6 +16,57 @@ from .errors import LowbitError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "autoround", "awq", "gptq")
+
+# annotation -> (accepts value, what to pass). bool is a subclass of int in Python; here it is not an int.
+_TYPES = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a str"),
+    "tuple[str, ...]": (lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v), "a tuple of str"),
+}
+
+
+def check_types(config) -> None:
+    """Refuse a field whose value has the wrong type, naming the field, the type got and what to pass.
+
+    Run first in every __post_init__: a wrong type must not reach the range checks (`bits="4"` is not
+    "an unsupported number of bits") nor the pipeline (`sym="false"` would be truthy)."""
+    cls = type(config).__name__
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = f.type.removesuffix(" | None")
+        if value is None and f.type.endswith(" | None"):
+            continue
+        if kind == "str" and isinstance(value, os.PathLike):  # paths (dataset, output_dir) may be Path objects
+            object.__setattr__(config, f.name, os.fspath(value))
+            continue
+        if kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):  # numpy ints from sweeps
+            object.__setattr__(config, f.name, int(value))
+            continue
+        accepts, expected = _TYPES[kind]
+        if not accepts(value):
+            none = " or None" if f.type.endswith(" | None") else ""
+            got = type(value).__name__
+            article = "an" if got[0] in "aeiou" else "a"
+            raise LowbitError(f"{cls}({f.name}={value!r}): got {article} {got}, expected {expected}{none}", f"pass e.g. {f.name}={_example(kind, value, f.default)!r}")
+
+
+def _example(kind: str, value, default):
+    """A value of the right type for the error message: the one the user meant when it is clear, else the default."""
+    text = str(value).strip().lower()
+    if kind == "bool" and text in ("true", "false", "1", "0", "yes", "no"):
+        return text in ("true", "1", "yes")
+    try:
+        if kind == "int" and not isinstance(value, bool) and float(text) == int(float(text)):
+            return int(float(text))
+        if kind == "float" and not isinstance(value, bool):
+            return float(text)
+    except (ValueError, OverflowError):
+        pass
+    if default is not None and default is not dataclasses.MISSING:
+        return default
+    return {"int": 1, "float": 0.01, "bool": True, "str": "..."}.get(kind, ())
 
 
 @dataclass(frozen=True)
@@ -32,6 +85,7 @@ class Scheme:
     sym: bool = True
 
     def __post_init__(self):
+        check_types(self)
         if self.bits not in SUPPORTED_BITS:
             raise LowbitError(f"bits={self.bits} is not supported", f"use one of {SUPPORTED_BITS}")
         if self.group_size == 0 or self.group_size < -1:
@@ -91,6 +145,7 @@ class CalibConfig:
     images: str | None = None
 
     def __post_init__(self):
+        check_types(self)
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) <= 0:
                 raise LowbitError(f"{name}={getattr(self, name)} must be positive", f"pass --{name} N with N >= 1")
@@ -132,6 +187,9 @@ class RtnConfig(MethodConfig):
     name: str = "rtn"
     needs_calibration: ClassVar[bool] = False
 
+    def __post_init__(self):
+        check_types(self)
+
 
 @dataclass(frozen=True)
 class AutoRoundConfig(MethodConfig):
@@ -166,6 +224,7 @@ class AutoRoundConfig(MethodConfig):
     compile: bool | None = None
 
     def __post_init__(self):
+        check_types(self)
         if self.iters < 0:
             raise LowbitError(f"iters={self.iters} must be >= 0", "pass --iters 200 (0 means plain RTN)")
         if self.gradient_accumulate_steps < 1:
@@ -224,6 +283,7 @@ class AwqConfig(MethodConfig):
     search_samples: int | None = None
 
     def __post_init__(self):
+        check_types(self)
         if self.n_grid < 1:
             raise LowbitError(f"n_grid={self.n_grid} must be >= 1", "pass --awq_n_grid 20")
         if self.search_samples is not None and self.search_samples < 1:
@@ -256,6 +316,7 @@ class GptqConfig(MethodConfig):
     true_sequential: bool = True
 
     def __post_init__(self):
+        check_types(self)
         if not 0 < self.damp_percent < 1:
             raise LowbitError(f"damp_percent={self.damp_percent} must be in (0, 1)", "pass --damp_percent 0.01")
         if self.block_size < 1:
@@ -313,12 +374,36 @@ class RunConfig:
     max_shard_bytes: int = 512 * 1024**2
 
     def __post_init__(self):
+        check_types(self)
         object.__setattr__(self, "formats", tuple(FORMAT_ALIASES.get(f, f) for f in self.formats))
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
             raise LowbitError(f"unsupported export format {unknown[0]!r}", f"use one of {', '.join(FORMATS)}")
         if not self.formats:
             raise LowbitError("no export format given", "pass --format auto_round")
+
+
+
+
+def check_quantize_args(method, scheme, calib, run) -> Scheme:
+    """Refuse arguments of lowbit.quantize of the wrong kind with one line; returns the Scheme.
+
+    `scheme` may be a scheme name ("W4A16"), the one place where a name means something; `method` takes a
+    method name or config, so a scheme name there is refused with how to pass it."""
+    if isinstance(method, str):
+        if method not in METHODS:
+            looks_like_scheme = method.upper().startswith("W") and method.upper().endswith("A16")
+            hint = f"; to pass the scheme, use scheme=lowbit.Scheme.from_name({method!r})" if looks_like_scheme else ""
+            raise LowbitError(f"method={method!r} is not a method", f"method takes one of {', '.join(METHODS)} or a method config such as lowbit.AutoRoundConfig(iters=50){hint}")
+    elif not isinstance(method, MethodConfig):
+        what = f"the class {method.__name__}" if isinstance(method, type) else f"a {type(method).__name__}"
+        raise LowbitError(f"method is {what}", f"pass a method name ({', '.join(METHODS)}) or a config instance such as lowbit.RtnConfig()")
+    if isinstance(scheme, str):
+        scheme = Scheme.from_name(scheme)
+    for arg, value, cls in (("scheme", scheme, Scheme), ("calib", calib, CalibConfig), ("run", run, RunConfig)):
+        if not isinstance(value, cls):
+            raise LowbitError(f"{arg}={value!r} is not a {cls.__name__}", f"pass {arg}=lowbit.{cls.__name__}(...)" + (" or a scheme name such as 'W4A16'" if cls is Scheme else ""))
+    return scheme
 
 
 def replace(config, **changes):
@@ -342,5 +427,6 @@ __all__ = [
     "MethodConfig",
     "method_config",
     "replace",
+    "check_quantize_args",
     "field",
 ]

@@ -20,17 +20,20 @@ from tqdm.auto import tqdm
 from . import __version__
 from .algorithms import BlockContext, handler_for
 from .arch import ArchSpec, spec_for
-from .atomic import atomic_folder, check_target, partial_path
+from .atomic import announce_resume, atomic_folder, check_target, partial_path
 from .calib.capture import ReplayPlan, capture_block_inputs
 from .calib.corpora import load_text
 from .calib.samples import calibration_windows
-from .config import CalibConfig, MethodConfig, RunConfig, Scheme, method_config
+from .config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize_args, method_config
 from .engine import BlockEngine
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
+from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
 from .model.names import NameMap, check_complete, map_names
+from .model.scan import check_all_finite
 from .model.skeleton import free_tensors, load_tensors, submodule
+from .model.tokenizer import load_tokenizer
 from .quant import QuantResult
 from .report import RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
@@ -138,12 +141,15 @@ def quantize(
         run: output folder, formats, device, lm_head handling.
     """
     started = time.time()
+    scheme = check_quantize_args(method, scheme, calib, run)  # wrong kinds of argument, one line each
     target = Path(run.output_dir)
+    refuse_unsafe_target(target)  # symlink, file, read-only parent: before any work
     check_target(target, run.overwrite)  # before any work: refuse early
     method_cfg = method_config(method)
     block_fn, needs_calib = handler_for(method_cfg), method_cfg.needs_calibration
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = Checkpoint(resolve_model(model))
+    refuse_source_overlap(target, ckpt.path)  # never write into or over the model folder
     spec = spec_for(ckpt.config)
     if needs_calib and calib.images:  # before any work: images need a model that reads them, and a processor
         from .calib.images import image_prompts, load_processor
@@ -153,6 +159,8 @@ def quantize(
         if spec.text_only:
             raise LowbitError(f"image calibration of {ckpt.config.architectures[0]} cannot be replayed exactly: {spec.text_only}", "drop --images")
         image_prompts(calib.images), load_processor(ckpt.path)
+    elif needs_calib:
+        load_tokenizer(ckpt.path)  # text calibration needs it: refuse before any output
     device = resolve_device(run.device)
     dtype = compute_dtype(device, ckpt, needs_calib)
     storage = torch.device("cpu") if device.type == "cpu" or method_cfg.cache_on_cpu else device
@@ -160,10 +168,13 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     key = fingerprint(str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
+    lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
+    lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
     partial = partial_path(target)
     state = load_progress(partial, key) if partial.exists() else None
     if partial.exists() and state is None:
         shutil.rmtree(partial)  # a partial run of other settings: start over
+    announce_resume(state, ckpt, partial)  # "resuming at block i of n"
 
     with RssSampler() as rss, atomic_folder(target, run.overwrite) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
@@ -171,7 +182,6 @@ def quantize(
         check_complete(skeleton, names, ckpt.path)  # every tensor the model needs is found before block 0
         blocks = submodule(skeleton, spec.blocks)
         refuse_unholdable(skeleton, spec, scheme, formats, run.quant_lm_head)
-        check_outside_finite(ckpt, spec, names)
         outputs = [FormatOutput(fmt, folder / fmt.NAME if len(formats) > 1 else folder, run.max_shard_bytes) for fmt in formats]
         done = 0
         if state:
@@ -370,14 +380,6 @@ def block_tensors(block, prefix: str, linears: dict, results: dict[str, QuantRes
         if name not in skip:
             out[f"{prefix}.{name}"] = t.to(dtype) if t.is_floating_point() else t
     return out
-
-
-def check_outside_finite(ckpt: Checkpoint, spec: ArchSpec, names: NameMap) -> None:
-    """Fail before any block work on NaN/inf in the tensors outside the blocks (embeddings, head, norm)."""
-    for name, key in names.to_checkpoint.items():
-        if not spec.in_blocks(name):
-            check_finite(name, ckpt.tensor(key))
-    ckpt.close()
 
 
 def outside_tensors(ckpt: Checkpoint, names: NameMap, spec: ArchSpec, run: RunConfig, scheme: Scheme, fmt, summary: RunSummary) -> dict:

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import lowbit
 from lowbit.export.auto_round import layer_tensors
-from tests.reference import reference_rtn_model
+from tests.reference import reference_rtn, reference_rtn_model
 
 
 def quantize_tiny(src, out, scheme, **run):
@@ -64,7 +64,7 @@ def test_tied_lm_head_quantized_on_request(tmp_path):
     from tests.conftest import save_tiny_llama
 
     src = tmp_path / "tied"
-    save_tiny_llama(src, tie=True)
+    fp_model = save_tiny_llama(src, tie=True)
     out = tmp_path / "q"
     summary = quantize_tiny(src, out, lowbit.Scheme(4, 128, False), quant_lm_head=True)
     assert "lm_head" in summary.quantized
@@ -73,6 +73,9 @@ def test_tied_lm_head_quantized_on_request(tmp_path):
     model = lowbit.load(out)
     assert type(model.lm_head).__name__ == "QuantLinear"
     assert model.get_input_embeddings().weight.dtype == torch.float32
+    embedding = fp_model.get_input_embeddings().weight.detach()
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # untied: the embedding stays full precision
+    torch.testing.assert_close(model.lm_head.dequantize_weight(torch.float32).double(), reference_rtn(embedding, 4, 128, False), rtol=0, atol=1e-6)
 
 
 def test_resume_after_a_crash_gives_the_same_output(tiny_llama, tmp_path, monkeypatch):
@@ -111,17 +114,27 @@ def test_layer_tensors_pack_what_quantize_produced():
 
     layer = QuantLinear(96, 64, 4, 32)
     layer.load_state_dict({"qweight": t["x.qweight"], "qzeros": t["x.qzeros"], "scales": t["x.scales"]})
-    torch.testing.assert_close(layer.dequantize_weight(torch.float32), result.dequantize())
+    torch.testing.assert_close(layer.dequantize_weight(torch.float32).double(), reference_rtn(w, 4, 32, False), rtol=0, atol=1e-6)
 
 
 def test_cpu_dequantized_cache_gives_identical_outputs(tiny_llama, tmp_path):
-    src, _ = tiny_llama
+    """The first call fills the cache, the second is served from it; both equal the uncached path exactly and
+    match the independent reference RTN."""
+    src, fp_model = tiny_llama
     out = tmp_path / "q"
     quantize_tiny(src, out, lowbit.Scheme(4, 64, False))
     x = torch.randint(0, 512, (1, 16))
     cached, plain = lowbit.load(out), lowbit.load(out, cpu_cache_dequantized=False)
-    assert cached.model.layers[0].mlp.up_proj.cache_dequantized and not plain.model.layers[0].mlp.up_proj.cache_dequantized
-    assert torch.equal(cached(x).logits, plain(x).logits) and torch.equal(cached(x).logits, plain(x).logits)
+    layer = cached.model.layers[0].mlp.up_proj
+    assert layer.cache_dequantized and not plain.model.layers[0].mlp.up_proj.cache_dequantized
+    assert layer._dequantized is None
+    filling = cached(x).logits
+    assert layer._dequantized is not None  # filled by the first call
+    served = cached(x).logits
+    uncached = plain(x).logits
+    assert plain.model.layers[0].mlp.up_proj._dequantized is None
+    assert torch.equal(filling, uncached) and torch.equal(served, uncached)
+    torch.testing.assert_close(served, reference_rtn_model(fp_model, 4, 64, False)(x).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_calibrated_resume_replays_finished_blocks(tmp_path, monkeypatch):

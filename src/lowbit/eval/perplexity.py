@@ -27,8 +27,16 @@ def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def check_windows(max_windows) -> None:
+    from ..errors import LowbitError
+
+    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+        raise LowbitError(f"windows={max_windows!r} must be a positive int", "pass --windows 40 (the ANCHORS protocol)")
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, window: int = 512, max_windows: int = 40, progress: bool = False) -> float:
+    check_windows(max_windows)
     ids = tokenize_text(tokenizer, text)
     n = min(max_windows, ids.numel() // window)
     if n == 0:

@@ -1,4 +1,5 @@
-"""Each export format's exact tensors, pinned by hand-computed words and shapes, and its refusals."""
+"""Each export format's exact tensors, pinned by hand-computed words and shapes and decoded by tests/reference.py
+(written from the formats' definitions, not lowbit's readers); each config as its peer's schema parses it; refusals."""
 
 import json
 
@@ -10,6 +11,7 @@ from lowbit.config import Scheme
 from lowbit.errors import LowbitError
 from lowbit.export import auto_awq, auto_gptq, auto_round, compressed_tensors
 from lowbit.quant import QuantResult, quantize_weight
+from tests.reference import dequantize_written, reference_rtn, reference_rtn_model
 
 
 def result_with_codes(codes: torch.Tensor, bits=4, group_size=8, sym=False) -> QuantResult:
@@ -52,13 +54,22 @@ def test_compressed_tensors_layout():
     assert "x.weight_zero_point" not in sym
 
 
-@pytest.mark.parametrize("fmt", [auto_round, auto_gptq, auto_awq, compressed_tensors])
-def test_read_layer_inverts_layer_tensors(fmt):
-    scheme = Scheme(4, 32, fmt is auto_gptq)
-    r = quantize_weight(torch.randn(40, 96), scheme)
-    tensors = fmt.layer_tensors("x", r)
-    back = fmt.read_layer(tensors.__getitem__, "x", scheme, 40, 96)
-    assert torch.equal(back.codes, r.codes) and torch.equal(back.zero, r.zero) and torch.equal(back.scale, r.scale)
+@pytest.mark.parametrize("fmt,bits,group_size,sym,n", [
+    (auto_round, 4, 32, False, 64), (auto_round, 3, 32, True, 64), (auto_round, 2, 64, False, 64), (auto_round, 8, -1, True, 64),
+    (auto_gptq, 4, 32, True, 64), (auto_gptq, 3, 96, True, 64), (auto_gptq, 8, 32, True, 64),
+    (auto_awq, 4, 32, False, 64), (auto_awq, 4, 96, False, 64), (auto_awq, 4, 32, False, 40),
+    (compressed_tensors, 4, 32, False, 64), (compressed_tensors, 4, 32, True, 64), (compressed_tensors, 3, 32, False, 64),
+    (compressed_tensors, 8, -1, False, 64), (compressed_tensors, 3, 32, False, 40),  # N=40: zero points padded to whole words
+])
+def test_written_words_decode_to_reference_rtn(fmt, bits, group_size, sym, n):
+    """quantize -> layer_tensors, read back by tests/reference.py's decoders (written from each format's
+    definition), equals tests/reference.py's RTN weight."""
+    torch.manual_seed(bits * 100 + (group_size % 97))
+    k = 96
+    w = torch.randn(n, k)
+    t = fmt.layer_tensors("x", quantize_weight(w, Scheme(bits, group_size, sym)))
+    got = dequantize_written(fmt.NAME, t.__getitem__, "x", bits, group_size, sym)
+    torch.testing.assert_close(got.double(), reference_rtn(w, bits, group_size, sym), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt,scheme,needle", [
@@ -84,24 +95,49 @@ def test_refusal_happens_before_any_output(tmp_path):
     assert not list(tmp_path.glob("o*"))
 
 
-def test_several_formats_write_side_by_side_and_load_identically(tiny_llama, tmp_path):
-    src, _ = tiny_llama
+def peer_config(folder):
+    """config.json's quantization_config as transformers parses it for its peer loader (AutoQuantizationConfig)."""
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    return AutoQuantizationConfig.from_dict(json.loads((folder / "config.json").read_text())["quantization_config"])
+
+
+def test_several_formats_write_side_by_side_and_each_loads_to_reference_rtn(tiny_llama, tmp_path):
+    src, fp_model = tiny_llama
     out = tmp_path / "q"
     lowbit.quantize(str(src), "rtn", Scheme(4, 64, False), run=lowbit.RunConfig(output_dir=str(out), formats=("auto_round", "auto_awq", "compressed-tensors"), device="cpu"), progress=False)
     x = torch.randint(0, 512, (1, 16))
-    logits = {f: lowbit.load(out / f)(x).logits for f in ("auto_round", "auto_awq", "compressed-tensors")}
-    assert torch.equal(logits["auto_round"], logits["auto_awq"]) and torch.equal(logits["auto_round"], logits["compressed-tensors"])
-    awq = json.loads((out / "auto_awq" / "config.json").read_text())["quantization_config"]
-    assert (awq["quant_method"], awq["version"], awq["zero_point"], awq["bits"], awq["group_size"]) == ("awq", "gemm", True, 4, 64)
-    ct = json.loads((out / "compressed-tensors" / "config.json").read_text())["quantization_config"]
-    assert ct["format"] == "pack-quantized" and ct["config_groups"]["group_0"]["weights"]["strategy"] == "group"
+    want = reference_rtn_model(fp_model, 4, 64, False)(x).logits
+    for f in ("auto_round", "auto_awq", "compressed-tensors"):
+        torch.testing.assert_close(lowbit.load(out / f)(x).logits, want, rtol=1e-4, atol=1e-4, msg=f)
+    awq = peer_config(out / "auto_awq")
+    assert (type(awq).__name__, awq.bits, awq.group_size, awq.zero_point, awq.format) == ("AwqConfig", 4, 64, True, "gemm")
+    ar = peer_config(out / "auto_round")
+    assert (type(ar).__name__, ar.bits, ar.group_size, ar.sym, ar.packing_format) == ("AutoRoundConfig", 4, 64, False, "auto_round")
     assert (out / "auto_round" / "tokenizer_config.json").exists() or not list(src.glob("tokenizer*"))
 
 
-def test_gptq_writes_quantize_config(tiny_llama, tmp_path):
+def test_compressed_tensors_config_validates_against_its_schema(tiny_llama, tmp_path):
+    """The config as compressed-tensors' own pydantic model (what vLLM and llm-compressor read) sees it."""
+    from compressed_tensors import QuantizationConfig
+
+    src, _ = tiny_llama
+    out = tmp_path / "q"
+    lowbit.quantize(str(src), "rtn", Scheme(4, -1, False), run=lowbit.RunConfig(output_dir=str(out), formats=("compressed-tensors",), device="cpu"), progress=False)
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    weights = qc.config_groups["group_0"].weights
+    assert (qc.format, qc.quantization_status.value, qc.ignore) == ("pack-quantized", "compressed", ["lm_head"])
+    assert (weights.num_bits, weights.type, weights.symmetric, weights.strategy, weights.group_size) == (4, "int", False, "channel", None)
+    assert qc.config_groups["group_0"].targets == ["Linear"]
+
+
+def test_gptq_config_and_quantize_config_as_transformers_reads_them(tiny_llama, tmp_path):
+    from transformers.utils.quantization_config import GPTQConfig
+
     src, _ = tiny_llama
     out = tmp_path / "q"
     lowbit.quantize(str(src), "rtn", Scheme(4, 128, True), run=lowbit.RunConfig(output_dir=str(out), formats=("auto_gptq",), device="cpu"), progress=False)
-    qc = json.loads((out / "quantize_config.json").read_text())
-    assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == ("gptq", "gptq", 4, 128, True, False)
-    assert json.loads((out / "config.json").read_text())["quantization_config"] == qc
+    for parsed in (peer_config(out), GPTQConfig.from_dict(json.loads((out / "quantize_config.json").read_text()))):
+        assert (type(parsed).__name__, parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act, parsed.format) == ("GPTQConfig", 4, 128, True, False, "gptq")
+    raw = json.loads((out / "quantize_config.json").read_text())  # AutoGPTQ / GPTQModel read these keys directly
+    assert (raw["checkpoint_format"], raw["static_groups"], raw["true_sequential"]) == ("gptq", False, True)

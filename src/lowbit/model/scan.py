@@ -1,0 +1,80 @@
+"""NaN/inf scan of every tensor of a checkpoint before any block work, streamed from the shards.
+
+Each safetensors file is read header first (8-byte little-endian length, then a JSON table of
+name -> dtype, shape, [begin, end) byte offsets into the data that follows); the floating-point tensors are
+then read in chunks of at most CHUNK_BYTES into one reused buffer. Nothing is memory-mapped and no model
+is built, so memory stays at one chunk whatever the checkpoint's size; the cost is one sequential read
+of the weights (the page cache then serves block 0's reads).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+
+CHUNK_BYTES = 64 * 1024**2  # a multiple of every element size
+FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_header(f) -> tuple[dict, int]:
+    """(tensor table without __metadata__, byte offset where the data starts) of an open safetensors file."""
+    (length,) = struct.unpack("<Q", f.read(8))
+    table = json.loads(f.read(length))
+    table.pop("__metadata__", None)
+    return table, 8 + length
+
+
+def _finite(chunk: torch.Tensor) -> bool:
+    if chunk.element_size() == 1:  # fp8: isfinite has no kernel for it on every build
+        chunk = chunk.float()
+    return bool(torch.isfinite(chunk).all())
+
+
+def first_nonfinite(file: Path) -> str | None:
+    """Name of the first floating-point tensor of `file` holding a NaN or inf, or None."""
+    buffer = bytearray(CHUNK_BYTES)
+    with open(file, "rb", buffering=0) as f:
+        table, data_start = read_header(f)
+        for name, info in sorted(table.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # file order: sequential reads
+            dtype = FLOAT_DTYPES.get(info["dtype"])
+            if dtype is None:
+                continue
+            begin, end = info["data_offsets"]
+            f.seek(data_start + begin)
+            remaining = end - begin
+            while remaining:
+                view = memoryview(buffer)[: min(remaining, CHUNK_BYTES)]
+                got = f.readinto(view)
+                if not got:
+                    raise LowbitError(f"{file.name} ends inside tensor {name}", "the file is truncated; re-download or re-save the checkpoint")
+                with warnings.catch_warnings():  # torch warns that the buffer is writable-shared; it is ours
+                    warnings.simplefilter("ignore")
+                    chunk = torch.frombuffer(view[:got], dtype=dtype)
+                if not _finite(chunk):
+                    return name
+                remaining -= got
+    return None
+
+
+def check_all_finite(ckpt) -> None:
+    """Fail with one line on the first tensor of the checkpoint (a `Checkpoint`) that holds NaN or inf."""
+    for file in sorted(set(ckpt.index.values())):
+        name = first_nonfinite(file)
+        if name is not None:
+            raise LowbitError(
+                f"weight {name} contains NaN or inf (in {file.name})",
+                "fix or re-export the checkpoint; non-finite weights cannot be quantized",
+            )
