@@ -83,6 +83,11 @@ def can_run(kernel: str, m: int, k: int, bits: int, group_size: int) -> bool:
         return _unpack4_ok(k, bits, group_size)
     if kernel == "swap_ab":
         return _unpack4_ok(k, bits, group_size) and k % 128 == 0
+    if kernel == "magic_split" and bits == 2:
+        # 2 bits: 256-deep chunks (16 packed rows, tl.dot's smallest depth); a chunk spanning several groups
+        # loads per-k scale and zero tiles [256, 128] fp16 per pipeline stage: 279 KB of shared memory, over
+        # the H200's 227 KB (OutOfResources on the GPU, 2026-11-30; bench/results/kernels-2026-11-30-h200-r2-table-tests.log)
+        return group_size >= k or group_size % 256 == 0
     return True
 
 
