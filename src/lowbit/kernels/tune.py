@@ -4,7 +4,8 @@ write its kernel table (triton/table.py) to `$LOWBIT_HOME/kernels/<gpu>.json`, w
 For each layer shape (K x N) and M it builds a random W4 layer, checks every candidate against an fp32
 reference (a candidate off by more than 3e-3 is dropped, and said so), times it with CUDA-graph replays, L2
 flushed, median of 40 (as bench/kernel_speed.py does), and writes one row per (M bucket, shape): the
-fastest candidates first. A row's M bucket runs from the previous tuned M + 1 up to its M (the last one
+fastest candidates first, except that the default table's choice (timed too) stays first unless beaten by
+more than MARGIN. A row's M bucket runs from the previous tuned M + 1 up to its M (the last one
 without end); a layer not tuned takes the rows of the nearest tuned shape (log2 distance in K and N), and
 layers no entry can read (other bits and groups) take the default table's choice.
 """
@@ -20,6 +21,9 @@ DEFAULT_SHAPES = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096), (819
 DEFAULT_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 MAX_ERR = 3e-3  # fp16 activations, fp32 accumulation: picked configs land near 3e-4
 KEEP = 3  # entries kept per row, fastest first
+# The default table's choice stays first unless a candidate beats it by more than this: the same cell moves by
+# up to ~5% between runs (H200 r1/r2, 2026-11-30), and a pick decided by noise only makes the table harder to read.
+MARGIN = 0.03
 
 
 def candidates(m: int) -> list[dict]:
@@ -31,6 +35,11 @@ def candidates(m: int) -> list[dict]:
     if m <= 16:
         c += [{"kernel": "unpack4", "per_sm": p, "in_kernel_reduce": ikr} for p in (1.5, 0.75, 3)]
         c += [{"kernel": "unpack4", "stream_k": s, "in_kernel_reduce": True} for s in (1, 2, 4)]
+        # registers capped so more programs share an SM: uncapped the unpack4 dot takes 218 per thread, two 4-warp
+        # programs per SM, and issues on ~2 warps per scheduler at 48% of DRAM bandwidth (H200 ncu, 2026-11-30);
+        # 168 fits three programs, 128 four
+        c += [{"kernel": "unpack4", "max_registers": r, "stream_k": s, "in_kernel_reduce": True} for r, s in ((168, 3), (128, 4))]
+        c += [{"kernel": "unpack4", "max_registers": r, "per_sm": p, "in_kernel_reduce": ikr} for r, p in ((168, 3), (128, 4))]
         c += [{"kernel": "magic_split", "in_kernel_reduce": ikr}]
     elif m <= 64:
         c += [{"kernel": "swap_ab", "in_kernel_reduce": False}, {"kernel": "swap_ab", "per_sm": 2, "in_kernel_reduce": False},
@@ -100,7 +109,8 @@ def tune(shapes, ms, bits: int = 4, group_size: int = 128, log=print, device=Non
             ref = x.float() @ w_t  # [M, N]
             fp16 = timer(lambda: F.linear(x, w16))
             timed, seen = [], set()
-            for entry in candidates(m):
+            default_entry = _table.default_table().entry(m, n, k, bits, group_size, sm)
+            for entry in [default_entry, *candidates(m)]:
                 if not _table.can_run(entry["kernel"], m, k, bits, group_size):
                     continue
                 cfg = _table.build(entry, m, n, k, bits, group_size, sm)
@@ -116,9 +126,13 @@ def tune(shapes, ms, bits: int = 4, group_size: int = 128, log=print, device=Non
                     timed.append((timer(lambda: quant_matmul(x, packed, config=cfg)), entry))
                 except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported and skipped
                     log(f"  dropped {entry}: {type(exc).__name__}: {str(exc)[:200]}")
-            timed.sort(key=lambda t: t[0])
             if not timed:
                 continue
+            default = timed[0] if timed[0][1] is default_entry else None
+            timed.sort(key=lambda t: t[0])
+            if default is not None and default[0] <= timed[0][0] * (1 + MARGIN):
+                timed.remove(default)
+                timed.insert(0, default)
             rows.append({"m": [ms[i - 1] + 1 if i else 1, m if i < len(ms) - 1 else None], "class": cls,
                          "try": [e for _, e in timed[:KEEP]],
                          "measured": {"M": m, "fp16_us": round(fp16, 2), "us": [round(t, 2) for t, _ in timed[:KEEP]],
@@ -129,7 +143,7 @@ def tune(shapes, ms, bits: int = 4, group_size: int = 128, log=print, device=Non
         torch.cuda.empty_cache()
     rows.sort(key=lambda r: r["m"][0])  # by M bucket, shapes in the order given
     data = {"schema": _table.SCHEMA, "devices": [name],
-            "note": f"written by `lowbit tune-kernels`: W{bits} g{group_size}, fastest candidates first per (M bucket, nearest tuned shape)",
+            "note": f"written by `lowbit tune-kernels`: W{bits} g{group_size}, fastest candidates first per (M bucket, nearest tuned shape), the default's kept unless {MARGIN:.0%} slower",
             "measured": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "gpu": name, "sm_count": sm,
                          "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
                          "command": " ".join(["lowbit tune-kernels", *[a for a in sys.argv[1:] if a != "tune-kernels"]]),

@@ -39,6 +39,7 @@ class Config:
     # (4 bits, a group per 128-deep chunk; block_k is 128); x_permuted: x reordered in torch, not in the kernel
     swap_ab: bool = False
     x_permuted: bool = False
-    # > 0: ptxas register cap per thread (Triton's maxnreg), swapab.py only: two 8-warp programs per SM need
-    # <= 128 (65536 registers / 512 threads)
+    # > 0: ptxas register cap per thread (Triton's maxnreg; swapab.py and _qmm_kernel, not the GEMV): programs
+    # per SM = 65536 registers / (cap x threads), e.g. two 8-warp swap-AB programs need <= 128, three 4-warp
+    # unpack4 programs <= 168 (uncapped it takes 218: two, H200 ncu 2026-11-30)
     max_registers: int = 0

@@ -397,5 +397,6 @@ def quant_matmul(
                 DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), X_ONCE=cfg.x_once,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, STREAM_K=stream_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **({"maxnreg": cfg.max_registers} if cfg.max_registers and not interpreting() else {}),
             )
     return out.copy_(target) if reduce == splitk.ATOMIC_BUFFER else out

@@ -49,14 +49,16 @@ KERNELS = {
     # gemv.py, no tensor cores; block_m holds all of M (<= 4), block_k 64 (32 at 4 rows), 4 warps (8 above 1 row)
     "gemv": {"block_n": 512, "num_warps": 0, "block_k": 0, "per_sm": 8, "max_split": 64},
     # unpack4.py's dot per code position, x loaded once per chunk (4 bits, a group per 128-deep chunk)
-    "unpack4": {"block_m": 16, "block_n": 256, "num_warps": 4, "num_stages": 3, "per_sm": 1.5, "max_split": 64, "x_once": True},
+    "unpack4": {"block_m": 16, "block_n": 256, "num_warps": 4, "num_stages": 3, "per_sm": 1.5, "max_split": 64, "x_once": True,
+                "max_registers": 0},
     # unpack4's code positions joined back into k order, one deep dot per chunk
-    "unpack4_join": {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 3, "split_k": 4, "min_chunks": 4},
+    "unpack4_join": {"block_m": 64, "block_n": 128, "num_warps": 8, "num_stages": 3, "split_k": 4, "min_chunks": 4, "max_registers": 0},
     # split unpack, magic-number conversion, 512 / bits deep chunks (any width and group)
     "magic_split": {"block_m": 16, "block_n": 128, "num_warps": 4, "num_stages": 3, "per_sm": 3, "max_split": 64,
-                    "min_split": 4, "min_split_chunks": 16},
+                    "min_split": 4, "min_split_chunks": 16, "max_registers": 0},
     # reshape unpack, magic-number conversion (any width and group; 64-deep chunks for groups of 64)
-    "magic": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3, "split_k": 4, "min_chunks": 4},
+    "magic": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3, "split_k": 4, "min_chunks": 4,
+              "max_registers": 0},
     # swapab.py, the weight as the wgmma's register operand; block_m 0: M rounded up to a power of two
     # (16..128, 256 above 128); max_registers -1: 128 for token tiles <= 64 (two programs per SM), else none
     "swap_ab": {"block_m": 0, "block_n": 128, "num_warps": 8, "num_stages": 3, "per_sm": 1, "min_chunks": 2,
@@ -128,19 +130,19 @@ def build(entry: dict, m: int, n: int, k: int, bits: int, group_size: int, sm_co
         regs = e["max_registers"] if e["max_registers"] >= 0 else (128 if bm <= 64 else 0)
         cfg = Config(bm, e["block_n"], 128, num_warps=e["num_warps"], num_stages=e["num_stages"], swap_ab=True, x_permuted=True,
                      max_registers=regs)
-    elif kind == "unpack4":
-        cfg = Config(e["block_m"], e["block_n"], 128, num_warps=e["num_warps"], num_stages=e["num_stages"], split_unpack=True,
-                     unpack4=True, x_once=e["x_once"])
-    elif kind == "unpack4_join":
-        cfg = Config(e["block_m"], e["block_n"], 128, num_warps=e["num_warps"], num_stages=e["num_stages"], unpack4=True)
-    elif kind == "magic_split":  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
-        cfg = Config(e["block_m"], e["block_n"], 512 // bits, num_warps=e["num_warps"], num_stages=e["num_stages"], split_unpack=True,
-                     magic=True)
-    else:  # magic
-        bk = e["block_k"]
-        if group_size % bk and group_size < k and group_size % 64 == 0:
-            bk = 64  # keep one group per chunk for the scale-after-dot path
-        cfg = Config(e["block_m"], e["block_n"], bk, num_warps=e["num_warps"], num_stages=e["num_stages"], magic=True)
+    else:
+        launch = {"num_warps": e["num_warps"], "num_stages": e["num_stages"], "max_registers": e["max_registers"]}
+        if kind == "unpack4":
+            cfg = Config(e["block_m"], e["block_n"], 128, split_unpack=True, unpack4=True, x_once=e["x_once"], **launch)
+        elif kind == "unpack4_join":
+            cfg = Config(e["block_m"], e["block_n"], 128, unpack4=True, **launch)
+        elif kind == "magic_split":  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
+            cfg = Config(e["block_m"], e["block_n"], 512 // bits, split_unpack=True, magic=True, **launch)
+        else:  # magic
+            bk = e["block_k"]
+            if group_size % bk and group_size < k and group_size % 64 == 0:
+                bk = 64  # keep one group per chunk for the scale-after-dot path
+            cfg = Config(e["block_m"], e["block_n"], bk, magic=True, **launch)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     return dataclasses.replace(cfg, split_k=k_split(e, tiles, triton.cdiv(k, cfg.block_k), sm_count), stream_k=e.get("stream_k", 0),
                                in_kernel_reduce=e.get("in_kernel_reduce", m <= ikr_max_m))
@@ -172,7 +174,8 @@ class Table:
         return (k >= c.get("min_k", 0) and n >= c.get("min_n", 0) and n * k >= c.get("min_weights", 0)
                 and (tiles is None or triton.cdiv(n, tiles[0]) >= tiles[1] * sm_count) and ("near" not in c or name == nearest))
 
-    def pick(self, m: int, n: int, k: int, bits: int, group_size: int, sm_count: int) -> Config | DequantGemm | None:
+    def entry(self, m: int, n: int, k: int, bits: int, group_size: int, sm_count: int) -> dict:
+        """The entry that answers for this layer and M (raises NoEntry where none can read the layer)."""
         m = max(m, 1)
         nearest = self._nearest(k, n)
         for row in self.rows:
@@ -181,8 +184,11 @@ class Table:
                 continue
             for entry in row["try"]:
                 if can_run(entry["kernel"], m, k, bits, group_size):
-                    return build(entry, m, n, k, bits, group_size, sm_count, self.ikr_max_m)
+                    return entry
         raise NoEntry
+
+    def pick(self, m: int, n: int, k: int, bits: int, group_size: int, sm_count: int) -> Config | DequantGemm | None:
+        return build(self.entry(m, n, k, bits, group_size, sm_count), max(m, 1), n, k, bits, group_size, sm_count, self.ikr_max_m)
 
 
 def _validate(data, source: str) -> None:
@@ -248,7 +254,7 @@ def _validate_entry(entry, where: str, bad) -> None:
             zero_ok = key in ("slab_n", "block_m", "block_k", "num_warps") and KERNELS[kind].get(key) == 0
             ok = isinstance(value, int) and not isinstance(value, bool) and ((value == 0 and zero_ok) or (value > 0 and value & (value - 1) == 0))
         elif key == "max_registers":
-            ok = isinstance(value, int) and not isinstance(value, bool) and (value == -1 or 32 <= value <= 255)
+            ok = isinstance(value, int) and not isinstance(value, bool) and ((value == -1 and kind == "swap_ab") or value == 0 or 32 <= value <= 255)
         else:  # num_stages, stream_k, min_chunks, min_split_chunks
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= (1 if key == "num_stages" else 0)
         if not ok:
