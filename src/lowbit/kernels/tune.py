@@ -77,15 +77,12 @@ def dequant_ref(codes, zeros, scales, group_size: int):
     return (codes.float() - zeros.float()[group]) * scales.float()[group]
 
 
-def tune(shapes, ms, bits: int = 4, group_size: int = 128, log=print, device=None, timer=None) -> dict:
-    """Time the candidates on the current GPU; returns the table (validated) as a dict. (device / timer: the
-    CPU and a wall clock, to try this under TRITON_INTERPRET=1 without a GPU.)"""
-    import datetime
-    import platform
-
+def tune(shapes, ms, bits: int = 4, group_size: int = 128, log=print, device=None, timer=None, write=None) -> dict:
+    """Time the candidates on the current GPU; returns the table (validated) as a dict, and hands the table so far
+    to `write` after each shape (a run cut short keeps the shapes it finished). (device / timer: the CPU and a
+    wall clock, to try this under TRITON_INTERPRET=1 without a GPU.)"""
     import torch
     import torch.nn.functional as F
-    import triton
 
     from .timing import Timer
     from .triton import table as _table
@@ -141,14 +138,32 @@ def tune(shapes, ms, bits: int = 4, group_size: int = 128, log=print, device=Non
                 + " ".join(f"{fp16 / t:.2f}" for t, _ in timed[1:]))
         del codes, zeros, scales, packed, w_t, w16
         torch.cuda.empty_cache()
-    rows.sort(key=lambda r: r["m"][0])  # by M bucket, shapes in the order given
+        if rows and write is not None:
+            write(_assemble(name, sm, bits, group_size, classes, rows))
+    if not rows:
+        from ..errors import LowbitError
+
+        raise LowbitError(f"no candidate kernel ran correctly on {name} (see the lines above)", "report it with that output")
+    return _assemble(name, sm, bits, group_size, classes, rows)
+
+
+def _assemble(name: str, sm: int, bits: int, group_size: int, classes: dict, rows: list) -> dict:
+    """The table file's content (validated), rows ordered by M bucket, shapes in the order tuned."""
+    import datetime
+    import platform
+
+    import torch
+    import triton
+
+    from .triton import table as _table
+
     data = {"schema": _table.SCHEMA, "devices": [name],
             "note": f"written by `lowbit tune-kernels`: W{bits} g{group_size}, fastest candidates first per (M bucket, nearest tuned shape), the default's kept unless {MARGIN:.0%} slower",
             "measured": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "gpu": name, "sm_count": sm,
                          "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
                          "command": " ".join(["lowbit tune-kernels", *[a for a in sys.argv[1:] if a != "tune-kernels"]]),
                          "timing": "CUDA-graph replays, L2 flushed, median of 40; candidates checked against fp32 first"},
-            "in_kernel_reduce_max_m": 8, "classes": classes, "rows": rows}
+            "in_kernel_reduce_max_m": 8, "classes": dict(classes), "rows": sorted(rows, key=lambda r: r["m"][0])}
     _table.Table(data, f"the table tuned on {name}")  # validates what is about to be written
     return data
 
@@ -172,12 +187,15 @@ def main(args) -> Path:
     if not torch.cuda.is_available():
         raise LowbitError("tune-kernels times the Triton kernels on a CUDA GPU and found none", "run it on the GPU the model will run on")
     shapes = [parse_shape(t) for t in args.shapes] if args.shapes else DEFAULT_SHAPES
-    data = tune(shapes, args.ms or DEFAULT_MS)
-    out = Path(args.out) if args.out else _table.user_path(data["devices"][0])
+    out = Path(args.out) if args.out else _table.user_path(torch.cuda.get_device_name())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(out)
+
+    def write(data: dict) -> None:  # whole or not at all: a reader never sees half a file
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(out)
+
+    data = tune(shapes, args.ms or DEFAULT_MS, write=write)
     print(f"wrote {out} ({len(data['rows'])} rows); it takes precedence over the shipped tables for {data['devices'][0]}")
     return out
 

@@ -115,3 +115,23 @@ def test_malformed_user_table_one_line(tmp_path, text, names):
         table.load(path)
     message = str(err.value)
     assert "\n" not in message and str(path) in message and names in message and "lowbit tune-kernels" in message
+
+
+def test_tune_writes_a_table_that_keeps_the_default_within_margin(device, tmp_path, monkeypatch):
+    """tune.tune on a small layer with two candidates and a scripted clock: a candidate 20% faster than the default
+    table's choice goes first, one 2% faster does not (MARGIN); the table written after each shape loads back,
+    and its rows cover M from 1 without gaps."""
+    from lowbit.kernels import tune
+
+    monkeypatch.setattr(tune, "candidates", lambda m: [{"kernel": "dequant"}])
+    # per M: fp16, then the default's choice (the GEMV / split unpack), then dequantize + cuBLAS
+    clock = iter([100.0, 50.0, 40.0, 100.0, 50.0, 49.0])
+    path = tmp_path / "t.json"
+    data = tune.tune([(256, 272)], [1, 2], device=device, timer=lambda fn: next(clock),
+                     write=lambda d: path.write_text(json.dumps(d)))
+    t = table.load(path)
+    assert t.data["rows"] == data["rows"]
+    (r1, r2) = data["rows"]
+    assert r1["m"] == [1, 1] and r1["try"][0] == {"kernel": "dequant"}  # 20% faster: replaces the default
+    assert r2["m"] == [2, None] and r2["try"][0]["kernel"] != "dequant"  # 2% faster: the default stays
+    assert pick_config(1, 272, 256, 4, 128, 4, t) is None and pick_config(2, 272, 256, 4, 128, 4, t) is not None
