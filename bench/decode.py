@@ -133,36 +133,26 @@ def _time_up(signum, frame):
 
 
 def use_pick(variant: str) -> None:
-    """DECODE_PICK=r7: run the W4 kinds with pick_config as it was before x_once (r7: the GEMV at M = 1, the
-    per-position x loads at 2 <= M <= 16), to compare the two in one device call (separate processes, since
-    generate's compiled CUDA graphs are cached on the model). DECODE_PICK=3launch: K splits reduced by a
-    zero-fill and a cast launch around each matmul, as before splitk.py (r11). DECODE_PICK=noswap: without
-    the swap-AB kernel (r22) at 17-256 tokens."""
-    if variant == "3launch":
-        from lowbit.kernels.triton import splitk
-
-        splitk.IN_KERNEL_DEFAULT = False
-        return
-    if variant == "noswap":  # pick_config without swapab.py (before r22)
-        from lowbit.kernels.triton import matmul as mm
-
-        mm.SWAP_AB_MAX_M = 0
-        return
-    if variant != "r7":
+    """DECODE_PICK=default: run the W4 kinds with the default (H100) kernel table instead of this GPU's, to
+    compare the two in one device call (separate processes, since generate's compiled CUDA graphs are cached
+    on the model). DECODE_PICK=3launch: K splits reduced by a zero-fill and a cast launch around each matmul,
+    as before splitk.py (r11). (r7 and noswap, the variants of earlier rounds, went with the code they undid.)"""
+    if variant not in ("default", "3launch"):
         return
     import dataclasses
 
     from lowbit.kernels.triton import matmul as mm
+    from lowbit.kernels.triton import table
 
     current = mm.pick_config
 
-    def r7(m, n, k, bits, group_size, sm_count=132):
-        cfg = current(m, n, k, bits, group_size, sm_count)
-        if cfg is not None and cfg.x_once:
-            return mm.gemv_config(m, n, k, sm_count) if m == 1 else dataclasses.replace(cfg, x_once=False)
-        return cfg
+    def pick(m, n, k, bits, group_size, sm_count=132, table_=None, device_name=None):
+        if variant == "default":
+            return current(m, n, k, bits, group_size, sm_count, table.default_table())
+        cfg = current(m, n, k, bits, group_size, sm_count, table_, device_name)
+        return dataclasses.replace(cfg, in_kernel_reduce=False) if isinstance(cfg, mm.Config) else cfg
 
-    mm.pick_config = r7
+    mm.pick_config = pick
 
 
 def main():

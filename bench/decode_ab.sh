@@ -2,7 +2,7 @@
 # Same-call decode A/B: fp16 once, then each DECODE_PICK variant (bench/decode.py's use_pick) twice,
 # interleaved, each in its own process (generate's compiled graphs are cached per model).
 #   bash bench/decode_ab.sh new 3launch        (on the lent GPU machine, from the repository root)
-#   DECODE_BATCHES="32 64" DECODE_ROUNDS=1 bash bench/decode_ab.sh new noswap
+#   DECODE_BATCHES="32 64" DECODE_ROUNDS=1 bash bench/decode_ab.sh new default
 # Logs in $OUT/decode-ab.log; the tokens/s lines are printed last.
 set -u
 export PYTHONPATH=src

@@ -111,7 +111,7 @@ def main():
             if args.bits == 4 and (args.unpack4 or args.only_unpack4):
                 grid += list(unpack4_grid(k))
             if m == 1 and args.only_unpack4:
-                grid.append(gemv_config(m, n, k, sm))  # the GEMV pick_config uses where K < UNPACK4_MIN_K_AT_M1
+                grid.append(gemv_config(m, n, k, sm))  # the GEMV the default table uses at M = 1 where K < 8192
             cands = []
             for cfg in grid:
                 try:

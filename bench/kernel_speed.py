@@ -1,7 +1,10 @@
 """W4A16 (and W8) kernel benchmark: lowbit's Triton kernels vs fp16 cuBLAS vs torch's int4 tinygemm vs
 AutoAWQ's Triton GEMM, over M and the Llama-3-8B/70B layer shapes. Checks correctness on the GPU first.
 
-    PYTHONPATH=src python bench/kernel_speed.py [--quick] [--sweep] [--bits 4] [--group-size 128]
+    PYTHONPATH=src python bench/kernel_speed.py [--shapes KxN ...] [--ms M ...] [--quick] [--sweep] [--bits 4] [--group-size 128]
+
+"ours" is quant_matmul as users call it: the kernel table in force for this GPU (triton/table.py; a user table
+under $LOWBIT_HOME/kernels first); "default_table" the default (H100) table's choice timed beside it.
 
 --quick: 8192x28672, 28672x8192, 4096x4096 at M = 1, 4, 16, 32, 64, 1024: pick_config vs the previous heuristic
 vs a few candidate configs of the new paths (GEMV, magic-number conversion); writes kernels-<date>-r2.json.
@@ -26,11 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, environment, write_json  # noqa: E402
 
-from lowbit.kernels.repack import Packed, awq_pack  # noqa: E402
+from lowbit.export.auto_awq import pack_columns  # noqa: E402
+from lowbit.kernels.triton import table as ktable  # noqa: E402
 from lowbit.kernels.triton.dequant import dequantize  # noqa: E402
 from lowbit.kernels.triton.dequant_gemm import DequantGemm  # noqa: E402
-from lowbit.kernels.triton.matmul import IN_KERNEL_REDUCE_MAX_M, Config, _pick_kernel, gemv_config, pick_config, quant_matmul  # noqa: E402
-from lowbit.quant.pack import pack_bitstream  # noqa: E402
+from lowbit.kernels.triton.matmul import Config, gemv_config, pick_config, quant_matmul  # noqa: E402
+from lowbit.kernels.tune import dequant_ref, random_layer  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 # (K, N) of Llama-3-8B (q/o 4096x4096, gate/up 4096x14336, down 14336x4096) and 70B
@@ -54,19 +58,13 @@ class Layer:
     """One random quantized layer in every format the benchmark compares."""
 
     def __init__(self, k: int, n: int, bits: int, group_size: int, seed: int = 0):
-        g = torch.Generator(device="cuda").manual_seed(seed)
         gs = k if group_size == -1 else group_size
-        groups = -(-k // gs)
         self.k, self.n, self.bits, self.gs = k, n, bits, gs
-        self.codes = torch.randint(0, 2**bits, (k, n), generator=g, device="cuda", dtype=torch.int32)  # [K, N]
-        self.zeros = torch.randint(0, 2**bits, (groups, n), generator=g, device="cuda", dtype=torch.int32)
-        self.scales = (torch.rand(groups, n, generator=g, device="cuda") * 0.01 + 0.001).half()
-        self.packed = Packed(pack_bitstream(self.codes, bits, dim=0), self.scales, self.zeros.half(), bits, gs)
+        self.codes, self.zeros, self.scales, self.packed = random_layer(k, n, bits, gs, "cuda", seed)  # codes [K, N]
         self.w_fp16 = self.dequant().t().contiguous().half()  # [N, K], what nn.Linear holds
 
     def dequant(self) -> torch.Tensor:
-        group = torch.arange(self.k, device="cuda") // self.gs
-        return (self.codes.float() - self.zeros.float()[group]) * self.scales.float()[group]  # [K, N]
+        return dequant_ref(self.codes, self.zeros, self.scales, self.gs)  # [K, N] fp32
 
     def tinygemm(self):
         """torch int4 tinygemm (bf16 activations): packed weight and scale/zero tensor, or None."""
@@ -85,7 +83,7 @@ class Layer:
 
     def awq(self):
         """AutoAWQ GEMM tensors: qweight [K, N/8], qzeros [G, N/8], scales [G, N]."""
-        return awq_pack(self.codes), awq_pack(self.zeros), self.scales
+        return pack_columns(self.codes.cpu()).cuda(), pack_columns(self.zeros.cpu()).cuda(), self.scales
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -231,7 +229,7 @@ def quick_candidates(m: int, n: int, k: int, bits: int, gs: int, sm: int) -> dic
         c.update(swap_candidates(m, n, k, sm))
     ours = pick_config(m, n, k, bits, gs, sm)
     if isinstance(ours, Config) and ours.stream_k:  # the same tile with the K split instead of stream-K
-        c["ours_ksplit"] = dataclasses.replace(_pick_kernel(m, n, k, bits, gs, sm), in_kernel_reduce=m <= IN_KERNEL_REDUCE_MAX_M)
+        c["ours_ksplit"] = dataclasses.replace(ours, stream_k=0, in_kernel_reduce=m <= 8)
     if m <= 16 and bits == 4:  # unpack4.py: two codes per instruction (inline PTX)
         for bn, warps in ((128, 4), (256, 4), (256, 8)):
             tiles = -(-n // bn)
@@ -338,9 +336,9 @@ def quick(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", type=int, nargs="+", help="--quick: only these M")
+    ap.add_argument("--ms", type=int, nargs="+", help="only these M")
     ap.add_argument("--eager", action="store_true", help="--quick: time eager calls, not CUDA-graph replays (prefill outside a graph)")
-    ap.add_argument("--shapes", nargs="+", help="--quick: these KxN layers (e.g. 8192x8192) instead of the three default ones")
+    ap.add_argument("--shapes", nargs="+", help="these KxN layers (e.g. 8192x8192) instead of the default ones")
     ap.add_argument("--cands", nargs="+", help="--quick: only the candidates whose names start with these")
     ap.add_argument("--quick", action="store_true", help="3 shapes, M in 1/4/16/64/1024, ours vs old heuristic vs candidates")
     ap.add_argument("--sweep", action="store_true")
@@ -351,8 +349,10 @@ def main():
         return quick(args)
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
-    shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
-    ms = [1, 16, 64, 1024] if args.quick else MS
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    ms = args.ms or MS
+    default = ktable.default_table()  # the H100 choices, timed beside the table in force on this GPU
+    in_force = ktable.for_device(torch.cuda.get_device_name(0))
     awq = load_awq() if args.bits == 4 else None
     timer = Timer()
     env = environment()
@@ -379,7 +379,15 @@ def main():
             row["fp16_us"] = timer(lambda: F.linear(x, layer.w_fp16))
             row["ours_us"] = timer(lambda: quant_matmul(x, layer.packed))
             row["ours_eager_us"] = timer(lambda: quant_matmul(x, layer.packed), graph=False)
-            row["ours_cfg"] = repr(pick_config(m, n, k, args.bits, layer.gs, sm))
+            ours_cfg = pick_config(m, n, k, args.bits, layer.gs, sm)
+            row["ours_cfg"], row["table"] = repr(ours_cfg), in_force.source
+            default_cfg = pick_config(m, n, k, args.bits, layer.gs, sm, table=default)
+            if repr(default_cfg) != repr(ours_cfg):  # the same launch otherwise: its time is ours_us
+                checks[-1]["default_table"] = rel_err(quant_matmul(x, layer.packed, config=default_cfg), ref)
+                row["default_table_us"] = timer(lambda: quant_matmul(x, layer.packed, config=default_cfg))
+                row["default_table_cfg"] = repr(default_cfg)
+            else:
+                row["default_table_us"] = row["ours_us"]
             if tg:
                 row["tinygemm_us"] = timer(lambda: torch.ops.aten._weight_int4pack_mm(xb, tg[0], layer.gs, tg[1]))
             if aw:
@@ -401,7 +409,7 @@ def main():
             print(row, {key: f"{v:.1e}" for key, v in err.items()}, flush=True)
         del layer, tg, aw
         torch.cuda.empty_cache()
-        bad = [c for c in checks if c["ours"] > 3e-3 or c["ours_bf16"] > 1.5e-2]
+        bad = [c for c in checks if c["ours"] > 3e-3 or c["ours_bf16"] > 1.5e-2 or c.get("default_table", 0) > 3e-3]
         write_json("kernels", {"env": env, "bits": args.bits, "group_size": args.group_size, "rows": rows, "checks": checks, "failed_checks": bad})
     print_table(rows, env, args)
     if bad:
@@ -417,7 +425,7 @@ def awq_call(awq, x, aw, m):
 
 
 def print_table(rows, env, args):
-    cols = ["ours", "ours_eager", "best", "tinygemm", "awq"]
+    cols = ["ours", "default_table", "ours_eager", "best", "tinygemm", "awq"]
     print(f"\nW{args.bits}A16 g{args.group_size}, speedup over fp16 cuBLAS (F.linear), CUDA-graph replays, median, L2 flushed; {env['gpus'][0]}, {env['date']}, torch {env['torch']}, triton {env['triton']}")
     print(f"{'KxN':>12} {'M':>5} {'fp16 us':>9} " + " ".join(f"{c:>10}" for c in cols))
     for r in rows:

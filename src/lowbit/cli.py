@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "image", default=None, help="vision-language models: an image the prompt is about")
     _flag(g, "max_new_tokens", type=int, default=48)
     _flag(g, "device", default="cpu")
+
+    t = sub.add_parser("tune-kernels", help="time the Triton kernel configs on this GPU; writes $LOWBIT_HOME/kernels/<gpu>.json")
+    _flag(t, "shapes", nargs="+", metavar="KxN", help="layer shapes to tune on (default: Llama-3-8B and 70B layers)")
+    _flag(t, "ms", type=int, nargs="+", metavar="M", help="token counts to tune at")
+    _flag(t, "out", help="where to write the table (default: $LOWBIT_HOME/kernels/<gpu>.json)")
     return parser
 
 
@@ -195,10 +200,16 @@ def cmd_generate(args) -> None:
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
 
 
+def cmd_tune_kernels(args) -> None:
+    from .kernels.tune import main as tune_main
+
+    tune_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
+        {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "tune-kernels": cmd_tune_kernels}[args.command](args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2

@@ -11,14 +11,9 @@ layout once (the zeros unpacked into the non-persistent buffer `zeros_fast`; qwe
 shared as they are); lowbit.load() calls it, and forward() calls it on first use otherwise (call it
 yourself before torch.compile: a compiled forward must not create buffers). After changing qweight,
 qzeros or scales in place, call post_load() again.
-
-`set_forward_impl` can still install an override `fn(layer, x) -> Tensor | None` tried first (None falls
-through to the paths above).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +24,6 @@ from .triton import HAVE_TRITON
 
 if HAVE_TRITON:
     from . import ops  # registers torch.ops.lowbit.*
-
-_FAST_FORWARD: Callable | None = None
-
-
-def set_forward_impl(fn: Callable | None) -> None:
-    """Install a fast path `fn(layer, x) -> Tensor | None` used before the torch fallback."""
-    global _FAST_FORWARD
-    _FAST_FORWARD = fn
-
 
 class QuantLinear(torch.nn.Module):
     def __init__(
@@ -104,10 +90,6 @@ class QuantLinear(torch.nn.Module):
         return HAVE_TRITON and x.is_cuda and self.bits in (2, 4, 8) and x.dtype in (torch.float16, torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FAST_FORWARD is not None:
-            out = _FAST_FORWARD(self, x)
-            if out is not None:
-                return out
         if self.uses_triton(x):
             if self.zeros_fast is None:
                 self.post_load()

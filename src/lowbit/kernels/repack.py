@@ -21,11 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..export.auto_awq import unpack_columns
 from ..quant.pack import pack_bitstream, unpack_bitstream
-
-# AutoAWQ's GEMM packing: the 8 nibbles of a word hold output columns in this order
-# (word w, nibble j holds column 8*w + AWQ_ORDER[j]).
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 @dataclass
@@ -48,25 +45,11 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     return Packed(qweight, scales, zeros.to(torch.float16), bits, group_size)
 
 
-def _awq_unpack(words: torch.Tensor) -> torch.Tensor:
-    """int32 [R, N/8] in AWQ's interleaved nibble order -> int32 [R, N] codes in column order."""
-    shifts = torch.tensor([4 * AWQ_ORDER.index(c) for c in range(8)], device=words.device, dtype=torch.int32)
-    codes = (words.unsqueeze(-1) >> shifts) & 0xF  # [R, N/8, 8]: codes[..., c] is column 8*w + c
-    return codes.reshape(words.shape[0], -1)
-
-
 def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Packed:
-    """AutoAWQ GEMM tensors (4 bits: qweight int32 [K, N/8], qzeros int32 [G, N/8], scales fp16 [G, N]) -> Packed."""
-    codes_kn = _awq_unpack(qweight)  # [K, N]
-    zeros = _awq_unpack(qzeros)  # [G, N], AWQ stores zeros as is
+    """AutoAWQ GEMM tensors (4 bits: qweight int32 [K, N/8], qzeros int32 [G, N/8], scales fp16 [G, N]) -> Packed.
+
+    The interleaved nibbles are read by the exporter's own unpacker (export/auto_awq.py), so lowbit has one
+    AWQ packer; it runs on the CPU (it builds its shifts there), once per layer at load."""
+    codes_kn = unpack_columns(qweight.cpu()).to(qweight.device)  # [K, N]
+    zeros = unpack_columns(qzeros.cpu()).to(qzeros.device)  # [G, N], AWQ stores zeros as is
     return Packed(pack_bitstream(codes_kn, 4, dim=0), scales, zeros.to(torch.float16), 4, group_size)
-
-
-def awq_pack(codes_kn: torch.Tensor) -> torch.Tensor:
-    """Reference AWQ packer (tests and benchmarks): int [R, N] codes -> int32 [R, N/8] interleaved."""
-    r, n = codes_kn.shape
-    c = codes_kn.to(torch.int64).reshape(r, n // 8, 8)
-    word = torch.zeros(r, n // 8, dtype=torch.int64, device=codes_kn.device)
-    for j, col in enumerate(AWQ_ORDER):
-        word |= (c[..., col] & 0xF) << (4 * j)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)

@@ -14,7 +14,8 @@ import zlib
 import pytest
 import torch
 
-from lowbit.kernels.repack import Packed, awq_pack, from_awq, from_gptq
+from lowbit.export.auto_awq import pack_columns
+from lowbit.kernels.repack import Packed, from_awq, from_gptq
 from lowbit.kernels.triton.dequant import dequantize
 from lowbit.kernels.triton.matmul import Config, quant_matmul
 from lowbit.quant.pack import pack_bitstream
@@ -185,24 +186,13 @@ def test_swap_ab_needs_a_group_per_chunk(device):
             quant_matmul(torch.zeros(20, 256, dtype=torch.float16, device=device), p, config=Config(16, 64, 128, swap_ab=True))
 
 
-def test_unpack4_assembly_text():
-    """The PTX selects byte i of both words per PRMT and masks one nibble per LOP3 (the GPU tests run it)."""
-    from lowbit.kernels.triton.unpack4 import ASM_BF16, ASM_FP16
-
-    fp16, bf16 = ASM_FP16.value, ASM_BF16.value
-    for i, sel in enumerate((0x4400, 0x5511, 0x6622, 0x7733)):
-        assert f"prmt.b32 t, $8, $9, {sel:#06x};" in fp16 and f"prmt.b32 t, $8, $9, {sel:#06x};" in bf16
-    assert fp16.count("lop3.b32") == 8 and fp16.count("fma.rn.f16x2") == 8
-    assert bf16.count("lop3.b32") == 8 and bf16.count("fma.rn.bf16x2") == 8 and bf16.count("shr.b32") == 4
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group_size", [32, -1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv(device, bits, group_size, dtype):
     """The FMA GEMV as gemv_config launches it (M = 1 and 3: one row block of 1 and of 4 with a masked row),
     the place-value trick at every code position, split-K with a partial last chunk (K = 352)."""
-    from lowbit.kernels.triton.matmul import gemv_config, pick_config
+    from lowbit.kernels.triton.matmul import gemv_config
 
     n, k = 48, 352
     for m in (1, 3):
@@ -211,7 +201,6 @@ def test_gemv(device, bits, group_size, dtype):
         codes, zeros, scales, gs, w_t = random_layer(n, k, bits, group_size, sym, seed)
         p = gptq_packed(codes, zeros, scales, bits, gs, int(sym), device)
         cfg = gemv_config(m, n, k)
-        assert pick_config(m, n, k, bits, gs).gemv == (m == 1)  # pick_config: the GEMV at M = 1 only
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
         bias = torch.randn(n).to(dtype)
         out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
@@ -330,19 +319,13 @@ def test_dequantize_unpack4(device, group_size, dtype):
 def test_awq_repack_matches_reference(device):
     n, k, gs = 64, 96, 32
     codes, zeros, scales, gs, w_t = random_layer(n, k, 4, gs, False, seed=11)
-    qweight = awq_pack(codes)  # [K, N/8]
-    qzeros = awq_pack(zeros)  # [G, N/8]
+    qweight = pack_columns(codes)  # [K, N/8], the exporter's packer (tests/unit/export pins its words)
+    qzeros = pack_columns(zeros)  # [G, N/8]
     # the interleave is real: packing in plain order gives other words
     assert not torch.equal(qweight, pack_bitstream(codes, 4, dim=1))
     p = from_awq(qweight.to(device), qzeros.to(device), scales.to(device), gs)
     out = torch.full((k, n), float("nan"), dtype=torch.float32, device=device)
     assert rel_err(dequantize(p, torch.float32, out=out), w_t) < 1e-6
-
-
-def test_awq_pack_known_word():
-    # columns 0..7 hold codes 0..7: nibble j holds column AWQ_ORDER[j] -> 0x75316420
-    word = awq_pack(torch.arange(8).reshape(1, 8))
-    assert word.item() == 0x75316420
 
 
 def test_shape_checks(device):
@@ -520,7 +503,7 @@ def test_gpu_cuda_graph_dequant_slabs_overlapped():
 
 @pytest.mark.gpu
 def test_gpu_auto_slabs_only_under_capture(monkeypatch):
-    """pick_config's slabs (M >= 1024, N >= 8192) run inside a CUDA graph; called eagerly, quant_matmul takes the
+    """A table's slabs (dequantize + cuBLAS in 2048-column slabs) run inside a CUDA graph; called eagerly, quant_matmul takes the
     whole weight instead (r35: the slabs' launches outran the GPU there). Both answers match the reference."""
     _gpu()
     from lowbit.kernels.triton import matmul
@@ -529,7 +512,7 @@ def test_gpu_auto_slabs_only_under_capture(monkeypatch):
     n, k, m = 8192, 256, 1024
     codes, zeros, scales, gs, w_t = random_layer(n, k, 4, 128, False, seed=12)
     p = gptq_packed(codes, zeros, scales, 4, gs, 0, "cuda")
-    assert matmul.pick_config(m, n, k, 4, 128) == DequantGemm(2048, overlap=True)
+    monkeypatch.setattr(matmul, "pick_config", lambda *args, **kw: DequantGemm(2048, overlap=True))  # a table's slab entry
     plans = []
     real = matmul.dequant_gemm
     monkeypatch.setattr(matmul, "dequant_gemm", lambda x, p, bias, out, plan: plans.append(plan) or real(x, p, bias, out, plan))
@@ -568,47 +551,3 @@ def test_gpu_other_device_than_current():
         out = layer(x.to("cuda:1"))
         assert out.device == torch.device("cuda:1")
         assert rel_err(out, x.double() @ w_t) < TOL[torch.float16]
-
-
-def test_pick_config_regimes():
-    """pick_config's choice per M as documented (docs/kernels.md): unpack4 at 4 bits where a 128-deep chunk
-    holds one group, the GEMV at M = 1 on shallow layers, the older dot paths for other widths and groups."""
-    from lowbit.kernels.triton.matmul import UNPACK4_MIN_K_AT_M1, pick_config
-
-    deep, shallow = UNPACK4_MIN_K_AT_M1, 4096
-    assert pick_config(1, 8192, deep, 4, 128).unpack4 and pick_config(1, 8192, deep, 4, 128).x_once
-    assert pick_config(1, 4096, shallow, 4, 128).gemv
-    for m in (2, 8, 16):
-        cfg = pick_config(m, 4096, shallow, 4, 128)
-        assert cfg.unpack4 and cfg.split_unpack and cfg.x_once and (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 256, 128)
-        assert pick_config(m, 4096, shallow, 4, 4096).unpack4  # per-channel: one group
-        assert not pick_config(m, 4096, shallow, 4, 64).unpack4  # a 128-deep chunk spans two groups
-        assert not pick_config(m, 4096, shallow, 8, 128).unpack4  # unpack4 reads 4-bit codes only
-    for m in (17, 32):  # x_once split form, 32-row tiles
-        cfg = pick_config(m, 4096, shallow, 4, 128)
-        assert cfg.unpack4 and cfg.split_unpack and cfg.x_once and cfg.block_m == 32
-    from lowbit.kernels.triton.dequant_gemm import DequantGemm
-
-    swap = lambda cfg: isinstance(cfg, Config) and cfg.swap_ab  # noqa: E731
-    for m, n, k, bm, split in ((33, 4096, 4096, 64, 8), (64, 4096, 4096, 64, 8), (128, 4096, 4096, 128, 8), (17, 28672, 8192, 32, 1),
-                               (64, 8192, 28672, 64, 4), (200, 28672, 8192, 256, 1), (512, 14336, 4096, 256, 1), (1023, 28672, 8192, 256, 1)):
-        cfg = pick_config(m, n, k, 4, 128, 132)  # swapab.py: the weight as the register operand
-        assert cfg.swap_ab and cfg.x_permuted and (cfg.block_m, cfg.block_n, cfg.split_k) == (bm, 128, split), (m, n, k)
-        assert cfg.max_registers == (128 if bm <= 64 else 0)  # two programs per SM up to 64 tokens
-        assert not swap(pick_config(m, n, k, 4, 64, 132)) and not swap(pick_config(m, n, k, 8, 128, 132))
-    for m in (200, 512, 768):  # small layers at 129-1023: dequantize + cuBLAS (the tiled GEMM lost to it, r29)
-        assert pick_config(m, 4096, 4096, 4, 128, 132) is None
-    assert pick_config(300, 28672, 8192, 8, 128, 132) is None  # 8 bits: whole (slabs from M = 1024 only)
-    for m, n, k in ((257, 8192, 28672), (768, 8192, 8192), (512, 4096, 14336)):  # above 256 tokens, too few column tiles
-        assert pick_config(m, n, k, 4, 128, 132) is None, (m, n, k)
-    assert not swap(pick_config(1024, 28672, 8192, 4, 128, 132))  # dequantize + cuBLAS from 1024
-    assert pick_config(33, 4096, 4096 + 64, 4, 128).unpack4  # K off the 128-deep chunk: the interleaved unpack4 dot
-    for m, bits, gs in ((1, 4, 128), (8, 4, 128), (8, 8, 128), (9, 4, 128), (16, 8, 32), (33, 4, 128), (64, 8, 128)):
-        assert pick_config(m, 4096, shallow, bits, gs).in_kernel_reduce == (m <= 8), (m, bits, gs)
-    # stream-K (2 per SM, reduced in the launch): 17 <= M <= 32 on small layers, and M <= 16 on layers with >= 66 column tiles
-    for m, n, sk in ((32, 2048, 2), (16, 28672, 2), (1, 28672, 2), (16, 8192, 0), (4, 4096, 0), (17, 2048, 2)):
-        cfg = pick_config(m, n, 8192, 4, 128, 132)
-        assert cfg.stream_k == sk and (cfg.in_kernel_reduce if sk else True), (m, n)
-    assert pick_config(1024, 4096, shallow, 4, 128) is None  # dequantize + cuBLAS
-
-    assert pick_config(1024, 28672, 8192, 4, 128) == DequantGemm(2048, overlap=True)  # wide: in slabs

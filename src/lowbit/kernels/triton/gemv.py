@@ -23,7 +23,7 @@ reduced over the packed rows once at the end. With BLOCK_N = 128 * num_warps Tri
 each thread 4 columns (16-byte loads) and all R packed rows, so that reduction stays inside the thread, and x
 loaded as [R, 1] is broadcast along N without a layout conversion (checked in the SASS, Triton 3.9, sm_90:
 no shared memory, no spills at 1 row, 512x64, 4 warps). BLOCK_M is 1, 2 or 4 (one accumulator per row);
-pick_config uses 1 row only (see matmul.GEMV_MAX_M for the measurements).
+the kernel tables use it at M = 1 only (tables/h100.md, `GEMV_MAX_M`, has the measurements).
 """
 
 from __future__ import annotations

@@ -28,9 +28,8 @@ All accumulation is fp32.
 
 from __future__ import annotations
 
-import functools
 import dataclasses
-from dataclasses import dataclass
+import functools
 
 import torch
 import triton
@@ -42,7 +41,9 @@ from . import gemv as _gemv
 from . import splitk, swapab
 from .splitk import finish_tile
 from .dequant import _unpack_tile
+from .config import Config
 from .dequant_gemm import DequantGemm, dequant_gemm
+from . import table as _table
 from .unpack4 import unpack4_dot_operands
 
 
@@ -252,269 +253,51 @@ def _tile(
         finish_tile(ws_ptrs, out_ptrs, omask, counter_ptr + pid, n_splits)
 
 
-@dataclass(frozen=True)
-class Config:
-    """Launch parameters of `_qmm_kernel`; split_k is the number of programs sharing one tile's K loop."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-    scale_after_dot: bool = True
-    group_m: int = 8
-    split_unpack: bool = False  # VALS dots of K = block_k*bits/32 instead of one reshaped [BK, BN] tile
-    gemv: bool = False  # gemv.py: no tl.dot, fp32 FMA after a magic-number dequantize (small M)
-    magic: bool = False  # dot paths: codes -> fp16/bf16 by the magic-number trick instead of int->float converts
-    unpack4: bool = False  # 4 bits: unpack4.py's two-codes-per-instruction unpack (inline PTX); with split_unpack
-    # one dot per code position (small M), else the positions interleaved back into k order for one deep dot
-    x_once: bool = False  # unpack4 with split_unpack: x loaded once per chunk, split in registers (else per position)
-    # K splits meet inside the launch (splitk.py) rather than in a zeroed buffer cast afterwards (+2 launches).
-    # Its ticket's release fence waits for the program's atomic adds to land, which costs where few large
-    # programs share an SM (the 64x128, 8-warp tile: 0.96 vs 1.16x fp16 at M = 32, H100 r11); pick_config
-    # sets it by M.
-    in_kernel_reduce: bool = True
-    # > 0: stream-K, a 1-D grid of stream_k programs per SM, each an equal run of the tiles x chunks steps
-    # (crossing tile boundaries; split_k is then unused), so no SM idles on a partial last wave
-    stream_k: int = 0
-    # swapab.py: the unpacked weight as the wgmma's register operand, block_m tokens x block_n weight columns
-    # (4 bits, a group per 128-deep chunk; block_k is 128); x_permuted: x reordered in torch, not in the kernel
-    swap_ab: bool = False
-    x_permuted: bool = False
-    # > 0: ptxas register cap per thread (Triton's maxnreg), swapab.py only: two 8-warp programs per SM need
-    # <= 128 (65536 registers / 512 threads)
-    max_registers: int = 0
-
-
-# M from which dequantize + cuBLAS replaces the fused kernel (bench/kernel_speed.py --sweep, H100, 2026-11-25:
-# the fused GEMM lost to it at M >= 1024 on every Llama shape).
-DEQUANT_MIN_M = 1024
-DEQUANT_SLAB_N = 2048  # columns per dequantized slab at large M (dequant_gemm.py)
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Largest M given to the FMA GEMV (gemv.py). Measured on an H100 (bench/kernel_speed.py --quick, 2026-11-25 r2):
-# at M = 1 it gives 2.28-2.34x fp16 on 8192x28672 / 28672x8192 against 1.83-1.86x for the split-unpack dot
-# with the magic-number conversion; at M = 4 (4 rows per program) only 1.08-1.17x against 1.75-1.83x, since
-# its cost per weight code grows by one FFMA per row while the tensor-core dot's does not.
-GEMV_MAX_M = 1
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132, table: _table.Table | None = None,
+                device_name: str | None = None) -> Config | DequantGemm | None:
+    """Kernel choice for x [M, K] @ W^T [K, N]: a Config, a DequantGemm (dequantize + cuBLAS in column slabs)
+    or None (dequantize + cuBLAS, the whole weight), from `table`, else the table of the GPU named
+    `device_name` (default: the current CUDA device's; table.py: the user's tuned one, a shipped one, or the
+    default, which holds the H100 choices, see tables/h100.md). Where no entry of the table can read the
+    layer (bits, groups), the default table answers."""
+    if table is None and device_name is None and torch.cuda.is_available():
+        device_name = _device_name(torch.device("cuda", torch.cuda.current_device()))
+    return _pick(m, n, k, bits, group_size, sm_count, table or _table.for_device(device_name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int, t: _table.Table) -> Config | DequantGemm | None:
+    """pick_config's answer, cached: host ints in, a frozen answer out (a few hundred ns per call after the first)."""
+    try:
+        return t.pick(m, n, k, bits, group_size, sm_count)
+    except _table.NoEntry:
+        if t is _table.default_table():
+            return None  # dequantize + cuBLAS reads every layer
+        return _pick(m, n, k, bits, group_size, sm_count, _table.default_table())
 
 
 def gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None = None, num_warps: int | None = None,
                 block_k: int | None = None) -> Config:
-    """GEMV launch for m <= GEMV_MAX_M: one row block holding all of M (the weight is read once); block_n =
-    128 * num_warps gives each thread 4 columns (16-byte loads) and every packed row of the chunk (the sum
-    over k stays in the thread); a K split large enough for ~8 programs per SM while each keeps >= 2 chunks
-    (the measured best, "gemv_split_x2" in the r2 table: 2.28 / 2.34 / 1.60x fp16 on 8192x28672 /
-    28672x8192 / 4096x4096 against 2.21 / 2.30 / 1.28x with half the split).
+    """The GEMV launch (gemv.py) for m <= 4, as the tables build it: one row block holding all of M (the weight
+    is read once); block_n = 128 * num_warps gives each thread 4 columns (16-byte loads) and every packed row of
+    the chunk (the sum over k stays in the thread); a K split for ~8 programs per SM, each keeping >= 1 chunk.
     Register use from the SASS (Triton 3.9, sm_90): 1 row 512x64/4 warps 164 regs; 2 rows 512x64/8 warps
     128; 4 rows 512x32/8 warps 128, no spills."""
-    block_m = max(1, 1 << (m - 1).bit_length())
-    if block_m > 4:
-        raise ValueError(f"the GEMV takes at most 4 rows per program, not {block_m}")
-    if num_warps is None:
-        num_warps = 4 if block_m == 1 else 8
-    if block_n is None:
-        block_n = 512
-    if block_k is None:
-        block_k = 32 if block_m == 4 else 64
-    tiles = triton.cdiv(n, block_n)
-    chunks = triton.cdiv(k, block_k)
-    split = 1
-    while tiles * split < 8 * sm_count and chunks // (split * 2) >= 1 and split < 64:
-        split *= 2
-    return Config(block_m, block_n, block_k, split_k=split, num_warps=num_warps, num_stages=1, gemv=True)
-
-
-def dot_split(m: int, n: int, chunks: int, sm_count: int) -> int:
-    """K split of the 16x128 split-unpack dot for M <= 16: the smallest power of two giving >= 3 programs
-    per SM, at least 4 where the K loop has >= 16 chunks, at most one split per chunk and 64.
-
-    bench/decode_tune.py, H100, 2026-11-26, M = 8, chained decode layers (best split in brackets): 4096x4096
-    14.1 µs (16) against 16.4 with the earlier fixed split of 8 (>= 4 chunks each); 4096x1024 7.5 µs (32)
-    against 12.6; 14336x4096 29.2 µs (16) against 38.8; 4096x14336 31.9 (4) / 31.2 (8) against 33.2."""
-    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 128)
-    split = 1
-    while tiles * split < 3 * sm_count and split * 2 <= min(chunks, 64):
-        split *= 2
-    if chunks >= 16:
-        split = max(split, 4)
-    return split
-
-
-# At M = 1 the unpack4 dot (x loaded once per chunk) beats the GEMV on deep layers only (H100, 2026-11-26,
-# bench/results/unpack4-2026-11-26/xonce/): 28672x8192 2.88 vs 2.69x fp16, 14336x4096 21.0 vs 24.2 µs chained,
-# 8192x28672 2.35 vs 2.34x; the GEMV stays ahead at K = 4096 (4096x4096 9.8 vs 11.1 µs, 4096x14336 21.2 vs 21.7).
-UNPACK4_MIN_K_AT_M1 = 8192
-
-
-def unpack4_split(m: int, n: int, chunks: int, sm_count: int) -> int:
-    """K split of the 16x256 unpack4 dot (M <= 16): the smallest power of two giving >= 1.5 programs per SM
-    (at most one split per chunk and 64).
-
-    bench/decode_tune.py --only-unpack4, H100, 2026-11-26 (chained decode layers, M = 4 / 8 / 16, best split
-    of 1..64 at 16x256, 4 warps): 4096x4096 16 (256 programs), 4096x1024 32 (128, one chunk each), 4096x14336
-    4 (224), 14336x4096 16 (256); splits giving 3 programs per SM were 10-20% slower on the last three.
-    An earlier floor of 4 splits (deep K loops) is gone: with x loaded once, 8192x28672 (112 tiles) ran faster at
-    the 1.5-per-SM rule's split 2 (H100 r16: 2.49 / 2.39 / 2.46 / 2.34x fp16 at M = 1 / 4 / 8 / 16 against
-    2.43 / 2.32 / 2.35 / 2.27x at 4); the floor only ever bound where N has >= 99 tiles (N > 25000)."""
-    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 256)
-    split = 1
-    while tiles * split * 2 < 3 * sm_count and split * 2 <= min(chunks, 64):
-        split *= 2
-    return split
-
-
-# Largest M whose small-M dot reduces its K splits inside the launch (splitk.py); see pick_config.
-IN_KERNEL_REDUCE_MAX_M = 8
-# At M <= 16, stream-K where the layer has at least this many column tiles per SM (see pick_config).
-STREAM_K_MIN_TILES_PER_SM = 0.5
-
-
-# swapab.py (the weight as the wgmma's register operand) from M = 17 to 1023 at 4 bits with a group per
-# 128-deep chunk. H100 r22 (2026-11-26, bench/results/kernels-2026-11-26-r22.*), fp16 speedup on 8192x28672 /
-# 28672x8192 / 4096x4096, swap_ab_config's tile against the pick of the time:
-#   M = 32   1.85 / 1.96 / 1.00  vs 1.53 / 1.54 / 1.07 (x_once, stream-K)
-#   M = 64   1.55 / 1.64 / 0.92  vs 1.13 / 1.23 / 0.91 (interleaved unpack4 dot)
-#   M = 128  1.07 / 1.19 / 0.67  vs 0.84 / 0.48 / 0.63 (tiled GEMM)
-#   M = 256  0.77 / 0.76 / 0.62  vs 0.49 / 0.48 / 0.70 (tiled GEMM)
-#   M = 16   1.97 / 2.04 / 1.13  vs 2.40 / 2.50 / 1.37 (unpack4 x_once: stays)
-# r26/r27 (wgmmas no longer serialised by ptxas, see swapab.py): M = 128 1.12-1.15 / 1.21-1.22 / 0.68,
-# M = 256 0.85 / 0.79 / 0.57, M = 512 0.69 / 0.68 / 0.51 against 0.43 / 0.44 / 0.72 (tiled GEMM),
-# M = 1024 0.76 / 0.67 / 0.65 against dequantize + cuBLAS' 0.79 / 0.76 / 0.75 (stays).
-# r31, 257-1023 on the mid-sized Llama layers (swap AB vs dequantize + cuBLAS): M = 512 0.58 vs 0.61
-# (8192x8192), 0.59 vs 0.63 (14336x4096), 0.76 vs 0.65 (4096x14336); M = 768 0.58 vs 0.70, 0.56 vs 0.70,
-# 0.67 vs 0.66; M = 256 0.70 / 0.78 / 0.63 vs 0.52 / 0.57 / 0.54. Above 256 tokens swap AB wins only where the
-# weight columns alone nearly fill the GPU (no K split; 28672x8192, 64 column tiles: 0.57 vs 0.55 at 384,
-# 0.69 vs 0.69 at 768, r29).
-# So: 33-128 everywhere; 17-32 and 129-256 on large layers (>= SWAP_AB_MIN_WEIGHTS codes; 4096x4096 has
-# 16.8M); 257-1023 on large layers with >= SWAP_AB_MIN_COLUMN_TILES_PER_SM 128-column tiles per SM.
-SWAP_AB_MIN_M = 17
-SWAP_AB_MAX_M = DEQUANT_MIN_M - 1
-SWAP_AB_MIN_WEIGHTS = 1 << 25
-SWAP_AB_MIN_COLUMN_TILES_PER_SM = 0.75
-
-
-def swap_ab_config(m: int, n: int, k: int, sm_count: int = 132) -> Config:
-    """swapab.py launch: token tile = M rounded up to a power of two (16..128; 256 above 128), 128 weight
-    columns, 8 warps (two warpgroups, one m64 wgmma row block each: 4 warps doing both lost 13-34% in r22),
-    x reordered in torch, and the smallest power-of-two K split giving one program per SM (twice that lost
-    3-21% in r22/r23), at most half the chunks; splits meet in a zeroed buffer (in the launch: within 2% at
-    M <= 64 on 28672x8192, up to 20% slower at M >= 128). Token tiles of <= 64 are capped at 128 registers so
-    two programs share an SM (r27, 64 tokens: 1.54 / 1.64x fp16 on 8192x28672 / 28672x8192 against 1.43 / 1.64x
-    with the 162 registers ptxas takes for the pipelined wgmmas; smaller tiles need fewer anyway)."""
-    bm = 256 if m > 128 else max(16, 1 << (m - 1).bit_length())
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128)
-    chunks = triton.cdiv(k, swapab.CHUNK)
-    split = 1
-    while tiles * split < sm_count and split * 2 <= chunks // 2:
-        split *= 2
-    return Config(bm, 128, swapab.CHUNK, split_k=split, num_warps=8, num_stages=3, swap_ab=True, x_permuted=True, in_kernel_reduce=False,
-                  max_registers=128 if bm <= 64 else 0)
-
-
-def pick_config(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int = 132) -> Config | DequantGemm | None:
-    """Kernel choice by M (see `_pick_kernel`); K splits are reduced inside the launch (splitk.py) at
-    M <= IN_KERNEL_REDUCE_MAX_M only. H100 r11-r13, pick_config's tiles, in launch / zero-fill + cast, fp16
-    speedup on 8192x28672 / 28672x8192 / 4096x4096: M = 1 2.43 / 3.09 / 1.70 against 2.36 / 2.97 / 1.58,
-    M = 8 2.36 / 2.98 / 1.36 against 2.33 / 2.92 / 1.29, M = 16 2.26 / 2.88 / 1.33 against 2.29 / 2.88 / 1.40,
-    M = 64 0.88 / 0.98 / 0.80 against 1.11 / 1.24 / 0.93."""
-    cfg = _pick_kernel(m, n, k, bits, group_size, sm_count)
-    if isinstance(cfg, Config) and cfg.x_once and m <= 32 and (m > 16 or STREAM_K_MIN_TILES_PER_SM * sm_count <= triton.cdiv(n, cfg.block_n)):
-        # stream-K, 2 programs per SM (H100 r21, against the K-split pick in the same run): M = 32 1.53 / 1.55 /
-        # 1.08x fp16 vs 1.44 / 1.50 / 1.09x on 8192x28672 / 28672x8192 / 4096x4096; at M <= 16 it won only with many
-        # column tiles (8192x28672, 112 tiles: 2.58 / 2.40x vs 2.50 / 2.34x at M = 1 / 16) and lost 2-6% with few
-        # (28672x8192, 32 tiles: 3.00 / 2.45 vs 3.07 / 2.51; 4096x4096, 16: 1.33 vs 1.41 at M = 16)
-        return dataclasses.replace(cfg, stream_k=2, in_kernel_reduce=True)
-    if isinstance(cfg, Config):
-        cfg = dataclasses.replace(cfg, in_kernel_reduce=m <= IN_KERNEL_REDUCE_MAX_M)
-    return cfg
-
-
-def _pick_kernel(m: int, n: int, k: int, bits: int, group_size: int, sm_count: int) -> Config | DequantGemm | None:
-    """Kernel choice by M; a DequantGemm or None means dequantize + cuBLAS (in slabs / whole).
-
-    From bench/kernel_speed.py on an H100 (W4 g128; the r1 sweep and the r2 --quick run of 2026-11-25, see
-    docs/kernels.md); at M = 1, 4, 16, 64 and 1024 each choice below is a config timed in r2:
-    M <= 16 at 4 bits with a group per 128-deep chunk (M = 1 only where K >= UNPACK4_MIN_K_AT_M1): the unpack4
-    dot (unpack4.py) with x loaded once per chunk, 16x256 tiles, K split by `unpack4_split` (H100 xonce run:
-    2.26-2.44x fp16 at M = 16 and 2.32-2.48x at M = 4 on the large shapes). Other M = 1: the FMA GEMV
-    (gemv.py), 2.3-2.7x fp16 on the large shapes. Other 2 <= M <= 16: split unpack with the
-    magic-number conversion, 16x128 tiles, K split by `dot_split` (1.75-1.83x at M = 4, 1.27-1.47x at M = 16
-    with the earlier 8-way split on the large shapes, where dot_split gives 4-8).
-    16 < M <= 64 at 4 bits with a group per 128-deep chunk: unpack4 interleaved back into k order, one deep
-    dot per chunk, 64x128, 8 warps, K split 4 (r6: 1.14-1.27x at M = 64, 1.16-1.21x at M = 32 on the large
-    shapes); since r12 17 <= M <= 32 takes the split unpack4 form with x loaded once, 32x128, K split 8
-    (1.43 / 1.50 / 1.09x). Otherwise 16 < M <= 32: reshape unpack, 32x128, K split 4, magic; 32 < M <= 64: reshape unpack,
-    64x128, K split 4, 8 warps, magic (1.09-1.15x). Since r22 swap AB (swapab.py) at 17 <= M <= 1023 where
-    4-bit chunks hold one group (on every layer at 33-128, on large ones elsewhere). Larger M, and M > 64
-    otherwise: dequantize + cuBLAS (0.73x at M = 1024; in 2048-column slabs where N >= 8192: 0.74-0.79x,
-    r15/r18).
-    """
-    if m >= DEQUANT_MIN_M:
-        # dequantize + cuBLAS; on wide layers in 2048-column slabs, the next dequantized on a side stream
-        # (H100 r15: 0.77 / 0.73x fp16 at M = 1024 on 8192x28672 / 28672x8192 against 0.74 / 0.72x whole,
-        # 0.97 / 1.00x at M = 4096 against 0.95 / 1.00x), and the fp16 temporary is 2 slabs, not the whole W
-        return DequantGemm(DEQUANT_SLAB_N, overlap=True) if n >= 4 * DEQUANT_SLAB_N else None
-    chunks = lambda bk: triton.cdiv(k, bk)  # noqa: E731
-    unpack4_ok = bits == 4 and (group_size >= k or group_size % 128 == 0)  # a group per 128-deep chunk
-    if m <= 16 and unpack4_ok and (m > GEMV_MAX_M or k >= UNPACK4_MIN_K_AT_M1):
-        return Config(16, 256, 128, split_k=unpack4_split(m, n, triton.cdiv(k, 128), sm_count), num_warps=4, num_stages=3,
-                      split_unpack=True, unpack4=True, x_once=True)
-    if m <= GEMV_MAX_M:
-        return gemv_config(m, n, k, sm_count)
-    if m <= 16:
-        block_k = 512 // bits  # block_k * bits / 32 = 16 packed rows: tl.dot's smallest depth
-        return Config(16, 128, block_k, split_k=dot_split(m, n, triton.cdiv(k, block_k), sm_count), num_warps=4, num_stages=3,
-                      split_unpack=True, magic=True)
-    large = n * k >= SWAP_AB_MIN_WEIGHTS and (m <= 256 or triton.cdiv(n, 128) >= SWAP_AB_MIN_COLUMN_TILES_PER_SM * sm_count)
-    if SWAP_AB_MIN_M <= m <= SWAP_AB_MAX_M and unpack4_ok and k % swapab.CHUNK == 0 and (large or 32 < m <= 128):
-        return swap_ab_config(m, n, k, sm_count)
-    if m <= 32 and unpack4_ok:
-        # the split unpack4 form with x loaded once, 32-row tiles (H100 r11, 2026-11-26: 1.36 / 1.49 / 1.05x fp16 at
-        # M = 32 on 8192x28672 / 28672x8192 / 4096x4096 against 1.16 / 1.23 / 0.95x for the interleaved 64x128 dot)
-        split = 8
-        while split > 1 and chunks(128) // split < 2:
-            split //= 2
-        # (r12: 1.43 / 1.50 / 1.09x with the zero-fill + cast, as pick_config runs it, 1.36 / 1.50 / 1.09x without)
-        return Config(32, 128, 128, split_k=split, num_warps=4, num_stages=3, split_unpack=True, unpack4=True, x_once=True)
-    if m <= 64 and unpack4_ok:
-        # unpack4 interleaved into one deep dot, 64x128, 8 warps (H100 r6, 2026-11-26: 1.14 / 1.27 / 0.91x fp16 at
-        # M = 64 on 8192x28672 / 28672x8192 / 4096x4096 against 1.10 / 1.15 / 0.86x for the reshape magic dot;
-        # M = 32 1.16 / 1.21 / 0.96x against 1.09 / 1.13 / 0.79x for its 32x128 tile)
-        split = 4
-        while split > 1 and chunks(128) // split < 4:
-            split //= 2
-        return Config(64, 128, 128, split_k=split, num_warps=8, num_stages=3, unpack4=True)
-    if 32 < m <= 64:  # measured (r2): 1.09-1.15x fp16 on the large shapes, against 0.94-1.01x for 64x64, K split 2
-        block_k = 64 if group_size % 128 and group_size < k and group_size % 64 == 0 else 128  # one group per chunk
-        split = 4
-        while split > 1 and chunks(block_k) // split < 4:
-            split //= 2
-        return Config(64, 128, block_k, split_k=split, num_warps=8, num_stages=3, magic=True)
-    if m <= 64:
-        block_m = 32 if m <= 32 else 64
-        block_n = 128 if m <= 32 else 64
-        block_k = 128
-        if group_size % block_k and group_size < k and group_size % 64 == 0:
-            block_k = 64  # keep one group per chunk for the scale-after-dot path
-        split = 4 if m <= 32 else 2
-        while split > 1 and chunks(block_k) // split < 4:
-            split //= 2
-        return Config(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4, magic=True)
-    # M > 64 without swap AB: dequantize + cuBLAS, the whole weight at once. The tiled GEMM with a per-tile
-    # dequantize (Config(128, 128, 64, scale_after_dot=False)) lost everywhere it was timed (r29, fp16 speedup
-    # at M = 384 / 768: 0.42 / 0.44, 0.37 / 0.34, 0.35 / 0.37 on 8192x28672 / 28672x8192 / 4096x4096 against
-    # 0.51 / 0.69, 0.55 / 0.69, 0.74 / 0.71), and so did the 2048-column slabs of M >= 1024 (r32, M = 384 /
-    # 768: 0.46 / 0.63 on 28672x8192, 0.45 / 0.58 on 8192x8192 against 0.56 / 0.68 and 0.57 / 0.69 whole:
-    # cuBLAS runs M x 2048 slabs below its best rate)
-    return None
+    if m > 4:
+        raise ValueError(f"the GEMV takes at most 4 rows per program, not {m}")
+    entry = {"kernel": "gemv", "block_n": block_n or 512, "num_warps": num_warps or 0, "block_k": block_k or 0}
+    return _table.build(entry, m, n, k, 4, k, sm_count)
 
 
 def quant_matmul(
@@ -526,8 +309,7 @@ def quant_matmul(
     config: "auto" (pick_config), a Config, or None / a DequantGemm (dequantize + cuBLAS, whole or in slabs).
     out: optional [M, N] tensor of x's dtype to write into (tests poison it first).
     in_kernel_reduce: K splits meet inside the launch (splitk.py); False forces the zero-fill + cast path
-    that CUDA-graph capture falls back to (tests run both); None: the config's choice (unless a benchmark
-    cleared splitk.IN_KERNEL_DEFAULT).
+    that CUDA-graph capture falls back to (tests run both); None: the config's choice (Config.in_kernel_reduce).
     """
     n, k = p.shape
     if x.dim() != 2 or x.shape[1] != k:
@@ -548,7 +330,7 @@ def quant_matmul(
     elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
     if isinstance(config, str):
-        config = pick_config(m, n, k, p.bits, p.group_size, _sm_count(x.device))
+        config = pick_config(m, n, k, p.bits, p.group_size, _sm_count(x.device), device_name=_device_name(x.device))
         if isinstance(config, DequantGemm) and config.slab_n and x.is_cuda and not torch.cuda.is_current_stream_capturing():
             # The slabs win inside a CUDA graph only: launched call by call (eager prefill), their ~4 launches
             # per slab cost more host time than the GPU spends on a slab (H100 r35, eager, M = 1024:
@@ -560,7 +342,7 @@ def quant_matmul(
     cfg = config
     if cfg.swap_ab:
         if in_kernel_reduce is None:
-            in_kernel_reduce = cfg.in_kernel_reduce and splitk.IN_KERNEL_DEFAULT
+            in_kernel_reduce = cfg.in_kernel_reduce
         return swapab.launch(x, p, bias, out, cfg, in_kernel_reduce)
     if cfg.gemv:
         bk = _gemv.gemv_block_k(p.bits, p.group_size, k, cfg.block_k)
@@ -596,7 +378,7 @@ def quant_matmul(
     reduce, target, ws, counters = splitk.STORE, out, out, out
     if split > 1:
         if in_kernel_reduce is None:
-            in_kernel_reduce = cfg.in_kernel_reduce and splitk.IN_KERNEL_DEFAULT
+            in_kernel_reduce = cfg.in_kernel_reduce
         pair = splitk.workspace(x.device, m * n, grid[0] * grid[2] if cfg.gemv else tiles) if in_kernel_reduce else None
         if pair is None:
             reduce, target = splitk.ATOMIC_BUFFER, torch.zeros(m, n, dtype=torch.float32, device=x.device)
@@ -615,5 +397,6 @@ def quant_matmul(
                 DOT_F32=dot_f32, SPLIT_UNPACK=cfg.split_unpack, MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), X_ONCE=cfg.x_once,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, STREAM_K=stream_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **({"maxnreg": cfg.max_registers} if cfg.max_registers and not interpreting() else {}),
             )
     return out.copy_(target) if reduce == splitk.ATOMIC_BUFFER else out

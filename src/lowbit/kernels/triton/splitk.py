@@ -29,8 +29,6 @@ STORE = 0  # one split: store into the output directly
 ATOMIC_BUFFER = 1  # atomic adds into a zeroed fp32 buffer the caller casts afterwards (three launches)
 IN_KERNEL = 2  # atomic adds into the persistent workspace, the last program casts and re-zeroes (one launch)
 
-IN_KERNEL_DEFAULT = True  # quant_matmul's choice when not told (benchmarks flip it for A/B runs)
-
 
 @triton.jit
 def finish_tile(ws_ptrs, out_ptrs, mask, counter_ptr, n_splits):
