@@ -166,7 +166,8 @@ def main() -> None:
         rows[name] = {"checkpoint_gib": round(nbytes / 2**30, 2), "blocks": args.blocks}
         rows[name]["rtn"] = quantize(ckpt, work / "out", ["--method", "rtn"], args.device)
         rows[name]["autoround"] = quantize(ckpt, work / "out", ["--method", "autoround", "--iters", str(args.iters), "--nsamples", str(args.nsamples),
-                                                                 "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text], args.device)
+                                                                 "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text,
+                                                                 "--disable_torch_compile"], args.device)  # 2 iterations: compiling costs more than it saves
         shutil.rmtree(ckpt, ignore_errors=True)
     env = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
