@@ -78,6 +78,7 @@ class RunSummary:
     method: str = ""
     scheme: str = ""
     block_losses: list[tuple[int, float, float]] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)  # checkpoint tensors that match no model tensor
 
     def lines(self) -> list[str]:
         vram = ", ".join(f"{d} {gib(b)}" for d, b in self.peak_vram.items()) or "no GPU used"
@@ -104,4 +105,5 @@ class RunSummary:
             "method": self.method,
             "scheme": self.scheme,
             "block_losses": self.block_losses,
+            "unmapped_checkpoint_tensors": self.unmapped,
         }

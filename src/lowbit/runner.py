@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -180,6 +181,10 @@ def quantize(
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
         names = map_names(skeleton, ckpt.index)
         check_complete(skeleton, names, ckpt.path)  # every tensor the model needs is found before block 0
+        if names.unmapped:  # listed before any work; copied to the output as they are
+            summary.unmapped = list(names.unmapped)
+            print(f"lowbit: {len(names.unmapped)} checkpoint tensors match no tensor of {type(skeleton).__name__} and are copied as they are, "
+                  f"e.g. {', '.join(names.unmapped[:3])}", file=sys.stderr)
         blocks = submodule(skeleton, spec.blocks)
         refuse_unholdable(skeleton, spec, scheme, formats, run.quant_lm_head)
         outputs = [FormatOutput(fmt, folder / fmt.NAME if len(formats) > 1 else folder, run.max_shard_bytes) for fmt in formats]

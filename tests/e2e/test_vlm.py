@@ -9,6 +9,7 @@ compressed-tensors), and the two must agree on the logits.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from lowbit.kernels.linear import QuantLinear
 from tests.arch.tiny import save_tiny_checkpoint
 
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog while a small bird sings in the old oak tree"] * 200)
-VLMS = ["Gemma4ForConditionalGeneration", "Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration"]
+VLMS = ["Gemma4ForConditionalGeneration", "Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration", "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Mistral3ForConditionalGeneration"]
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +159,31 @@ def test_image_bad_input_is_one_line_and_leaves_nothing(case, tmp_path):
     assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "out.lowbit-partial").exists()
+
+
+def test_checkpoint_layouts_are_renamed_by_transformers_rules(tmp_path):
+    """transformers saves LLaVA in the hub's layout (language_model.model.layers.*, vision_tower.*) and builds
+    model.language_model.layers.*: lowbit maps either layout through transformers' own renaming rules before
+    block 0, and both quantize to the same tensors, written under the names transformers builds."""
+    from safetensors.torch import load_file, save_file
+
+    hub = tmp_path / "hub"
+    save_tiny_checkpoint("LlavaForConditionalGeneration", hub, TEXT)
+    current = tmp_path / "current"
+    shutil.copytree(hub, current)
+    new = {"language_model.model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
+           "multi_modal_projector.": "model.multi_modal_projector.", "language_model.lm_head.": "lm_head."}
+    tensors = load_file(hub / "model.safetensors")
+    assert any(k.startswith("language_model.model.layers.") for k in tensors)  # the hub layout, as saved
+    renamed = {}
+    for name, t in tensors.items():
+        prefix = next(p for p in new if name.startswith(p))
+        renamed[new[prefix] + name[len(prefix):]] = t
+    save_file(renamed, current / "model.safetensors", metadata={"format": "pt"})
+    outs = {}
+    for name, folder in (("hub", hub), ("current", current)):
+        outs[name] = tmp_path / f"out-{name}"
+        lowbit.quantize(str(folder), "rtn", Scheme(4, 32, sym=True), run=RunConfig(output_dir=str(outs[name]), device="cpu"), progress=False)
+    a, b = load_file(outs["hub"] / "model.safetensors"), load_file(outs["current"] / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.language_model.layers.0.self_attn.q_proj.qweight" in a

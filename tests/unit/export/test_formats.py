@@ -140,4 +140,22 @@ def test_gptq_config_and_quantize_config_as_transformers_reads_them(tiny_llama, 
     for parsed in (peer_config(out), GPTQConfig.from_dict(json.loads((out / "quantize_config.json").read_text()))):
         assert (type(parsed).__name__, parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act, parsed.format) == ("GPTQConfig", 4, 128, True, False, "gptq")
     raw = json.loads((out / "quantize_config.json").read_text())  # AutoGPTQ / GPTQModel read these keys directly
-    assert (raw["checkpoint_format"], raw["static_groups"], raw["true_sequential"]) == ("gptq", False, True)
+    # RTN ran: no GPTQ settings are claimed (true_sequential / damp_percent belong to GPTQ runs)
+    assert (raw["checkpoint_format"], raw["static_groups"], raw["lowbit_method"]) == ("gptq", False, "rtn")
+    assert "true_sequential" not in raw and "damp_percent" not in raw
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_export_states_the_gptq_settings_that_ran(tmp_path, act_order):
+    """desc_act / static_groups / true_sequential / damp_percent in the auto_gptq config are GPTQ's real settings."""
+    from tests.conftest import save_tiny_model_with_tokenizer
+
+    text = " ".join(["it is a truth universally acknowledged that a single man in possession of a good fortune"] * 60)
+    (tmp_path / "t.txt").write_text(text)
+    save_tiny_model_with_tokenizer(tmp_path / "m", text)
+    out = tmp_path / "q"
+    lowbit.quantize(str(tmp_path / "m"), lowbit.GptqConfig(act_order=act_order, damp_percent=0.05, true_sequential=False), Scheme(4, 64, True),
+                    lowbit.CalibConfig(dataset=str(tmp_path / "t.txt"), nsamples=2, seqlen=32, batch_size=2),
+                    lowbit.RunConfig(output_dir=str(out), formats=("auto_gptq",), device="cpu"), progress=False)
+    raw = json.loads((out / "quantize_config.json").read_text())
+    assert (raw["desc_act"], raw["static_groups"], raw["true_sequential"], raw["damp_percent"], raw["lowbit_method"]) == (act_order, True, False, 0.05, "gptq")
