@@ -14,7 +14,7 @@ if [ "${MATRIX_S:=150}" != 0 ]; then
   echo "path matrix: exit $?"; cp bench/results/path-matrix-*.json "$OUT/" 2>/dev/null
 fi
 if [ "${SCALE_S:=420}" != 0 ]; then
-  timeout "$SCALE_S" python3 bench/vlm_scale.py --text .cache/austen.txt --blocks "${BLOCKS:-8}" --workdir /tmp/vlm-scale --out "$OUT" > "$OUT/vlm-scale.log" 2>&1
+  timeout "$SCALE_S" python3 bench/vlm_scale.py --text .cache/austen.txt --blocks "${BLOCKS:-8}" --models "${MODELS:-gemma4,qwen3vl}" --workdir /tmp/vlm-scale --out "$OUT" > "$OUT/vlm-scale.log" 2>&1
   echo "vlm scale: exit $?"
   grep -E "wrote|error|Error|block [0-9]+: loss" "$OUT/vlm-scale.log" | cut -c1-160 | tail -30
 fi

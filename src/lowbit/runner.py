@@ -349,7 +349,8 @@ def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, 
     are loaded when the calibration has images)."""
     samples = calibration_samples(ckpt, spec, calib)
     after = (spec.lm_head, *spec.post_block)
-    needed = [(n, t) for n, t in skeleton.state_dict(keep_vars=True).items()
+    tensors = {**dict(skeleton.named_buffers()), **skeleton.state_dict(keep_vars=True)}  # computed buffers (rotary tables) too
+    needed = [(n, t) for n, t in tensors.items()
               if not spec.in_blocks(n) and (calib.images or not spec.is_media(n)) and not any(n == a or n.startswith(a + ".") for a in after)]
     load_tensors(skeleton, needed, ckpt, names, device, dtype)
     try:

@@ -51,6 +51,8 @@ def load_tensors(model, full_names, ckpt: Checkpoint, names, device, dtype: torc
         if key is None:
             if tensor.device.type == "meta":
                 raise LowbitError(f"tensor {full} is missing from the checkpoint at {ckpt.path}", "the checkpoint is incomplete or for another architecture")
+            if tensor.device != torch.device(device):  # a computed buffer (rotary table): where the module runs
+                set_module_tensor_to_device(model, full, device)
             continue
         value = ckpt.tensor(key)
         if value.is_floating_point():
