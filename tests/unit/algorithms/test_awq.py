@@ -147,9 +147,7 @@ def test_beats_rtn_on_an_outlier_channel(config):
     ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
     results = quantize_block(ctx, config)
     assert set(results) == set(ctx.linears)
-    assert quantized_mse(ctx, results, fp) < 0.7 * rtn
-    before, after = ctx.losses
-    assert after < before  # the scale search found something better than no scaling
+    assert quantized_mse(ctx, results, fp) < 0.7 * rtn  # the block's own output error, against RTN's
 
 
 def test_search_replays_to_identical_weights():

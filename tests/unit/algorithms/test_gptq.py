@@ -147,7 +147,7 @@ def test_true_sequential_stages_follow_the_forward(captured):
     ]
 
 
-@pytest.mark.parametrize("config", [GptqConfig(), GptqConfig(act_order=True), GptqConfig(true_sequential=False)])
+@pytest.mark.parametrize("config", [GptqConfig(), GptqConfig(act_order=False), GptqConfig(true_sequential=False)])
 def test_block_output_error_below_rtn(captured, config):
     model, inputs = captured
     scheme = Scheme(3, 32, sym=False)
