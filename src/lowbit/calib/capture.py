@@ -77,10 +77,20 @@ class _Sink:
         self.sample = -1
         self._stored: dict[int, object] = {}  # id(original object) -> stored copy, within one sample
         self._shared: list = []  # stored constants, for sharing equal ones between blocks
+        self._same: dict = {}
 
     def new_sample(self) -> None:
         self.sample += 1
         self._stored.clear()
+        self._same.clear()
+
+    def same(self, stored, value) -> bool:
+        """tree_equal, once per (stored constant, object) pair in a sample: every sliding layer receives the
+        same mask object, which is compared (and copied to the storage device) once, not once per layer."""
+        key = (id(stored), id(value))
+        if key not in self._same:
+            self._same[key] = (tree_equal(stored, value), value)  # keep `value` alive: its id stays unique
+        return self._same[key][0]
 
     def store(self, value):
         key = id(value)
@@ -129,7 +139,7 @@ class _Sink:
                 plan.sample[name].append(self.store(value))
             elif self.sample == 0:
                 plan.const[name] = self.share(self.store(value))
-            elif not tree_equal(plan.const[name], value):
+            elif not self.same(plan.const[name], value):
                 if not _per_sample(value):
                     self.refuse(f"block {index}'s argument {name!r} differs between samples and has no batch dimension of 1")
                     continue
