@@ -201,6 +201,7 @@ def quantize(
             # the fp model's own chain beside the quantized one (AutoRound's targets): twice the cache
             fp_stream = stream.copy() if method_cfg.fp_targets else None
 
+        run_state: dict = {}  # the algorithm's own state across blocks (AutoRound's compiled code), owned by this run
         bar = tqdm(range(len(blocks)), desc=f"lowbit {method_cfg.name}", unit="block", disable=not progress)
         for i in bar:
             prefix = f"{spec.blocks}.{i}"
@@ -221,7 +222,7 @@ def quantize(
                 free_module(block)
                 continue
             ctx = BlockContext(index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec, device=device,
-                               engine=engine, stream=stream, targets=targets, log=bar.write)
+                               engine=engine, stream=stream, targets=targets, log=bar.write, run_state=run_state)
             results = block_fn(ctx, method_cfg)
             if ctx.losses:
                 summary.block_losses.append((i, *ctx.losses))

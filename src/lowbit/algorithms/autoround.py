@@ -282,59 +282,62 @@ def step_sizes(config: AutoRoundConfig, scheme: Scheme) -> tuple[float, float]:
     return config.step_size, config.minmax_step_size
 
 
-_COMPILED = None
-_COMPILE_FAILED: str | None = None
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def grid_fns(compile_: bool | None, device: torch.device):
-    """The fake-quant forward/backward pair: compiled (compile_ True, or None on CUDA) or eager.
+@dataclass
+class Compilers:
+    """What torch.compile gave (or failed to give) this run: owned by the run (BlockContext.run_state), so
+    the blocks of one run share the compiled grid and a compiler failure is paid once, and nothing lives at
+    module level for tests or benchmarks to flip."""
 
-    A compiler that cannot run here (no C compiler, an unsupported GPU, ...) shows up on the first call; a
-    smoke call on a tiny weight finds out once per process, and the eager pair is used with a warning."""
-    global _COMPILED, _COMPILE_FAILED
-    if compile_ is None:
-        compile_ = device.type == "cuda"
-    if not compile_ or _COMPILE_FAILED:
-        return (fq_forward, fq_backward)
-    if _COMPILED is None:
-        fns = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
-        try:
-            x = torch.randn(2, 1, 8, device=device)
-            s, z = torch.ones(2, 1, 1, device=device), torch.zeros(2, 1, 1, device=device)
-            _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
-            fns[1](torch.ones_like(x), x, s, qz, inside)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-            _COMPILE_FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            warnings.warn(f"torch.compile of the AutoRound grid failed ({_COMPILE_FAILED}); running it eagerly", stacklevel=2)
+    grid: tuple | None = None
+    grid_failed: str | None = None
+    block_failed: str | None = None
+
+    def grid_fns(self, compile_: bool | None, device: torch.device):
+        """The fake-quant forward/backward pair: compiled (compile_ True, or None on CUDA) or eager.
+
+        A compiler that cannot run here (no C compiler, an unsupported GPU, ...) shows up on the first call;
+        a smoke call on a tiny weight finds out once per run, and the eager pair is used with a warning."""
+        if compile_ is None:
+            compile_ = device.type == "cuda"
+        if not compile_ or self.grid_failed:
             return (fq_forward, fq_backward)
-        _COMPILED = fns
-    return _COMPILED
+        if self.grid is None:
+            fns = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
+            try:
+                x = torch.randn(2, 1, 8, device=device)
+                s, z = torch.ones(2, 1, 1, device=device), torch.zeros(2, 1, 1, device=device)
+                _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
+                fns[1](torch.ones_like(x), x, s, qz, inside)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+                self.grid_failed = _first_line(exc)
+                warnings.warn(f"torch.compile of the AutoRound grid failed ({self.grid_failed}); running it eagerly", stacklevel=2)
+                return (fq_forward, fq_backward)
+            self.grid = fns
+        return self.grid
 
+    def block(self, block: torch.nn.Module, compile_: bool | None, device: torch.device) -> torch.nn.Module:
+        """The block as the training loop calls it: torch.compile'd when compile is on (None: on CUDA), else itself.
 
-_BLOCK_COMPILE_FAILED: str | None = None
+        Compiling the whole training forward (with the swapped-in fake-quant linears) fuses the norms, rotary,
+        activations and autocast casts around the matmuls and, through AOTAutograd, their backward: on an H100
+        (bench/autoround_speed.py, Llama-3-8B blocks, auto-round's defaults) 7.8 s per block against 9.3 s with
+        only the grid compiled, and 0.9 GB less peak VRAM; the block losses agree to 3 digits. Blocks of one
+        architecture share the compiled code (dynamo treats module parameters as inputs), so only the first
+        block pays the compile. A failure is caught on the first step (quantize_block) and the run goes on
+        eagerly."""
+        if compile_ is None:
+            compile_ = device.type == "cuda"
+        if not compile_ or self.block_failed:
+            return block
+        return torch.compile(block)
 
-
-def compiled_block(block: torch.nn.Module, compile_: bool | None, device: torch.device) -> torch.nn.Module:
-    """The block as the training loop calls it: torch.compile'd when compile is on (None: on CUDA), else itself.
-
-    Compiling the whole training forward (with the swapped-in fake-quant linears) fuses the norms, rotary,
-    activations and autocast casts around the matmuls and, through AOTAutograd, their backward: on an H100
-    (bench/autoround_speed.py, Llama-3-8B blocks, auto-round's defaults) 7.8 s per block against 9.3 s with
-    only the grid compiled, and 0.9 GB less peak VRAM; the block losses agree to 3 digits. Blocks of one
-    architecture share the compiled code (dynamo treats module parameters as inputs), so only the first
-    block pays the compile. A failure is caught on the first step (quantize_block) and the process goes on
-    eagerly."""
-    if compile_ is None:
-        compile_ = device.type == "cuda"
-    if not compile_ or _BLOCK_COMPILE_FAILED:
-        return block
-    return torch.compile(block)
-
-
-def block_compile_failed(exc: Exception) -> None:
-    global _BLOCK_COMPILE_FAILED
-    _BLOCK_COMPILE_FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    warnings.warn(f"torch.compile of the AutoRound block failed ({_BLOCK_COMPILE_FAILED}); running it eagerly", stacklevel=3)
+    def block_compile_failed(self, exc: Exception) -> None:
+        self.block_failed = _first_line(exc)
+        warnings.warn(f"torch.compile of the AutoRound block failed ({self.block_failed}); running it eagerly", stacklevel=3)
 
 
 @contextmanager
@@ -372,7 +375,8 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
         return torch.cat([targets[i].to(device, non_blocking=True) for i in indices])
 
     states = {name: LinearState.from_weight(l.weight, ctx.schemes[name], config.enable_minmax_tuning) for name, l in linears.items()}
-    fns = grid_fns(config.compile, device)
+    compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
+    fns = compilers.grid_fns(config.compile, device)
     groups = []
     for name, st in states.items():
         lr, minmax_lr = step_sizes(config, st.scheme)
@@ -398,7 +402,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             total += loss.detach()
         return total.item()  # one sync per step
 
-    train_block = compiled_block(block, config.compile, device)
+    train_block = compilers.block(block, config.compile, device)
     with frozen(block), fake_quant_swapped(block, linears, states, out_dtype, fns), torch.enable_grad(), recompile_limit(64):
         for it in range(config.iters):
             indices = sampler.next()
@@ -408,7 +412,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
                 try:
                     value = step_loss(train_block, indices)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-                    block_compile_failed(exc)
+                    compilers.block_compile_failed(exc)
                     for st in states.values():
                         for p in st.params():
                             p.grad = None

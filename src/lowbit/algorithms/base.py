@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,7 @@ class BlockContext:
     targets: list[torch.Tensor] | None = None
     log: object = None  # callable(str) for per-block progress lines
     losses: tuple[float, float] | None = None  # (loss at start, best loss), set by calibrated methods
+    run_state: dict = field(default_factory=dict)  # what an algorithm keeps across the blocks of one run (compiled code)
 
     @property
     def calibrated(self) -> bool:

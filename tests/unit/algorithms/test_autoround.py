@@ -121,14 +121,14 @@ def test_fake_quant_matches_primitives_value_and_gradients(scheme):
 
 def test_compiled_grid_matches_eager():
     """torch.compile of the elementwise grid gives the same weights and gradients as eager."""
-    from lowbit.algorithms.autoround import grid_fns
+    from lowbit.algorithms.autoround import Compilers
 
     gen = torch.Generator().manual_seed(0)
     x = group_view(torch.randn(16, 96, generator=gen), 32)  # [16, 3, 32]
     lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
     v0 = torch.rand(x.shape, generator=gen) - 0.5
     outs = []
-    for fns in (grid_fns(False, torch.device("cpu")), grid_fns(True, torch.device("cpu"))):
+    for fns in (Compilers().grid_fns(False, torch.device("cpu")), Compilers().grid_fns(True, torch.device("cpu"))):
         v, mn, mx = v0.clone().requires_grad_(), torch.full_like(lo, 0.9).requires_grad_(), torch.ones_like(lo).requires_grad_()
         y = FakeQuant.apply(x, lo, hi, v, mn, mx, 15, False, torch.float32, fns)
         (y * y).sum().backward()
@@ -140,24 +140,23 @@ def test_compiled_grid_matches_eager():
 
 def test_grid_compile_default_and_fallback(monkeypatch):
     """compile=None means eager on the CPU; a compiler that fails on its smoke call falls back to eager with a
-    warning (once per process) instead of failing the run."""
+    warning (once per run) instead of failing the run."""
     from lowbit.algorithms import autoround as ar
 
     cpu = torch.device("cpu")
-    assert ar.grid_fns(None, cpu) == (ar.fq_forward, ar.fq_backward)
+    compilers = ar.Compilers()
+    assert compilers.grid_fns(None, cpu) == (ar.fq_forward, ar.fq_backward)
 
     def broken_compile(fn, **kw):
         def run(*a, **k):
             raise RuntimeError("no C compiler here\nmore detail")
         return run
 
-    monkeypatch.setattr(ar, "_COMPILED", None)
-    monkeypatch.setattr(ar, "_COMPILE_FAILED", None)
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", broken_compile)  # fault injection: the compiler itself fails
     with pytest.warns(UserWarning, match="no C compiler here"):
-        fns = ar.grid_fns(True, cpu)
+        fns = compilers.grid_fns(True, cpu)
     assert fns == (ar.fq_forward, ar.fq_backward)
-    assert ar.grid_fns(True, cpu) == fns and ar._COMPILED is None  # not retried
+    assert compilers.grid_fns(True, cpu) == fns and compilers.grid is None  # not retried in this run
 
 
 def test_block_compile_failure_falls_back_to_eager(captured, monkeypatch):
@@ -177,25 +176,20 @@ def test_block_compile_failure_falls_back_to_eager(captured, monkeypatch):
             out = self.block(*args, **kwargs)  # a forward that ran, then a failure (as a backward compile would)
             raise RuntimeError("inductor: backend compiler failed")
 
-    monkeypatch.setattr(ar, "_BLOCK_COMPILE_FAILED", None)
-    monkeypatch.setattr(ar, "grid_fns", lambda compile_, device: (ar.fq_forward, ar.fq_backward))
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))  # fault injection
     ctx = make_ctx(captured)
+    compilers = ctx.run_state["autoround.compilers"] = ar.Compilers(grid_failed="eager grid in this test")
     with pytest.warns(UserWarning, match="backend compiler failed"):
         got = quantize_block(ctx, AutoRoundConfig(iters=6, compile=True))
     assert ctx.losses == eager_ctx.losses
     for n in got:
         assert torch.equal(got[n].codes, eager[n].codes) and torch.equal(got[n].scale, eager[n].scale)
-    assert ar.compiled_block(ctx.block, True, torch.device("cpu")) is ctx.block  # not retried in this process
+    assert compilers.block(ctx.block, True, torch.device("cpu")) is ctx.block  # not retried in this run
 
 
 def test_compiled_block_trains_like_eager(captured):
     """compile=True on the CPU runs the block through torch.compile (inductor) for real: same first loss as
     eager to rounding, a loss that still decreases, and the block restored afterwards."""
-    from lowbit.algorithms import autoround as ar
-
-    if ar._BLOCK_COMPILE_FAILED or ar._COMPILE_FAILED:
-        pytest.skip("torch.compile failed earlier in this process")
     eager_ctx, ctx = make_ctx(captured), make_ctx(captured)
     quantize_block(eager_ctx, AutoRoundConfig(iters=4, compile=False))
     with warnings.catch_warnings():
