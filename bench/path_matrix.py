@@ -44,13 +44,24 @@ def main() -> int:
     ap.add_argument("--device", nargs="+", default=["cpu", "cuda"], help="cpu and/or cuda[:N]")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--workdir", default="/tmp/lowbit-matrix")
+    ap.add_argument("--model", default="tiny", help="tiny (a random tiny Llama, the default) or default (SmolLM2-135M, the real default model)")
     args = ap.parse_args()
     for device in args.device:
         if device.startswith("cuda") and not torch.cuda.is_available():
             ap.error(f"--device {device}: no CUDA GPU is visible (pass --device cpu)")
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
-    src = make_model(work / "tiny")
+    calib_text = None
+    if args.model == "default":  # the real model (its 576-wide layers take the matrix's group size 32), Austen text
+        from lowbit.calib.corpora import load_text
+        from lowbit.model.source import resolve_model
+
+        src = resolve_model("default")
+        work.mkdir(parents=True, exist_ok=True)
+        calib_text = work / "calib.txt"
+        calib_text.write_text(load_text("austen")[:200_000])
+    else:
+        src = make_model(work / "tiny")
     x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     rows, cpu_logits, failed = [], {}, False
     devices = sorted(args.device, key=lambda d: d != "cpu")  # the CPU first: GPU rows are compared with it
@@ -59,7 +70,7 @@ def main() -> int:
         for method in args.methods:
             for scheme, formats in RUNS:
                 try:
-                    cells = run_cell(src, work, method, scheme, formats, device, x)
+                    cells = run_cell(src, work, method, scheme, formats, device, x, calib_text)
                 except Exception:  # noqa: BLE001 - a crashing path is a result of the matrix, not the end of it
                     traceback.print_exc()
                     rows.append({"method": method, "scheme": f"W{scheme.bits} g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", "format": ",".join(formats),
@@ -86,7 +97,7 @@ def main() -> int:
         vs_cpu = "-" if r["err_vs_cpu"] is None else f"{r['err_vs_cpu']:.2e}"
         print(f"{r['method']:<10} {r['scheme']:<13} {r['format']:<19} {r['device']:<7} {r['seconds']:>8.2f} {r['err_vs_reference']:>13.2e} {vs_cpu:>9} {'yes' if r['ok'] else 'NO':>4}")
     env = {"torch": torch.__version__, "python": platform.python_version(), "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
-    path = write_json("path-matrix", {"environment": env, "devices": devices, "rows": rows})
+    path = write_json("path-matrix" if args.model == "tiny" else f"path-matrix-{args.model}", {"environment": env, "devices": devices, "model": args.model, "rows": rows})
     print(f"{'FAILED' if failed else 'all cells ok'}; written {path}")
     return 1 if failed else 0
 

@@ -75,11 +75,13 @@ def reference_logits(src: Path, folder: Path, fmt: str, scheme: lowbit.Scheme, x
         return model(x).logits, state
 
 
-def run_cell(src: Path, work: Path, method: str, scheme: lowbit.Scheme, formats: tuple[str, ...], device: str, x: torch.Tensor) -> list[Cell]:
+def run_cell(src: Path, work: Path, method: str, scheme: lowbit.Scheme, formats: tuple[str, ...], device: str, x: torch.Tensor,
+             calib_text: Path | None = None) -> list[Cell]:
     """Quantize `src` once with `method` into every format of `formats` on `device`, load each format there
-    (fp32 on the CPU, fp16 on a GPU) and compare it with the independent dequantization (CPU, fp32)."""
+    (fp32 on the CPU, fp16 on a GPU) and compare it with the independent dequantization (CPU, fp32).
+    calib_text: the calibration text (default: make_model's, beside the model)."""
     out = work / f"{method}-w{scheme.bits}{'s' if scheme.sym else 'a'}-{device.replace(':', '')}"
-    calib = lowbit.CalibConfig(dataset=str(src.parent / "calib.txt"), nsamples=2, seqlen=32, batch_size=2)
+    calib = lowbit.CalibConfig(dataset=str(calib_text or src.parent / "calib.txt"), nsamples=2, seqlen=32, batch_size=2)
     started = time.time()
     lowbit.quantize(str(src), METHODS[method](), scheme, calib=calib, run=lowbit.RunConfig(output_dir=str(out), formats=formats, device=device, overwrite=True), progress=False)
     seconds = time.time() - started
