@@ -142,6 +142,24 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
     return device, DistributedReducer(device)
 
 
+def on_rank0(reducer: DistributedReducer | None, fn, *args):
+    """fn(*args) on rank 0 alone (on the one process without a reducer), its result on every rank. A
+    LowbitError there is raised on every rank: none is left waiting in a collective for a rank that stopped."""
+    if reducer is None:
+        return fn(*args)
+    result = None
+    if reducer.rank == 0:
+        try:
+            result = fn(*args)
+        except LowbitError as err:
+            reducer.broadcast_object(err)
+            raise
+    result = reducer.broadcast_object(result)
+    if isinstance(result, LowbitError):
+        raise result
+    return result
+
+
 def share(items: list, rank: int, world: int) -> list:
     """Rank `rank`'s contiguous share of `items` (sizes differ by at most one; earlier ranks take the extra)."""
     if len(items) < world:

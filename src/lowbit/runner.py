@@ -27,7 +27,7 @@ from .calib.capture import ReplayPlan, capture_block_inputs
 from .calib.corpora import load_text
 from .calib.samples import calibration_windows
 from .config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize_args, method_config
-from .dist import share, start
+from .dist import on_rank0, share, start
 from .engine import BlockEngine
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
@@ -112,6 +112,19 @@ def save_progress(folder: Path, key: str, blocks_done: int, outputs: list, world
     tmp.replace(folder / PROGRESS)
 
 
+def claim_output(target: Path, ckpt: Checkpoint, key_of, world: int) -> dict | None:
+    """Lock the output, scan the checkpoint, and return the progress of an interrupted run to resume (None:
+    start over, the partial folder of other settings removed)."""
+    partial = partial_path(target)
+    lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
+    lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
+    state = lock.release_if_fails(load_progress, partial, key_of, world)  # refuses another world size, in one line
+    if partial.exists() and state is None:
+        shutil.rmtree(partial)  # a partial run of other settings: start over
+    announce_resume(state, ckpt, partial)  # "resuming at block i of n"
+    return state
+
+
 def set_dequantized(linears: dict, results: dict[str, QuantResult]) -> None:
     """Make each linear compute with its quantized weight (the next block must see quantized outputs)."""
     for name, result in results.items():
@@ -176,16 +189,7 @@ def quantize(
     key_of = lambda n: fingerprint(str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__, n)  # noqa: E731
     key = key_of(world)
     partial = partial_path(target)
-    state = None
-    if writes:
-        lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
-        lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
-        state = lock.release_if_fails(load_progress, partial, key_of, world)  # refuses another world size, in one line
-        if partial.exists() and state is None:
-            shutil.rmtree(partial)  # a partial run of other settings: start over
-        announce_resume(state, ckpt, partial)  # "resuming at block i of n"
-    if reducer:
-        state = reducer.broadcast_object(state)  # every rank resumes at the same block
+    state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
 
     with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)

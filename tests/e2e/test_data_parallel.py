@@ -27,26 +27,52 @@ CALIB = dict(nsamples=8, seqlen=32, batch_size=2)
 METHODS = {
     "rtn": lambda: lowbit.RtnConfig(),
     "gptq": lambda: lowbit.GptqConfig(),
-    "awq": lambda: lowbit.AwqConfig(n_grid=10),
-    "autoround": lambda: lowbit.AutoRoundConfig(iters=20),
+    "awq": lambda: lowbit.AwqConfig(n_grid=6),
+    "autoround": lambda: lowbit.AutoRoundConfig(iters=8),
 }
 
 
-def quantize(model, text_file, out, method: str):
+def quantize(model, text_file, out, method: str, **run):
     calib = lowbit.CalibConfig(dataset=str(text_file), **CALIB)
-    run = lowbit.RunConfig(output_dir=str(out), device="cpu")
+    run = lowbit.RunConfig(output_dir=str(out), device="cpu", **run)
     return lowbit.quantize(str(model), METHODS[method](), SCHEME, calib, run, progress=False)
 
 
-def worker(rank: int, port: int, model: str, text_file: str, root: str):
-    """One of two torchrun-like processes: the environment torchrun would set, then every method."""
+def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: str):
+    """One of two torchrun-like processes: the environment torchrun would set, then the phase's runs.
+
+    "methods": every method, then a GPTQ run whose rank 0 dies while writing block 1 (block 0's shard and
+    the progress file are on disk); "resume": that GPTQ run again, which resumes at block 1."""
+    import lowbit.runner as runner
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two processes on two cores
-    for method in METHODS:
-        summary = quantize(model, text_file, f"{root}/{method}", method)
-        if rank == 0:
-            torch.save(summary.block_losses, f"{root}/{method}.losses")
+    if phase == "methods":
+        for method in METHODS:
+            summary = quantize(model, text_file, f"{root}/{method}", method)
+            if rank == 0:
+                torch.save(summary.block_losses, f"{root}/{method}.losses")
+        real, calls = runner.block_tensors, []
+
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("simulated crash in block 1")
+            return real(*args, **kwargs)
+
+        runner.block_tensors = dying
+        try:
+            quantize(model, text_file, f"{root}/crashed", "gptq", max_shard_bytes=1)
+        except RuntimeError:
+            assert rank == 0  # only rank 0 writes, so only rank 0 meets the crash
+        runner.block_tensors = real
+    else:
+        quantize(model, text_file, f"{root}/crashed", "gptq", max_shard_bytes=1)
     torch.distributed.destroy_process_group()
+
+
+def spawn(model, text_file, root, phase: str) -> None:
+    torch.multiprocessing.spawn(worker, args=(free_port(), str(model), str(text_file), str(root), phase), nprocs=2, join=True)
 
 
 def free_port() -> int:
@@ -64,7 +90,7 @@ def runs(tmp_path_factory):
     save_tiny_model_with_tokenizer(model, TEXT, hidden=64, intermediate=128, heads=2, kv_heads=1)
     two = root / "two"
     two.mkdir()
-    torch.multiprocessing.spawn(worker, args=(free_port(), str(model), str(text_file), str(two)), nprocs=2, join=True)
+    spawn(model, text_file, two, "methods")
     one = root / "one"
     for method in METHODS:
         summary = quantize(model, text_file, one / method, method)
@@ -101,8 +127,9 @@ def test_rtn_is_byte_identical(runs):
 
 def test_only_rank0_writes_and_nothing_is_left(runs):
     _, two = runs
-    assert sorted(p.name for p in two.iterdir() if p.is_dir()) == sorted(METHODS)
-    assert not list(two.glob("*.lowbit-partial")) and not list(two.glob("*.lowbit-lock"))
+    finished = sorted(p.name for p in two.iterdir() if p.is_dir() and not p.name.startswith("crashed"))
+    assert finished == sorted(METHODS)
+    assert not [p for p in two.glob("*.lowbit-*") if not p.name.startswith("crashed")]
     log = json.loads((two / "gptq" / "lowbit_log.json").read_text())
     assert log["method"] == "gptq"
 
@@ -149,3 +176,31 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
         load_progress(tmp_path, key_of, 1)
     (tmp_path / PROGRESS).write_text(json.dumps({"fingerprint": "other", "world_size": 2, "blocks_done": 1, "writers": {}}))
     assert load_progress(tmp_path, key_of, 1) is None  # other settings: start over, as before
+
+
+def test_resume_of_a_two_process_run(runs):
+    """Rank 0 died in block 1: one process may not resume it (the windows were split in two; one line, the
+    partial folder kept), two processes do, rank 1 replaying block 0 from rank 0's shard, and the result is
+    the uninterrupted two-process run's."""
+    one, two = runs
+    model, text_file = one.parent / "m", one.parent / "t.txt"
+    partial = two / "crashed.lowbit-partial"
+    assert partial.is_dir() and not (two / "crashed").exists()
+    with pytest.raises(LowbitError, match=r"used 2 process\(es\) and this one uses 1; resume it with --nproc 2"):
+        quantize(model, text_file, two / "crashed", "gptq", max_shard_bytes=1)
+    assert partial.is_dir()
+    spawn(model, text_file, two, "resume")
+    assert (two / "crashed").is_dir() and not partial.exists()
+    a, b = tensors(two / "gptq"), tensors(two / "crashed")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_nproc_relaunches_through_torchrun(runs, tmp_path):
+    """`lowbit quantize --nproc 2` (torch.distributed.run, two gloo processes) writes the same RTN bytes."""
+    from lowbit.cli import main
+
+    one, _ = runs
+    out = tmp_path / "q"
+    code = main(["quantize", str(one.parent / "m"), "--nproc", "2", "--device", "cpu", "--bits", "4", "--group_size", "32", "--asym", "--output_dir", str(out)])
+    assert code == 0
+    assert (out / "model.safetensors").read_bytes() == (one / "rtn" / "model.safetensors").read_bytes()
