@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 import lowbit
 from lowbit.errors import LowbitError
-from tests.conftest import save_tiny_model_with_tokenizer
+from tests.conftest import dying_on, save_tiny_model_with_tokenizer
 
 TEXT = " ".join(["it is a truth universally acknowledged that a single man in possession of a good fortune must be in want of a wife"] * 80)
 SCHEME = lowbit.Scheme(4, 32, False)
@@ -52,15 +52,8 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
             summary = quantize(model, text_file, f"{root}/{method}", method)
             if rank == 0:
                 torch.save(summary.block_losses, f"{root}/{method}.losses")
-        real, calls = runner.block_tensors, []
-
-        def dying(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("simulated crash in block 1")
-            return real(*args, **kwargs)
-
-        runner.block_tensors = dying
+        real = runner.block_tensors
+        runner.block_tensors = dying_on(real, 2)  # dies writing block 1
         try:
             quantize(model, text_file, f"{root}/crashed", "gptq", max_shard_bytes=1)
         except RuntimeError:
