@@ -182,7 +182,11 @@ def cmd_quantize(args, argv: list[str]) -> None:
                 raise SystemExit(code)
             return
     summary = quantize(args.model, method, scheme, calib, run)
-    print("\n".join(summary.lines()))
+    from .dist import env_world, finish
+
+    finish()  # torchrun's processes: leave the process group before exiting
+    if env_world()[1] == 0:  # the summary is rank 0's, the one that wrote
+        print("\n".join(summary.lines()))
 
 
 def cmd_eval(args) -> None:

@@ -142,6 +142,14 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
     return device, DistributedReducer(device)
 
 
+def finish() -> None:
+    """Leave the process group, if this process joined one (NCCL warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def on_rank0(reducer: DistributedReducer | None, fn, *args):
     """fn(*args) on rank 0 alone (on the one process without a reducer), its result on every rank. A
     LowbitError there is raised on every rank: none is left waiting in a collective for a rank that stopped."""

@@ -154,7 +154,10 @@ def quantize(
         method: "rtn", "autoround", "awq", "gptq" or a method config (RtnConfig, AutoRoundConfig, ...).
         scheme: bits / group size / symmetry for every quantized linear.
         calib: calibration text and sizes (ignored by RTN).
-        run: output folder, formats, device, lm_head handling.
+        run: output folder, formats, device / device_map, lm_head handling.
+
+    Under torchrun (WORLD_SIZE set) every process calls this; each quantizes with its share of the samples,
+    rank 0 writes and returns the full summary, the others return after the block loop (dist.py).
     """
     started = time.time()
     scheme = check_quantize_args(method, scheme, calib, run)  # wrong kinds of argument, one line each

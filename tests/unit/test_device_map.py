@@ -76,3 +76,14 @@ def test_shares_are_contiguous_and_cover_everything():
 def test_strip_flag():
     assert strip_flag(["quantize", "m", "--nproc", "2", "--bits", "4"], "nproc") == ["quantize", "m", "--bits", "4"]
     assert strip_flag(["quantize", "m", "--nproc=2"], "nproc") == ["quantize", "m"]
+
+
+def test_more_torchrun_processes_than_gpus(two_gpus, monkeypatch):
+    """Started by torchrun with three processes per host on two GPUs: one line before any process group."""
+    from lowbit.dist import start
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(LowbitError, match=r"3 processes on this host but only 2 GPUs \(cuda:0, cuda:1\); pass --nproc 2"):
+        start("auto", parse_device_map("auto"))
