@@ -175,7 +175,7 @@ def cmd_quantize(args, argv: list[str]) -> None:
     if args.nproc != 1:
         from .dist import check_nproc, relaunch
 
-        check_nproc(args.nproc, run)
+        check_nproc(args.nproc, run, calib.nsamples if method.needs_calibration else None)
         code = relaunch(args.nproc, strip_flag(argv, "nproc"))
         if code >= 0:
             if code:

@@ -177,10 +177,13 @@ def share(items: list, rank: int, world: int) -> list:
     return items[start : start + base + (rank < extra)]
 
 
-def check_nproc(nproc: int, run) -> None:
-    """--nproc before launching: at least 1, and on CUDA no more than the devices to use."""
+def check_nproc(nproc: int, run, nsamples: int | None = None) -> None:
+    """--nproc before launching: at least 1, at most the calibration windows (nsamples; None: no
+    calibration), and on CUDA no more than the devices to use."""
     if nproc < 1:
         raise LowbitError(f"--nproc {nproc} is not a number of processes", "pass --nproc 1 or more")
+    if nsamples is not None:
+        share(range(nsamples), 0, nproc)  # refuses fewer windows than processes
     devices = run.devices or (run.device,)
     if devices[0] in ("auto", "cuda") and torch.cuda.is_available():
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
@@ -189,11 +192,27 @@ def check_nproc(nproc: int, run) -> None:
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """`lowbit quantize ... --nproc N`: run the same command as N torchrun processes; their exit status."""
-    import subprocess
+    """`lowbit quantize ... --nproc N`: run the same command as N processes through torchrun's launcher
+    (torch.distributed.run's elastic_launch, standalone on this host); returns their exit status, -1 when
+    this process already is one of them. A failed process (e.g. exit 2 after rank 0 printed its one-line
+    LowbitError) ends the run with its status, without the launcher's traceback."""
+    import logging
     import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if os.environ.get("WORLD_SIZE"):
-        return -1  # already one of torchrun's processes: run here
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lowbit.cli", *argv]
-    return subprocess.run(cmd).returncode
+        return -1
+    # as torchrun does for several processes per host: split the cores rather than oversubscribe them
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "lowbit.cli", *argv)
+    except ChildFailedError as err:
+        _, failure = err.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

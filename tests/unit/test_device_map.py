@@ -63,6 +63,8 @@ def test_nproc_checks(two_gpus):
         check_nproc(2, lowbit.RunConfig(device_map="1"))
     with pytest.raises(LowbitError, match="not a number of processes"):
         check_nproc(0, lowbit.RunConfig(device="cpu"))
+    with pytest.raises(LowbitError, match="1 calibration windows for 2 processes; pass --nsamples 2"):
+        check_nproc(2, lowbit.RunConfig(device="cpu"), nsamples=1)
 
 
 def test_shares_are_contiguous_and_cover_everything():
