@@ -19,7 +19,10 @@ import lowbit
 from lowbit.errors import LowbitError
 from tests.conftest import dying_on, save_tiny_model_with_tokenizer
 
-TEXT = " ".join(["it is a truth universally acknowledged that a single man in possession of a good fortune must be in want of a wife"] * 80)
+# seeded random words: windows that differ (a repeated sentence gives every process the same statistics, and
+# processes that never reduce would still agree)
+WORDS = "the a man woman house garden fortune letter walked said wrote read ran quickly slowly old young near far under over and but".split()
+TEXT = " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (2500,), generator=torch.Generator().manual_seed(0)).tolist())
 SCHEME = lowbit.Scheme(4, 32, False)
 # 8 windows in batches of 2: each of two processes holds 4, i.e. 2 whole batches, so AWQ's mean batch loss
 # is the same mean as one process's (a split inside a batch would change what is averaged)
@@ -28,7 +31,11 @@ METHODS = {
     "rtn": lambda: lowbit.RtnConfig(),
     "gptq": lambda: lowbit.GptqConfig(),
     "awq": lambda: lowbit.AwqConfig(n_grid=6),
-    "autoround": lambda: lowbit.AutoRoundConfig(iters=8),
+    # every step on all windows (4 batches of 2; each of two processes: its 2 batches), so the step's loss is
+    # a function of the parameters alone and the two-process gradient mean is one process's gradient
+    "autoround": lambda: lowbit.AutoRoundConfig(iters=6, gradient_accumulate_steps=4),
+    # auto-round's usual steps on a random batch: 2 windows per step for one process, 1 per process for two
+    "autoround_sampled": lambda: lowbit.AutoRoundConfig(iters=6),
 }
 
 
@@ -48,10 +55,22 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two processes on two cores
     if phase == "methods":
+        # what each process quantized block 0 to (set_dequantized feeds it to block 1), kept per rank: the
+        # processes must decide identically, since rank 1's next inputs assume what rank 0 writes
+        real_set, decided = runner.set_dequantized, []
+
+        def recording(linears, results):
+            decided.append({n: r.dequantize() for n, r in results.items()})
+            real_set(linears, results)
+
+        runner.set_dequantized = recording
         for method in METHODS:
             summary = quantize(model, text_file, f"{root}/{method}", method)
+            torch.save(decided, f"{root}/{method}.rank{rank}")
+            decided.clear()
             if rank == 0:
                 torch.save(summary.block_losses, f"{root}/{method}.losses")
+        runner.set_dequantized = real_set
         real = runner.block_tensors
         runner.block_tensors = dying_on(real, 2)  # dies writing block 1
         try:
@@ -127,11 +146,22 @@ def test_only_rank0_writes_and_nothing_is_left(runs):
     assert log["method"] == "gptq"
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_gptq_awq_match_one_process(runs, method):
+@pytest.mark.parametrize("method", ["gptq", "awq", "autoround", "autoround_sampled"])
+def test_processes_stay_in_lockstep(runs, method):
+    """Every process quantizes a block to the same weights as rank 0 (which alone writes them): GPTQ's
+    reduced Hessians, AWQ's reduced scale losses and gathered clip samples, AutoRound's averaged gradients
+    and losses leave no process-dependent decision."""
+    _, two = runs
+    a, b = torch.load(two / f"{method}.rank0"), torch.load(two / f"{method}.rank1")
+    assert len(a) == len(b) == 1  # block 0 (the last block's outputs are not propagated)
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][n], b[0][n]) for n in a[0])
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "autoround"])
+def test_matches_one_process(runs, method):
     """Within reduction-order noise: the two processes' statistics (GPTQ's H as sum_p n_p H_p / n, AWQ's
-    channel sums and candidate losses) differ from one process's running sums only in the order of float32
-    additions (~1e-7 relative). That can move a value that sits on a rounding boundary by one code, so codes
+    channel sums and candidate losses, AutoRound's full-batch gradients and losses as the mean of the two
+    halves' means) differ from one process's only in the order of float32 additions (~1e-7 relative). That can move a value that sits on a rounding boundary by one code, so codes
     may differ in a few entries, by one step; the loaded models' logits then agree to far less than the
     quantization error itself (measured against the fp logits)."""
     one, two = runs
@@ -147,14 +177,14 @@ def test_gptq_awq_match_one_process(runs, method):
     assert (lb - la).abs().max() < 0.05 * (la - fp).abs().max()
 
 
-def test_autoround_agrees_loosely(runs):
-    """Same seed, each process sampling its own batches of its own windows: not the same batches as one
-    process, so only a loose check: finite losses that improve, an output that loads, and logits whose
+def test_sampled_autoround_agrees_loosely(runs):
+    """Same seed, each process sampling its own batches of its own windows: not the batches one process
+    draws, so only a loose check: finite losses that improve, an output that loads, and logits whose
     distance from one process's is of the order of the quantization error itself."""
     one, two = runs
-    losses = torch.load(two / "autoround.losses")
+    losses = torch.load(two / "autoround_sampled.losses")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor([a, b])).all() and b <= a for _, a, b in losses)
-    la, lb, fp = logits(one / "autoround"), logits(two / "autoround"), logits(one.parent / "m")
+    la, lb, fp = logits(one / "autoround_sampled"), logits(two / "autoround_sampled"), logits(one.parent / "m")
     assert torch.isfinite(lb).all()
     assert (lb - la).abs().max() < 2 * (la - fp).abs().max()
 
