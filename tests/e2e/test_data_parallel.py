@@ -55,22 +55,28 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two processes on two cores
     if phase == "methods":
-        # what each process quantized block 0 to (set_dequantized feeds it to block 1), kept per rank: the
-        # processes must decide identically, since rank 1's next inputs assume what rank 0 writes
-        real_set, decided = runner.set_dequantized, []
+        # what each process quantized every block to, kept per rank: the processes must decide identically,
+        # since rank 1's inputs to the next block assume the weights rank 0 writes
+        real_handler, decided = runner.handler_for, []
 
-        def recording(linears, results):
-            decided.append({n: r.dequantize() for n, r in results.items()})
-            real_set(linears, results)
+        def recording(config):
+            block_fn = real_handler(config)
 
-        runner.set_dequantized = recording
+            def fn(ctx, cfg):
+                results = block_fn(ctx, cfg)
+                decided.append({n: r.dequantize() for n, r in results.items()})
+                return results
+
+            return fn
+
+        runner.handler_for = recording
         for method in METHODS:
             summary = quantize(model, text_file, f"{root}/{method}", method)
             torch.save(decided, f"{root}/{method}.rank{rank}")
             decided.clear()
             if rank == 0:
                 torch.save(summary.block_losses, f"{root}/{method}.losses")
-        runner.set_dequantized = real_set
+        runner.handler_for = real_handler
         real = runner.block_tensors
         runner.block_tensors = dying_on(real, 2)  # dies writing block 1
         try:
@@ -153,8 +159,8 @@ def test_processes_stay_in_lockstep(runs, method):
     and losses leave no process-dependent decision."""
     _, two = runs
     a, b = torch.load(two / f"{method}.rank0"), torch.load(two / f"{method}.rank1")
-    assert len(a) == len(b) == 1  # block 0 (the last block's outputs are not propagated)
-    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][n], b[0][n]) for n in a[0])
+    assert len(a) == len(b) == 2  # both blocks
+    assert all(x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "autoround"])
