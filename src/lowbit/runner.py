@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial as partial_args
 from pathlib import Path
 
 import torch
@@ -189,7 +190,8 @@ def quantize(
     summary = RunSummary(method=method_cfg.name, scheme=f"W{scheme.bits}A16 g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", output_dir=str(target), checkpoint_bytes=ckpt.total_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    key_of = lambda n: fingerprint(str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__, n)  # noqa: E731
+    # the resume fingerprint, given the number of processes (another number split the samples otherwise)
+    key_of = partial_args(fingerprint, str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
     key = key_of(world)
     partial = partial_path(target)
     state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
