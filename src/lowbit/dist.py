@@ -111,17 +111,13 @@ class DistributedReducer:
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-
 def start(run_device: str, device_map: tuple[str, ...] | None):
     """This process's (device, reducer): the device blocks run on, and None (one process: the engine keeps
     LocalReducer) or a DistributedReducer, initialising the process group when torchrun started us.
 
     One process: the first device of the map (or --device). Several: rank r takes the map's r-th device
     (CUDA: cuda:LOCAL_RANK when no map is given); more processes than devices is refused."""
-    world, rank, local = env_world()
+    world, _, local = env_world()
     devices = device_map or (run_device,)
     if world == 1:
         return resolve_device(devices[0]), None
@@ -130,7 +126,8 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
         if device_map is None:  # --device cuda under torchrun: one GPU per process
             devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
         if local >= len(devices):
-            raise LowbitError(f"{world} processes on this host but only {len(devices)} GPUs ({', '.join(devices)})", f"pass --nproc {len(devices)} (torchrun --nproc_per_node {len(devices)}) or name more GPUs in --device_map")
+            per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            raise LowbitError(f"{per_host} processes on this host but only {len(devices)} GPUs ({', '.join(devices)})", f"pass --nproc {len(devices)} (torchrun --nproc_per_node {len(devices)}) or name more GPUs in --device_map")
         device = torch.device(devices[local])
         torch.cuda.set_device(device)
     else:
