@@ -30,6 +30,20 @@ def save_tiny_llama(path, hidden=256, intermediate=512, layers=2, vocab=512, hea
     return model
 
 
+def dying_on(real, call: int):
+    """`real`, except that its `call`-th call (from 1) raises RuntimeError("simulated crash"): a run that
+    dies part way, e.g. runner.block_tensors dying on block 1 after block 0's shard was flushed."""
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    return dying
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
     path = tmp_path / "tiny-llama"

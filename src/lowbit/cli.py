@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(q, "format", default="auto_round", help="export format(s), comma separated (default auto_round)")
     _flag(q, "output_dir", default=None, help="output folder (default ./<model>-<scheme>)")
     _flag(q, "device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    _flag(q, "device_map", default=None, help="auto-round spelling of --device")
+    _flag(q, "device_map", default=None, help="devices, auto-round's spellings: auto | 0,1 | cuda:0,cuda:1 | JSON dict; replaces --device")
+    _flag(q, "nproc", type=int, default=1, help="data-parallel processes (re-launches through torchrun; one GPU each on CUDA)")
     _flag(q, "quant_lm_head", action="store_true", help="quantize lm_head too (kept in full precision by default)")
     _flag(q, "overwrite", action="store_true", help="replace an existing output folder")
     cal = q.add_argument_group("calibration (calibrated methods only)")
@@ -135,7 +136,8 @@ def configs_from_args(args):
     run = RunConfig(
         output_dir=output,
         formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
-        device=args.device_map or args.device,
+        device=args.device,
+        device_map=args.device_map,
         quant_lm_head=args.quant_lm_head,
         overwrite=args.overwrite,
     )
@@ -166,12 +168,25 @@ def open_model(path: str, device: str = "cpu"):
     return model, tokenizer
 
 
-def cmd_quantize(args) -> None:
+def cmd_quantize(args, argv: list[str]) -> None:
     from .runner import quantize
 
-    method, scheme, calib, run = configs_from_args(args)
+    method, scheme, calib, run = configs_from_args(args)  # validated here, before any process is started
+    if args.nproc != 1:
+        from .dist import check_nproc, relaunch
+
+        check_nproc(args.nproc, run, calib.nsamples if method.needs_calibration else None)
+        code = relaunch(args.nproc, strip_flag(argv, "nproc"))
+        if code >= 0:
+            if code:
+                raise SystemExit(code)
+            return
     summary = quantize(args.model, method, scheme, calib, run)
-    print("\n".join(summary.lines()))
+    from .dist import env_world, finish
+
+    finish()  # torchrun's processes: leave the process group before exiting
+    if env_world()[1] == 0:  # the summary is rank 0's, the one that wrote
+        print("\n".join(summary.lines()))
 
 
 def cmd_eval(args) -> None:
@@ -206,12 +221,31 @@ def cmd_tune_kernels(args) -> None:
     tune_main(args)
 
 
+def strip_flag(argv: list[str], name: str) -> list[str]:
+    """argv without `--name V` / `--name=V` (either spelling): what the re-launched processes run."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in spellings:
+            skip = True
+        elif a.split("=", 1)[0] not in spellings:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    commands = {"quantize": lambda a: cmd_quantize(a, argv), "eval": cmd_eval, "generate": cmd_generate, "tune-kernels": cmd_tune_kernels}
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "tune-kernels": cmd_tune_kernels}[args.command](args)
+        commands[args.command](args)
     except LowbitError as err:
-        print(f"lowbit: error: {err}", file=sys.stderr)
+        from .dist import env_world
+
+        if env_world()[1] == 0:  # torchrun's processes all meet the same input error: one line, from rank 0
+            print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -361,6 +361,9 @@ class RunConfig:
         output_dir: target folder; written as `<output_dir>.lowbit-partial` and renamed at the end.
         formats: export formats, e.g. ("auto_round",).
         device: "cpu", "cuda", "cuda:1", or "auto" (first GPU when present, else the CPU).
+        device_map: auto-round's spellings of the devices to use: "auto" (every visible GPU), "0,1",
+            "cuda:0,cuda:1", or a JSON dict of module -> device; replaces `device` when given. One process runs
+            blocks on the first; data-parallel processes (torchrun / --nproc) take one each (dist.py).
         quant_lm_head: quantize lm_head too (kept in full precision by default).
         overwrite: replace an existing output folder.
         max_shard_bytes: flush an output shard once it holds this many bytes.
@@ -369,18 +372,30 @@ class RunConfig:
     output_dir: str = "out"
     formats: tuple[str, ...] = ("auto_round",)
     device: str = "auto"
+    device_map: str | None = None
     quant_lm_head: bool = False
     overwrite: bool = False
     max_shard_bytes: int = 512 * 1024**2
 
     def __post_init__(self):
         check_types(self)
+        if self.device_map is not None:
+            from .dist import check_devices
+
+            check_devices(self.devices)  # parses too: a bad spelling or a missing GPU fails here, in one line
         object.__setattr__(self, "formats", tuple(FORMAT_ALIASES.get(f, f) for f in self.formats))
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
             raise LowbitError(f"unsupported export format {unknown[0]!r}", f"use one of {', '.join(FORMATS)}")
         if not self.formats:
             raise LowbitError("no export format given", "pass --format auto_round")
+
+    @property
+    def devices(self) -> tuple[str, ...] | None:
+        """The devices `device_map` names, in order (None: use `device`)."""
+        from .dist import parse_device_map
+
+        return None if self.device_map is None else parse_device_map(self.device_map)
 
 
 

@@ -8,9 +8,10 @@ the samples from block to block; nothing else runs a block. It owns:
   moved to the device once per block), its per-sample arguments (concatenated per batch) and fresh
   state containers filled with the batch's own state;
 - batching: contiguous batches of `batch_size` samples, or any index list (AutoRound's random batches);
-- reduction: `reduce_sum` over statistics. Locally the identity; the data-parallel engine of several
-  processes plugs in here (a Reducer with torch.distributed's all_reduce), as does placing a block over
-  several devices (`call` is the only place a block is invoked).
+- reduction: `reduce_sum` over statistics (and `counts` / `gather_rows`, built on it). Locally the
+  identity; data-parallel processes (dist.py) plug in here with a reducer whose `sum` is torch.distributed's
+  all_reduce, each process holding its contiguous share of the samples. Placing a block over several
+  devices would plug in at `call` (the only place a block is invoked).
 The contract, tested for every registered architecture (tests/arch): propagating the samples through the
 blocks one by one reproduces the full model's forward, at every batch size.
 """
@@ -52,7 +53,7 @@ class Stream:
 class LocalReducer:
     """Statistics of one process are already complete."""
 
-    world_size = 1
+    world_size, rank = 1, 0
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -130,3 +131,28 @@ class BlockEngine:
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.reducer.sum(t)
+
+    @property
+    def world_size(self) -> int:
+        return self.reducer.world_size
+
+    def counts(self, n: int) -> list[int]:
+        """Every process's `n`, in rank order (one process: [n])."""
+        if self.world_size == 1:
+            return [n]
+        mine = torch.zeros(self.world_size, dtype=torch.float64)  # [world]: n at this rank's slot
+        mine[self.reducer.rank] = n
+        return [int(c) for c in self.reduce_sum(mine).tolist()]
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's rows x [m_p, K], concatenated in rank order: [sum_p m_p, K] on x's device.
+
+        Each process writes its rows into its own slice of a zero buffer and the buffers are summed, so the
+        result is exact (x + 0 = x) and identical on every process."""
+        if self.world_size == 1:
+            return x
+        counts = self.counts(x.shape[0])
+        start = sum(counts[: self.reducer.rank])
+        buf = torch.zeros(sum(counts), *x.shape[1:], dtype=x.dtype, device=x.device)
+        buf[start : start + x.shape[0]] = x
+        return self.reduce_sum(buf)

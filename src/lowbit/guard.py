@@ -113,10 +113,11 @@ class OutputLock:
         os.close(self.fd)  # closing drops the flock
         self.fd = None
 
-    def release_if_fails(self, check, *args) -> None:
-        """Run `check(*args)`; if it raises, release the lock first (the run ends before atomic_folder)."""
+    def release_if_fails(self, check, *args):
+        """Run `check(*args)` and return its result; if it raises, release the lock first (the run ends
+        before atomic_folder)."""
         try:
-            check(*args)
+            return check(*args)
         except BaseException:
             self.release()
             raise

@@ -13,6 +13,8 @@ import json
 import shutil
 import sys
 import time
+from contextlib import nullcontext
+from functools import partial as partial_args
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from .calib.capture import ReplayPlan, capture_block_inputs
 from .calib.corpora import load_text
 from .calib.samples import calibration_windows
 from .config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize_args, method_config
+from .dist import on_rank0, share, start
 from .engine import BlockEngine
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
@@ -43,14 +46,6 @@ LOG = "lowbit_log.json"
 # files that describe the tokenizer and generation; copied verbatim into the output
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*", "*.model", "vocab*", "merges.txt", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LowbitError(f"device {device!r} requested but no CUDA GPU is visible", "pass --device cpu")
-    return torch.device(device)
 
 
 def source_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -95,19 +90,40 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def load_progress(folder: Path, key: str) -> dict | None:
+def load_progress(folder: Path, key_of, world_size: int = 1) -> dict | None:
+    """The progress of an interrupted run of these settings (key_of(world size) -> fingerprint), or None.
+    The same settings with another number of processes are refused: the samples were split otherwise."""
     path = folder / PROGRESS
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
-    return state if state.get("fingerprint") == key else None
+    if state.get("fingerprint") == key_of(world_size):
+        return state
+    was = state.get("world_size", 1)
+    if was != world_size and state.get("fingerprint") == key_of(was):
+        raise LowbitError(f"the interrupted run in {folder} used {was} process(es) and this one uses {world_size}",
+                          f"resume it with --nproc {was}, or delete {folder} to start over")
+    return None
 
 
-def save_progress(folder: Path, key: str, blocks_done: int, outputs: list) -> None:
-    state = {"fingerprint": key, "blocks_done": blocks_done, "writers": {out.fmt.NAME: out.state() for out in outputs}}
+def save_progress(folder: Path, key: str, blocks_done: int, outputs: list, world_size: int = 1) -> None:
+    state = {"fingerprint": key, "world_size": world_size, "blocks_done": blocks_done, "writers": {out.fmt.NAME: out.state() for out in outputs}}
     tmp = folder / (PROGRESS + ".tmp")
     tmp.write_text(json.dumps(state))
     tmp.replace(folder / PROGRESS)
+
+
+def claim_output(target: Path, ckpt: Checkpoint, key_of, world: int) -> dict | None:
+    """Lock the output, scan the checkpoint, and return the progress of an interrupted run to resume (None:
+    start over, the partial folder of other settings removed)."""
+    partial = partial_path(target)
+    lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
+    lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
+    state = lock.release_if_fails(load_progress, partial, key_of, world)  # refuses another world size, in one line
+    if partial.exists() and state is None:
+        shutil.rmtree(partial)  # a partial run of other settings: start over
+    announce_resume(state, ckpt, partial)  # "resuming at block i of n"
+    return state
 
 
 def set_dequantized(linears: dict, results: dict[str, QuantResult]) -> None:
@@ -139,7 +155,10 @@ def quantize(
         method: "rtn", "autoround", "awq", "gptq" or a method config (RtnConfig, AutoRoundConfig, ...).
         scheme: bits / group size / symmetry for every quantized linear.
         calib: calibration text and sizes (ignored by RTN).
-        run: output folder, formats, device, lm_head handling.
+        run: output folder, formats, device / device_map, lm_head handling.
+
+    Under torchrun (WORLD_SIZE set) every process calls this; each quantizes with its share of the samples,
+    rank 0 writes and returns the full summary, the others return after the block loop (dist.py).
     """
     started = time.time()
     scheme = check_quantize_args(method, scheme, calib, run)  # wrong kinds of argument, one line each
@@ -162,32 +181,32 @@ def quantize(
         image_prompts(calib.images), load_processor(ckpt.path)
     elif needs_calib:
         load_tokenizer(ckpt.path)  # text calibration needs it: refuse before any output
-    device = resolve_device(run.device)
+    # data-parallel processes (torchrun): a reducer for the engine, and rank 0 alone writes (the others
+    # run the same block loop on their share of the samples and return after it)
+    device, reducer = start(run.device, run.devices)
+    world, writes = (reducer.world_size, reducer.rank == 0) if reducer else (1, True)
     dtype = compute_dtype(device, ckpt, needs_calib)
     storage = torch.device("cpu") if device.type == "cpu" or method_cfg.cache_on_cpu else device
     summary = RunSummary(method=method_cfg.name, scheme=f"W{scheme.bits}A16 g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", output_dir=str(target), checkpoint_bytes=ckpt.total_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    key = fingerprint(str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
-    lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
-    lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
+    # the resume fingerprint, given the number of processes (another number split the samples otherwise)
+    key_of = partial_args(fingerprint, str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
+    key = key_of(world)
     partial = partial_path(target)
-    state = load_progress(partial, key) if partial.exists() else None
-    if partial.exists() and state is None:
-        shutil.rmtree(partial)  # a partial run of other settings: start over
-    announce_resume(state, ckpt, partial)  # "resuming at block i of n"
+    state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
 
-    with RssSampler() as rss, atomic_folder(target, run.overwrite) as folder:
+    with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
         names = map_names(skeleton, ckpt.index)
         check_complete(skeleton, names, ckpt.path)  # every tensor the model needs is found before block 0
-        if names.unmapped:  # listed before any work; copied to the output as they are
+        if names.unmapped and writes:  # listed before any work; copied to the output as they are
             summary.unmapped = list(names.unmapped)
             print(f"lowbit: {len(names.unmapped)} checkpoint tensors match no tensor of {type(skeleton).__name__} and are copied as they are, "
                   f"e.g. {', '.join(names.unmapped[:3])}", file=sys.stderr)
         blocks = submodule(skeleton, spec.blocks)
         refuse_unholdable(skeleton, spec, scheme, formats, run.quant_lm_head)
-        outputs = [FormatOutput(fmt, folder / fmt.NAME if len(formats) > 1 else folder, run.max_shard_bytes) for fmt in formats]
+        outputs = [FormatOutput(fmt, folder / fmt.NAME if len(formats) > 1 else folder, run.max_shard_bytes, writes) for fmt in formats]
         done = 0
         if state:
             for out in outputs:
@@ -195,14 +214,14 @@ def quantize(
             done = state["blocks_done"]
         engine = stream = fp_stream = None
         if needs_calib:
-            plan = capture(skeleton, ckpt, names, spec, calib, device, dtype, storage, blocks)
-            engine = BlockEngine(plan, device, storage, calib.batch_size)
+            plan = capture(skeleton, ckpt, names, spec, calib, device, dtype, storage, blocks, reducer)
+            engine = BlockEngine(plan, device, storage, calib.batch_size, reducer)
             stream = engine.stream()
             # the fp model's own chain beside the quantized one (AutoRound's targets): twice the cache
             fp_stream = stream.copy() if method_cfg.fp_targets else None
 
         run_state: dict = {}  # the algorithm's own state across blocks (AutoRound's compiled code), owned by this run
-        bar = tqdm(range(len(blocks)), desc=f"lowbit {method_cfg.name}", unit="block", disable=not progress)
+        bar = tqdm(range(len(blocks)), desc=f"lowbit {method_cfg.name}", unit="block", disable=not (progress and writes))
         for i in bar:
             prefix = f"{spec.blocks}.{i}"
             block = load_module(skeleton, prefix, ckpt, names, device, dtype)
@@ -222,7 +241,7 @@ def quantize(
                 free_module(block)
                 continue
             ctx = BlockContext(index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec, device=device,
-                               engine=engine, stream=stream, targets=targets, log=bar.write, run_state=run_state)
+                               engine=engine, stream=stream, targets=targets, log=bar.write if writes else None, run_state=run_state)
             results = block_fn(ctx, method_cfg)
             if ctx.losses:
                 summary.block_losses.append((i, *ctx.losses))
@@ -230,17 +249,19 @@ def quantize(
                 if method_cfg.quantized_inputs:
                     set_dequantized(linears, results)
                 stream = engine.propagate(block, i, stream)
-            for out in outputs:
+            for out in outputs if writes else ():
                 out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
-            if any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
+            if writes and any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
                 for out in outputs:
                     out.writer.flush()
-                save_progress(folder, key, i + 1, outputs)
+                save_progress(folder, key, i + 1, outputs, world)
             free_module(block)
             ckpt.close()  # unmap the shards: pages of finished blocks must not stay resident (and count in RSS)
             release_freed_memory()
         bar.close()
         engine = stream = fp_stream = ctx = None  # release the calibration caches before the final writes
+        if not writes:
+            return summary
 
         kept_outside = outside_fp_linears(skeleton, spec, run.quant_lm_head)
         for name, why in kept_outside.items():
@@ -298,9 +319,10 @@ def outside_fp_linears(skeleton, spec: ArchSpec, quant_lm_head: bool) -> dict[st
 class FormatOutput:
     """One export format's folder and shard writer (several formats write side by side)."""
 
-    def __init__(self, fmt, folder: Path, max_shard_bytes: int):
+    def __init__(self, fmt, folder: Path, max_shard_bytes: int, writes: bool = True):
         self.fmt, self.folder = fmt, folder
-        folder.mkdir(parents=True, exist_ok=True)
+        if writes:  # ranks other than 0 only read (the finished blocks of a resumed run)
+            folder.mkdir(parents=True, exist_ok=True)
         self.writer = ShardWriter(folder, max_shard_bytes)
 
     def state(self) -> dict:
@@ -343,12 +365,14 @@ def refuse_unholdable(skeleton, spec: ArchSpec, scheme: Scheme, formats, quant_l
             raise LowbitError(reason)
 
 
-def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks) -> ReplayPlan:
+def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks, reducer=None) -> ReplayPlan:
     """Tokenize the calibration text and record every block's inputs. Loaded for it: every tensor outside
     the blocks that runs before block 0 on text (embeddings, Gemma 4's per-layer tables), i.e. all but
     lm_head, the final norm and the media sub-models (vision / audio towers, which text never reaches; they
-    are loaded when the calibration has images)."""
+    are loaded when the calibration has images). Data-parallel processes capture their contiguous share."""
     samples = calibration_samples(ckpt, spec, calib)
+    if reducer is not None:
+        samples = share(samples, reducer.rank, reducer.world_size)
     after = (spec.lm_head, *spec.post_block)
     tensors = {**dict(skeleton.named_buffers()), **skeleton.state_dict(keep_vars=True)}  # computed buffers (rotary tables) too
     needed = [(n, t) for n, t in tensors.items()

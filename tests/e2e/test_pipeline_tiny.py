@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 import lowbit
 from lowbit.export.auto_round import layer_tensors
+from tests.conftest import dying_on
 from tests.reference import reference_rtn, reference_rtn_model
 
 
@@ -85,20 +86,11 @@ def test_resume_after_a_crash_gives_the_same_output(tiny_llama, tmp_path, monkey
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     quantize_tiny(src, clean, lowbit.Scheme(4, 128, False), max_shard_bytes=1)
     real = runner.block_tensors
-    calls = []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash in block 1")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "block_tensors", dying)
+    monkeypatch.setattr(runner, "block_tensors", dying_on(real, 2))  # dies writing block 1
     with pytest.raises(RuntimeError, match="simulated crash"):
         quantize_tiny(src, crashed, lowbit.Scheme(4, 128, False), max_shard_bytes=1)
     assert not crashed.exists() and (tmp_path / "crashed.lowbit-partial").is_dir()
     monkeypatch.setattr(runner, "block_tensors", real)
-    calls.clear()
     quantize_tiny(src, crashed, lowbit.Scheme(4, 128, False), max_shard_bytes=1)
     assert crashed.is_dir() and not (tmp_path / "crashed.lowbit-partial").exists()
     a, b = lowbit.load(clean), lowbit.load(crashed)
@@ -152,15 +144,8 @@ def test_calibrated_resume_replays_finished_blocks(tmp_path, monkeypatch):
         return lowbit.quantize(str(src), lowbit.AwqConfig(n_grid=4), lowbit.Scheme(4, 64, False), calib=calib, run=lowbit.RunConfig(output_dir=str(out), device="cpu", max_shard_bytes=1), progress=False)
 
     run(tmp_path / "clean")
-    real, calls = runner.block_tensors, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash in block 1")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "block_tensors", dying)
+    real = runner.block_tensors
+    monkeypatch.setattr(runner, "block_tensors", dying_on(real, 2))  # dies writing block 1
     with pytest.raises(RuntimeError):
         run(tmp_path / "resumed")
     monkeypatch.setattr(runner, "block_tensors", real)

@@ -242,6 +242,21 @@ def sign_sgd_step(groups: list[tuple[list[torch.Tensor], float, tuple[float, flo
                 p.grad = None
 
 
+def reduce_step(ctx: BlockContext, params: list[torch.Tensor], loss: torch.Tensor) -> float:
+    """The step's loss, and with data-parallel processes the mean over them of every gradient and of the
+    loss, in one all_reduce of the flattened gradients [sum numel + 1]: every process then takes the same
+    sign step and keeps the same best iteration, so their parameters stay identical."""
+    if ctx.world_size == 1:
+        return loss.item()  # one sync per step
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = ctx.reduce_sum(torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])) / ctx.world_size
+    start = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[start : start + g.numel()].view_as(g).to(g.dtype)
+        start += g.numel()
+    return flat[-1].item()
+
+
 def block_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE over every element, in fp32; pred / target [b, T, H]."""
     return F.mse_loss(pred.float(), target.float())
@@ -385,12 +400,14 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             groups.append(([st.min_scale, st.max_scale], minmax_lr, MINMAX_BOUNDS))
     best = {name: [p.detach().clone() for p in (st.v, st.min_scale, st.max_scale)] for name, st in states.items()}
 
-    global_bs = min(n, bs * config.gradient_accumulate_steps)
+    # samples per step: one process's, divided over the data-parallel processes (each from its own share)
+    global_bs = min(n, -(-bs * config.gradient_accumulate_steps // ctx.world_size))
+    bs = min(bs, global_bs)
     sampler = IndexSampler(n, global_bs, config.seed + ctx.index)
     first_loss, best_loss, best_iter = None, float("inf"), 0
 
-    def step_loss(run_block, indices: list[int]) -> float:
-        """Forward and backward over one global batch (micro-batches of bs); returns its mean loss."""
+    def step_loss(run_block, indices: list[int]) -> torch.Tensor:
+        """Forward and backward over one global batch (micro-batches of bs); returns its mean loss []."""
         total = torch.zeros((), device=device)
         for start in range(0, global_bs, bs):
             idx = indices[start : start + bs]
@@ -400,7 +417,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             loss = block_loss(pred, gather_targets(idx)) * (len(idx) / global_bs)
             loss.backward()
             total += loss.detach()
-        return total.item()  # one sync per step
+        return total
 
     train_block = compilers.block(block, config.compile, device)
     with frozen(block), fake_quant_swapped(block, linears, states, out_dtype, fns), torch.enable_grad(), recompile_limit(64):
@@ -418,6 +435,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
                             p.grad = None
                     train_block = block
                     value = step_loss(block, indices)
+            value = reduce_step(ctx, [p for st in states.values() for p in st.params()], value)
             if first_loss is None:
                 first_loss = value
             if value < best_loss:  # these parameters produced this loss: keep them before stepping

@@ -159,16 +159,20 @@ class Stats:
 
 @torch.no_grad()
 def collect(ctx: BlockContext, modules: list[str], max_calls: int) -> Stats:
+    """One pass over this process's samples. Data-parallel: the processes' token counts place this one's
+    tokens on the global stride (its rows start at `offset`), so the gathered clipping samples are exactly
+    one process's; `abs_sum` / `count` are summed and `samples` gathered over processes (`reduce`)."""
     stats = Stats()
-    total = sum(t.shape[0] * t.shape[1] for t in ctx.stream.hidden)
-    stride = max(1, total // CLIP_TOKENS)
+    counts = ctx.engine.counts(sum(t.shape[0] * t.shape[1] for t in ctx.stream.hidden))  # tokens per process
+    offset = sum(counts[: ctx.engine.reducer.rank])
+    stride = max(1, sum(counts) // CLIP_TOKENS)
 
     def linear_hook(name):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])  # [tokens, K]
             stats.abs_sum[name] = stats.abs_sum.get(name, 0) + x.abs().float().sum(0)
             stats.count[name] = stats.count.get(name, 0) + x.shape[0]
-            start = stats.seen.get(name, 0)
+            start = stats.seen.get(name, offset)
             first = (-start) % stride  # the first row of this batch on the global stride
             stats.samples.setdefault(name, []).append(x[first::stride].float().to(ctx.storage))
             stats.seen[name] = start + x.shape[0]
@@ -192,7 +196,23 @@ def collect(ctx: BlockContext, modules: list[str], max_calls: int) -> Stats:
         for h in handles:
             h.remove()
     stats.samples = {n: torch.cat(s)[:CLIP_TOKENS] for n, s in stats.samples.items()}
+    if ctx.world_size > 1:
+        reduce(ctx, stats)
     return stats
+
+
+def reduce(ctx: BlockContext, stats: Stats) -> None:
+    """Complete a data-parallel process's statistics: abs_sum [K] and count summed, clipping samples
+    [<= CLIP_TOKENS, K] gathered in rank order (every process then clips identically). Linears in the
+    block's order, a linear this process never reached as zeros: every process makes the same calls."""
+    for name, linear in ctx.linears.items():
+        k = linear.in_features
+        stats.abs_sum[name] = ctx.reduce_sum(stats.abs_sum.get(name, torch.zeros(k, device=ctx.device)))
+        stats.count[name] = int(ctx.reduce_sum(torch.tensor(float(stats.count.get(name, 0)), dtype=torch.float64)).item())
+        rows = stats.samples.get(name, torch.zeros(0, k, device=ctx.storage))
+        stats.samples[name] = ctx.engine.gather_rows(rows)[:CLIP_TOKENS]
+    for name in [n for n, c in stats.count.items() if c == 0]:
+        del stats.abs_sum[name], stats.count[name], stats.samples[name]
 
 
 # ---------------------------------------------------------------- search
@@ -240,21 +260,23 @@ def search_group(ctx: BlockContext, group, stats: Stats, config: AwqConfig) -> t
     gs = ctx.schemes[quantized[0]].group_size
     w_mean = weight_mean(list(originals.values()), gs).to(ctx.device) if config.duo_scaling else None
 
-    best, losses = None, []
+    candidates = candidate_scales(x_mean, w_mean, config.n_grid)
+    sums = []  # per candidate: the sum over this process's batches of the batch MSE
     try:
-        for alpha, s in candidate_scales(x_mean, w_mean, config.n_grid):
+        for _, s in candidates:
             for n, w in originals.items():
                 # Q(W s) / s: the quantized weight as the unscaled input sees it, [N, K]
                 q = fake_quantize(w.float() * s[None, :], ctx.schemes[n]) / s[None, :]
                 ctx.block.get_submodule(n).weight.data = q.to(w.dtype)
-            loss = sum(F.mse_loss(module_output(module, a, k, ctx.engine), t).item() for (a, k), t in zip(calls, targets)) / len(calls)
-            losses.append(loss)
-            if best is None or loss < best[0]:
-                best = (loss, alpha, s)
+            sums.append(sum(F.mse_loss(module_output(module, a, k, ctx.engine), t).item() for (a, k), t in zip(calls, targets)))
     finally:
         for n, w in originals.items():
             ctx.block.get_submodule(n).weight.data = w
-    return GroupScale(group.prev, tuple(group.linears), best[2].float().cpu()), losses[0], best[0]
+    # mean batch MSE per candidate over every process's batches, [C]: all processes pick the same scale
+    totals = ctx.reduce_sum(torch.tensor([*sums, len(calls)], dtype=torch.float64))
+    losses = (totals[:-1] / totals[-1]).tolist()
+    best = min(range(len(losses)), key=losses.__getitem__)  # the first of equal losses, as before
+    return GroupScale(group.prev, tuple(group.linears), candidates[best][1].float().cpu()), losses[0], losses[best]
 
 
 @torch.no_grad()
@@ -297,7 +319,8 @@ def search(ctx: BlockContext, config: AwqConfig) -> tuple[AwqSearch, float, floa
     summed over groups. The block ends with the search applied (the clipping search reads the scaled
     weights), by the same functions `apply` uses, so `apply` on a fresh copy gives identical weights."""
     groups = usable_groups(ctx)
-    samples = ctx.n_samples if config.search_samples is None else config.search_samples
+    # data-parallel: each process scores its share of the search samples
+    samples = ctx.n_samples if config.search_samples is None else -(-config.search_samples // ctx.world_size)
     max_calls = -(-samples // ctx.batch_size)  # batches whose windows score the grid
     stats = collect(ctx, [inspected_module(g.linears) for g in groups], max_calls)
     result, before, after = AwqSearch(), 0.0, 0.0

@@ -66,4 +66,11 @@ class BlockContext:
         return self.engine.call(self.block if block is None else block, self.index, self.stream, indices)
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the data-parallel processes (one process: `t`). Every process must call it
+        in the same order with the same shape."""
         return self.engine.reduce_sum(t)
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel processes sharing the samples (each holds `n_samples` of its own)."""
+        return self.engine.world_size if self.engine is not None else 1

@@ -199,9 +199,9 @@ def stage_hessians(ctx: BlockContext, names: list[str]) -> dict[str, tuple[torch
 
 def reduce_hessian(ctx: BlockContext, k: int, h: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
     """The mean Hessian over every process's rows: sum_p n_p H_p / sum_p n_p (one process: unchanged)."""
-    if ctx.engine.reducer.world_size == 1:
+    if ctx.world_size == 1:
         return h, n
-    total = ctx.reduce_sum(torch.tensor(float(n), device=ctx.device))
+    total = ctx.reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=ctx.device))  # rows: exact past 2^24
     weighted = ctx.reduce_sum(h * n if h is not None else torch.zeros(k, k, device=ctx.device))
     return (weighted / total if total > 0 else None), int(total.item())
 

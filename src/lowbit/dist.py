@@ -1,0 +1,215 @@
+"""Several processes, one run: devices from `--device_map`, data-parallel calibration with torch.distributed.
+
+Started by `torchrun` (or `lowbit quantize --nproc N`, which re-launches itself through torchrun's module):
+every process runs the same block loop on its contiguous share of the calibration windows, and the block
+engine's reducer (`DistributedReducer.sum`, an all_reduce) completes the statistics the algorithms reduce
+through their BlockContext. One process (no WORLD_SIZE in the environment) keeps engine.LocalReducer.
+Only rank 0 writes (runner.py); the others return after the block loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .errors import LowbitError
+
+
+# ---------------------------------------------------------------- --device_map
+
+
+def parse_device_map(text: str) -> tuple[str, ...]:
+    """auto-round's spellings -> the devices named, in order: 'auto', '0,1,2', 'cuda:0,cuda:1', 'cpu', or a
+    JSON dict of module name -> device (int = that GPU). 'auto' is every visible GPU, else the CPU."""
+    text = text.strip()
+    if text == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return tuple(f"cuda:{i}" for i in range(n)) or ("cpu",)
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LowbitError(f"--device_map {text!r} is not valid JSON ({err.msg})", 'pass e.g. --device_map \'{"model.layers.0": 0, "model.layers.1": 1}\'') from None
+        if not isinstance(mapping, dict) or not mapping:
+            raise LowbitError(f"--device_map {text!r} is an empty or non-dict JSON value", 'pass a module -> device dict, e.g. \'{"model.layers.0": 0}\'')
+        items = list(mapping.values())
+    else:
+        items = [p for p in text.split(",") if p.strip()]
+    devices = []
+    for item in items:
+        name = device_name(item, text)
+        if name not in devices:
+            devices.append(name)
+    if not devices:
+        raise LowbitError(f"--device_map {text!r} names no device", "pass auto, 0,1 or cuda:0,cuda:1")
+    return tuple(devices)
+
+
+def device_name(item, text: str) -> str:
+    """One entry of a device map ('0', 0, 'cuda:1', 'cpu') -> 'cuda:0' / 'cuda:1' / 'cpu'; others refused."""
+    item = str(item).strip()
+    if item.isdigit():
+        item = f"cuda:{item}"
+    if item == "cuda":
+        item = "cuda:0"
+    if item == "cpu" or (item.startswith("cuda:") and item[5:].isdigit()):
+        return item
+    raise LowbitError(f"--device_map {text!r}: {item!r} is not a device", "use GPU indices (0,1), cuda:N names, cpu, or auto")
+
+
+def check_devices(devices: tuple[str, ...]) -> None:
+    """A GPU that does not exist is refused naming it and the visible ones."""
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if not cuda:
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = ", ".join(f"cuda:{i}" for i in range(n)) or "none"
+    for d in cuda:
+        if int(d.split(":")[1]) >= n:
+            raise LowbitError(f"--device_map names {d}, which does not exist (visible GPUs: {visible})", "name visible GPUs only, or pass --device_map auto")
+
+
+# ---------------------------------------------------------------- processes
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LowbitError(f"device {device!r} requested but no CUDA GPU is visible", "pass --device cpu")
+    return torch.device(device)
+
+
+def env_world() -> tuple[int, int, int]:
+    """(world size, rank, local rank) as torchrun sets them; (1, 0, 0) for a plain process."""
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class DistributedReducer:
+    """The block engine's reducer across torch.distributed processes (engine.LocalReducer for one)."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.device = device  # where collectives run: NCCL reduces CUDA tensors only
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of `t` over every process (a copy; `t` is unchanged), on t's device.
+
+        Every process must call it in the same order with the same shape."""
+        out = t.detach().to(self.device, copy=True)
+        self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def broadcast_object(self, obj):
+        """Rank 0's picklable `obj` on every process (the resume state: every rank must see the same one)."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+def start(run_device: str, device_map: tuple[str, ...] | None):
+    """This process's (device, reducer): the device blocks run on, and None (one process: the engine keeps
+    LocalReducer) or a DistributedReducer, initialising the process group when torchrun started us.
+
+    One process: the first device of the map (or --device). Several: rank r takes the map's r-th device
+    (CUDA: cuda:LOCAL_RANK when no map is given); more processes than devices is refused."""
+    world, _, local = env_world()
+    devices = device_map or (run_device,)
+    if world == 1:
+        return resolve_device(devices[0]), None
+    first = resolve_device(devices[0])
+    if first.type == "cuda":
+        if device_map is None:  # --device cuda under torchrun: one GPU per process
+            devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+        if local >= len(devices):
+            per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            raise LowbitError(f"{per_host} processes on this host but only {len(devices)} GPUs ({', '.join(devices)})", f"pass --nproc {len(devices)} (torchrun --nproc_per_node {len(devices)}) or name more GPUs in --device_map")
+        device = torch.device(devices[local])
+        torch.cuda.set_device(device)
+    else:
+        device = first
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, DistributedReducer(device)
+
+
+def finish() -> None:
+    """Leave the process group, if this process joined one (NCCL warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def on_rank0(reducer: DistributedReducer | None, fn, *args):
+    """fn(*args) on rank 0 alone (on the one process without a reducer), its result on every rank. A
+    LowbitError there is raised on every rank: none is left waiting in a collective for a rank that stopped."""
+    if reducer is None:
+        return fn(*args)
+    result = None
+    if reducer.rank == 0:
+        try:
+            result = fn(*args)
+        except LowbitError as err:
+            reducer.broadcast_object(err)
+            raise
+    result = reducer.broadcast_object(result)
+    if isinstance(result, LowbitError):
+        raise result
+    return result
+
+
+def share(items: list, rank: int, world: int) -> list:
+    """Rank `rank`'s contiguous share of `items` (sizes differ by at most one; earlier ranks take the extra)."""
+    if len(items) < world:
+        raise LowbitError(f"{len(items)} calibration windows for {world} processes", f"pass --nsamples {world} or more, or fewer processes")
+    base, extra = divmod(len(items), world)
+    start = rank * base + min(rank, extra)
+    return items[start : start + base + (rank < extra)]
+
+
+def check_nproc(nproc: int, run, nsamples: int | None = None) -> None:
+    """--nproc before launching: at least 1, at most the calibration windows (nsamples; None: no
+    calibration), and on CUDA no more than the devices to use."""
+    if nproc < 1:
+        raise LowbitError(f"--nproc {nproc} is not a number of processes", "pass --nproc 1 or more")
+    if nsamples is not None:
+        share(range(nsamples), 0, nproc)  # refuses fewer windows than processes
+    devices = run.devices or (run.device,)
+    if devices[0] in ("auto", "cuda") and torch.cuda.is_available():
+        devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    if devices[0].startswith("cuda") and nproc > len(devices):
+        raise LowbitError(f"--nproc {nproc} needs {nproc} GPUs but {len(devices)} are given or visible ({', '.join(devices)})", f"pass --nproc {len(devices)} or name more GPUs in --device_map")
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """`lowbit quantize ... --nproc N`: run the same command as N processes through torchrun's launcher
+    (torch.distributed.run's elastic_launch, standalone on this host); returns their exit status, -1 when
+    this process already is one of them. A failed process (e.g. exit 2 after rank 0 printed its one-line
+    LowbitError) ends the run with its status, without the launcher's traceback."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if os.environ.get("WORLD_SIZE"):
+        return -1
+    # as torchrun does for several processes per host: split the cores rather than oversubscribe them
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "lowbit.cli", *argv)
+    except ChildFailedError as err:
+        _, failure = err.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

@@ -1,0 +1,235 @@
+"""Data-parallel quantization (two gloo processes on the CPU) against one process, on a tiny Llama.
+
+Two processes are spawned once for the module (torch.multiprocessing.spawn, a free TCP port); each runs
+RTN, GPTQ, AWQ and AutoRound on its half of the calibration windows, and rank 0 writes the outputs. The
+one-process runs of the same settings, in this process, are the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lowbit
+from lowbit.errors import LowbitError
+from tests.conftest import dying_on, save_tiny_model_with_tokenizer
+
+# seeded random words: windows that differ (a repeated sentence gives every process the same statistics, and
+# processes that never reduce would still agree)
+WORDS = "the a man woman house garden fortune letter walked said wrote read ran quickly slowly old young near far under over and but".split()
+TEXT = " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (2500,), generator=torch.Generator().manual_seed(0)).tolist())
+SCHEME = lowbit.Scheme(4, 32, False)
+# 8 windows in batches of 2: each of two processes holds 4, i.e. 2 whole batches, so AWQ's mean batch loss
+# is the same mean as one process's (a split inside a batch would change what is averaged)
+CALIB = dict(nsamples=8, seqlen=32, batch_size=2)
+METHODS = {
+    "rtn": lambda: lowbit.RtnConfig(),
+    "gptq": lambda: lowbit.GptqConfig(),
+    "awq": lambda: lowbit.AwqConfig(n_grid=6),
+    # every step on all windows (4 batches of 2; each of two processes: its 2 batches), so the step's loss is
+    # a function of the parameters alone and the two-process gradient mean is one process's gradient
+    "autoround": lambda: lowbit.AutoRoundConfig(iters=6, gradient_accumulate_steps=4),
+    # auto-round's usual steps on a random batch: 2 windows per step for one process, 1 per process for two
+    "autoround_sampled": lambda: lowbit.AutoRoundConfig(iters=6),
+}
+
+
+def quantize(model, text_file, out, method: str, **run):
+    calib = lowbit.CalibConfig(dataset=str(text_file), **CALIB)
+    run = lowbit.RunConfig(output_dir=str(out), device="cpu", **run)
+    return lowbit.quantize(str(model), METHODS[method](), SCHEME, calib, run, progress=False)
+
+
+def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: str):
+    """One of two torchrun-like processes: the environment torchrun would set, then the phase's runs.
+
+    "methods": every method, then a GPTQ run whose rank 0 dies while writing block 1 (block 0's shard and
+    the progress file are on disk); "resume": that GPTQ run again, which resumes at block 1."""
+    import lowbit.runner as runner
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on two cores
+    if phase == "methods":
+        # what each process quantized every block to, kept per rank: the processes must decide identically,
+        # since rank 1's inputs to the next block assume the weights rank 0 writes
+        real_handler, decided = runner.handler_for, []
+
+        def recording(config):
+            block_fn = real_handler(config)
+
+            def fn(ctx, cfg):
+                results = block_fn(ctx, cfg)
+                decided.append({n: r.dequantize() for n, r in results.items()})
+                return results
+
+            return fn
+
+        runner.handler_for = recording
+        for method in METHODS:
+            summary = quantize(model, text_file, f"{root}/{method}", method)
+            torch.save(decided, f"{root}/{method}.rank{rank}")
+            decided.clear()
+            if rank == 0:
+                torch.save(summary.block_losses, f"{root}/{method}.losses")
+        runner.handler_for = real_handler
+        real = runner.block_tensors
+        runner.block_tensors = dying_on(real, 2)  # dies writing block 1
+        try:
+            quantize(model, text_file, f"{root}/crashed", "gptq", max_shard_bytes=1)
+        except RuntimeError:
+            assert rank == 0  # only rank 0 writes, so only rank 0 meets the crash
+        runner.block_tensors = real
+    else:
+        quantize(model, text_file, f"{root}/crashed", "gptq", max_shard_bytes=1)
+    torch.distributed.destroy_process_group()
+
+
+def spawn(model, text_file, root, phase: str) -> None:
+    torch.multiprocessing.spawn(worker, args=(free_port(), str(model), str(text_file), str(root), phase), nprocs=2, join=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(folder of the one-process outputs, folder of the two-process outputs), one subfolder per method."""
+    root = tmp_path_factory.mktemp("dp")
+    model, text_file = root / "m", root / "t.txt"
+    text_file.write_text(TEXT)
+    save_tiny_model_with_tokenizer(model, TEXT, hidden=64, intermediate=128, heads=2, kv_heads=1)
+    two = root / "two"
+    two.mkdir()
+    spawn(model, text_file, two, "methods")
+    one = root / "one"
+    for method in METHODS:
+        summary = quantize(model, text_file, one / method, method)
+        torch.save(summary.block_losses, one / f"{method}.losses")
+    return one, two
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def logits(folder) -> torch.Tensor:
+    """[2, 24, vocab] logits of a quantized output (lowbit.load) or of the fp checkpoint (transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    x = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+    model = lowbit.load(folder) if quantized else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def test_rtn_is_byte_identical(runs):
+    one, two = runs
+    files = sorted(p.name for p in (one / "rtn").iterdir() if p.name != "lowbit_log.json")
+    assert files == sorted(p.name for p in (two / "rtn").iterdir() if p.name != "lowbit_log.json")
+    for name in files:
+        assert (one / "rtn" / name).read_bytes() == (two / "rtn" / name).read_bytes(), name
+
+
+def test_only_rank0_writes_and_nothing_is_left(runs):
+    _, two = runs
+    finished = sorted(p.name for p in two.iterdir() if p.is_dir() and not p.name.startswith("crashed"))
+    assert finished == sorted(METHODS)
+    assert not [p for p in two.glob("*.lowbit-*") if not p.name.startswith("crashed")]
+    log = json.loads((two / "gptq" / "lowbit_log.json").read_text())
+    assert log["method"] == "gptq"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "autoround", "autoround_sampled"])
+def test_processes_stay_in_lockstep(runs, method):
+    """Every process quantizes a block to the same weights as rank 0 (which alone writes them): GPTQ's
+    reduced Hessians, AWQ's reduced scale losses and gathered clip samples, AutoRound's averaged gradients
+    and losses leave no process-dependent decision."""
+    _, two = runs
+    a, b = torch.load(two / f"{method}.rank0"), torch.load(two / f"{method}.rank1")
+    assert len(a) == len(b) == 2  # both blocks
+    assert all(x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "autoround"])
+def test_matches_one_process(runs, method):
+    """Within reduction-order noise: the two processes' statistics (GPTQ's H as sum_p n_p H_p / n, AWQ's
+    channel sums and candidate losses, AutoRound's full-batch gradients and losses as the mean of the two
+    halves' means) differ from one process's only in the order of float32 additions (~1e-7 relative). That can move a value that sits on a rounding boundary by one code, so codes
+    may differ in a few entries, by one step; the loaded models' logits then agree to far less than the
+    quantization error itself (measured against the fp logits)."""
+    one, two = runs
+    a, b = tensors(one / method), tensors(two / method)
+    assert a.keys() == b.keys()
+    for name in a:
+        if not a[name].is_floating_point():
+            # packed 4-bit codes / zeros: an int32 word differs when any of its 8 entries does
+            assert (a[name] != b[name]).float().mean() <= 0.02, name
+        else:
+            torch.testing.assert_close(b[name].float(), a[name].float(), rtol=1e-3, atol=1e-4, msg=name)
+    la, lb, fp = logits(one / method), logits(two / method), logits(one.parent / "m")
+    assert (lb - la).abs().max() < 0.05 * (la - fp).abs().max()
+
+
+def test_sampled_autoround_agrees_loosely(runs):
+    """Same seed, each process sampling its own batches of its own windows: not the batches one process
+    draws, so only a loose check: finite losses that improve, an output that loads, and logits whose
+    distance from one process's is of the order of the quantization error itself."""
+    one, two = runs
+    losses = torch.load(two / "autoround_sampled.losses")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor([a, b])).all() and b <= a for _, a, b in losses)
+    la, lb, fp = logits(one / "autoround_sampled"), logits(two / "autoround_sampled"), logits(one.parent / "m")
+    assert torch.isfinite(lb).all()
+    assert (lb - la).abs().max() < 2 * (la - fp).abs().max()
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    from lowbit.runner import PROGRESS, load_progress
+
+    key_of = lambda n: f"key-{n}"  # noqa: E731
+    (tmp_path / PROGRESS).write_text(json.dumps({"fingerprint": "key-2", "world_size": 2, "blocks_done": 1, "writers": {}}))
+    assert load_progress(tmp_path, key_of, 2)["blocks_done"] == 1
+    with pytest.raises(LowbitError, match="used 2 process.* this one uses 1.*--nproc 2"):
+        load_progress(tmp_path, key_of, 1)
+    (tmp_path / PROGRESS).write_text(json.dumps({"fingerprint": "other", "world_size": 2, "blocks_done": 1, "writers": {}}))
+    assert load_progress(tmp_path, key_of, 1) is None  # other settings: start over, as before
+
+
+def test_resume_of_a_two_process_run(runs):
+    """Rank 0 died in block 1: one process may not resume it (the windows were split in two; one line, the
+    partial folder kept), two processes do, rank 1 replaying block 0 from rank 0's shard, and the result is
+    the uninterrupted two-process run's."""
+    one, two = runs
+    model, text_file = one.parent / "m", one.parent / "t.txt"
+    partial = two / "crashed.lowbit-partial"
+    assert partial.is_dir() and not (two / "crashed").exists()
+    with pytest.raises(LowbitError, match=r"used 2 process\(es\) and this one uses 1; resume it with --nproc 2"):
+        quantize(model, text_file, two / "crashed", "gptq", max_shard_bytes=1)
+    assert partial.is_dir()
+    spawn(model, text_file, two, "resume")
+    assert (two / "crashed").is_dir() and not partial.exists()
+    a, b = tensors(two / "gptq"), tensors(two / "crashed")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_nproc_relaunches_through_torchrun(runs, tmp_path):
+    """`lowbit quantize --nproc 2` (torch.distributed.run, two gloo processes) writes the same RTN bytes."""
+    from lowbit.cli import main
+
+    one, _ = runs
+    out = tmp_path / "q"
+    code = main(["quantize", str(one.parent / "m"), "--nproc", "2", "--device", "cpu", "--bits", "4", "--group_size", "32", "--asym", "--output_dir", str(out)])
+    assert code == 0
+    assert (out / "model.safetensors").read_bytes() == (one / "rtn" / "model.safetensors").read_bytes()

@@ -1,0 +1,91 @@
+"""--device_map in auto-round's spellings, --nproc, and their bad input (one line, exit 2), on any machine:
+the visible GPUs are faked where a case needs them."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli import main, strip_flag
+from lowbit.dist import check_nproc, parse_device_map, share
+from lowbit.errors import LowbitError
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+@pytest.mark.parametrize("text,devices", [
+    ("0,1", ("cuda:0", "cuda:1")),
+    ("cuda:0,cuda:1", ("cuda:0", "cuda:1")),
+    ("1", ("cuda:1",)),
+    ("auto", ("cuda:0", "cuda:1")),
+    ('{"model.layers.0": 0, "model.layers.1": 1, "lm_head": "cuda:1"}', ("cuda:0", "cuda:1")),
+    ("cpu", ("cpu",)),
+])
+def test_spellings(two_gpus, text, devices):
+    assert parse_device_map(text) == devices
+    assert lowbit.RunConfig(device_map=text).devices == devices
+
+
+def test_auto_without_gpus_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_device_map("auto") == ("cpu",)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0,2", r"names cuda:2, which does not exist \(visible GPUs: cuda:0, cuda:1\)"),
+    ("cuda:0,disk", r"'disk' is not a device"),
+    ('{"model.layers.0": 0', r"is not valid JSON"),
+    ("{}", r"empty or non-dict"),
+])
+def test_bad_maps_are_one_line(two_gpus, text, message):
+    with pytest.raises(LowbitError, match=message) as err:
+        lowbit.RunConfig(device_map=text)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_gpu_on_the_cli(tmp_path, capsys):
+    """On this machine no GPU need exist: cuda:0 is then named as missing, with the visible list."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    code = main(["quantize", "default", "--device_map", f"{n},{n + 1}", "--output_dir", str(tmp_path / "q")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"names cuda:{n}, which does not exist" in err
+
+
+def test_nproc_checks(two_gpus):
+    check_nproc(2, lowbit.RunConfig(device_map="0,1"))
+    check_nproc(4, lowbit.RunConfig(device="cpu"))  # gloo processes on the CPU: any number
+    with pytest.raises(LowbitError, match=r"--nproc 3 needs 3 GPUs but 2 are given or visible.*pass --nproc 2"):
+        check_nproc(3, lowbit.RunConfig(device="cuda"))
+    with pytest.raises(LowbitError, match=r"--nproc 2 needs 2 GPUs but 1"):
+        check_nproc(2, lowbit.RunConfig(device_map="1"))
+    with pytest.raises(LowbitError, match="not a number of processes"):
+        check_nproc(0, lowbit.RunConfig(device="cpu"))
+    with pytest.raises(LowbitError, match="1 calibration windows for 2 processes; pass --nsamples 2"):
+        check_nproc(2, lowbit.RunConfig(device="cpu"), nsamples=1)
+
+
+def test_shares_are_contiguous_and_cover_everything():
+    items = list(range(7))
+    parts = [share(items, r, 3) for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(LowbitError, match="2 calibration windows for 3 processes"):
+        share(items[:2], 0, 3)
+
+
+def test_strip_flag():
+    assert strip_flag(["quantize", "m", "--nproc", "2", "--bits", "4"], "nproc") == ["quantize", "m", "--bits", "4"]
+    assert strip_flag(["quantize", "m", "--nproc=2"], "nproc") == ["quantize", "m"]
+
+
+def test_more_torchrun_processes_than_gpus(two_gpus, monkeypatch):
+    """Started by torchrun with three processes per host on two GPUs: one line before any process group."""
+    from lowbit.dist import start
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(LowbitError, match=r"3 processes on this host but only 2 GPUs \(cuda:0, cuda:1\); pass --nproc 2"):
+        start("auto", parse_device_map("auto"))
