@@ -21,18 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_scale import write_random_checkpoint, write_tokenizer  # noqa: E402
 
 
-def llama3_8b(blocks: int):
+def llama3_8b(blocks: int, tiny: bool = False):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=blocks, num_attention_heads=32,
-                       num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-                       architectures=["LlamaForCausalLM"])
+    sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=512) if tiny else dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336)
+    return LlamaConfig(**sizes, num_hidden_layers=blocks, num_attention_heads=32 if not tiny else 4, num_key_value_heads=8 if not tiny else 2,
+                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
 
 
-def run(ckpt: Path, out: Path, args: list[str]) -> dict:
+def run(ckpt: Path, out: Path, args: list[str], device: str = "cuda") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ckpt), "--scheme", "W4A16", "--group_size", "128", "--sym",
-           "--format", "auto_round", "--output_dir", str(out), "--device", "cuda", *args]
+           "--format", "auto_round", "--output_dir", str(out), "--device", device, *args]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -56,19 +56,21 @@ def main() -> None:
     p.add_argument("--methods", default="gptq,autoround")
     p.add_argument("--workdir", default="/tmp/dist-gpu")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
     args = p.parse_args()
     work = Path(args.workdir)
     ckpt = work / "llama3-8b-shapes"
     shutil.rmtree(ckpt, ignore_errors=True)
-    nbytes = write_random_checkpoint(llama3_8b(args.blocks), ckpt)
+    nbytes = write_random_checkpoint(llama3_8b(args.blocks, args.tiny), ckpt)
     write_tokenizer(ckpt, Path(args.text).read_text(encoding="utf-8"))
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text]
-    methods = {"gptq": ["--method", "gptq"], "autoround": ["--method", "autoround", "--iters", str(args.iters)]}
+    methods = {"gptq": ["--method", "gptq"], "autoround": ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile"]}
     rows = {}
     for m in args.methods.split(","):
         for n in (1, args.nproc):
-            rows[f"{m} x{n}"] = run(ckpt, work / "out", methods[m] + calib + (["--nproc", str(n)] if n > 1 else []))
-    env = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], "torch": torch.__version__,
+            rows[f"{m} x{n}"] = run(ckpt, work / "out", methods[m] + calib + (["--nproc", str(n)] if n > 1 else []), args.device)
+    env = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [], "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "checkpoint_gib": round(nbytes / 2**30, 2), "blocks": args.blocks}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"dist-gpu-{time.strftime('%Y-%m-%d')}.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2))
