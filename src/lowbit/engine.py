@@ -144,6 +144,18 @@ class BlockEngine:
         mine[self.reducer.rank] = n
         return [int(c) for c in self.reduce_sum(mine).tolist()]
 
+    @property
+    def rank(self) -> int:
+        return getattr(self.reducer, "rank", 0)
+
+    def from_rank(self, owner: int, t: torch.Tensor | None, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+        """`owner`'s tensor on every process (a broadcast as a sum: the others add zeros, so it is exact).
+        t: the owner's tensor (None elsewhere); shape / dtype / device: what every process allocates."""
+        if self.world_size == 1:
+            return t
+        buf = t.to(dtype) if self.rank == owner else torch.zeros(shape, dtype=dtype, device=device)
+        return self.reduce_sum(buf)
+
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's rows x [m_p, K], concatenated in rank order: [sum_p m_p, K] on x's device.
 
