@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(cal, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     _flag(cal, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _flag(cal, "allow_fewer_samples", action="store_true", help="use fewer windows when the text is too short")
+    _flag(cal, "no_moe_all_experts", action="store_true",
+          help="MoE: calibrate each expert on its routed tokens only (default: every token through every expert for GPTQ / AWQ)")
+    _flag(cal, "moe_min_tokens", type=int, default=16, help="MoE: experts routed fewer calibration tokens fall back to RTN (default 16)")
     ar = q.add_argument_group("autoround")
     _flag(ar, "preset", default="default", choices=["light", "default", "best"], help="light: 50 iters; best: 1000 iters, 512 samples")
     _flag(ar, "iters", type=int, default=None, help="signed-gradient steps per block (default 200)")
@@ -131,6 +134,8 @@ def configs_from_args(args):
         batch_size=args.batch_size,
         allow_fewer=args.allow_fewer_samples,
         images=args.images,
+        moe_all_experts=not args.no_moe_all_experts,
+        moe_min_tokens=args.moe_min_tokens,
     )
     output = args.output_dir or f"{args.model.rstrip('/').split('/')[-1].removesuffix('.gguf')}-w{scheme.bits}g{scheme.group_size}"
     run = RunConfig(

@@ -13,6 +13,9 @@ GEMMA4_TEXT = dict(
     TEXT, num_hidden_layers=4, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     hidden_size_per_layer_input=32, vocab_size_per_layer_input=128, num_kv_shared_layers=2, global_head_dim=16,
 )
+# Mixture-of-experts: 8 experts, top 2; small expert widths (a multiple of 32, the export formats' packing).
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+GEMMA4_MOE = dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
 
@@ -30,6 +33,17 @@ def _vlm(model_type: str, arch: str, text: dict, vision: dict, **top):
 
 
 TINY = {
+    "Qwen3MoeForCausalLM": _text("qwen3_moe", "Qwen3MoeForCausalLM", num_experts=8, **MOE),
+    "Qwen2MoeForCausalLM": _text("qwen2_moe", "Qwen2MoeForCausalLM", num_experts=8, shared_expert_intermediate_size=64, **MOE),
+    "MixtralForCausalLM": _text("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "GptOssForCausalLM": _text("gpt_oss", "GptOssForCausalLM", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                               layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    # dense first layer, then MoE with one shared expert; multi-head latent attention (low-rank q / kv)
+    "DeepseekV3ForCausalLM": _text("deepseek_v3", "DeepseekV3ForCausalLM", n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                   kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, **MOE),
+    # Gemma 4 26B-A4B's layout: a mixture-of-experts branch beside the dense MLP, inside the VLM
+    "Gemma4ForConditionalGeneration/moe": _vlm("gemma4", "Gemma4ForConditionalGeneration", {**GEMMA4_TEXT, **GEMMA4_MOE, "model_type": "gemma4_text"},
+                                               dict(VISION, model_type="gemma4_vision", head_dim=16, num_key_value_heads=2)),
     "LlamaForCausalLM": _text("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": _text("mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": _text("qwen2", "Qwen2ForCausalLM"),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..arch.experts import experts_modules
 from ..config import AutoRoundConfig, Scheme
 from ..quant import QuantResult, quantize_weight
 from ..quant.primitives import SCALE_FLOOR, group_view
@@ -419,7 +420,9 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             total += loss.detach()
         return total
 
-    train_block = compilers.block(block, config.compile, device)
+    # a mixture-of-experts block runs each expert on the tokens routed to it: data-dependent shapes that
+    # recompile on every batch, so it trains eagerly (the grid functions stay compiled)
+    train_block = compilers.block(block, False if experts_modules(block) else config.compile, device)
     with frozen(block), fake_quant_swapped(block, linears, states, out_dtype, fns), torch.enable_grad(), recompile_limit(64):
         for it in range(config.iters):
             indices = sampler.next()

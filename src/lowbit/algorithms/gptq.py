@@ -21,6 +21,7 @@ hooks with the earlier stages' weights already quantized.
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import torch
@@ -165,7 +166,29 @@ def sequential_stages(ctx: BlockContext) -> list[list[str]]:
             stages.append([name])
     called = {n for n, _ in calls}
     stages += [[n] for n in ctx.linears if n not in called]
-    return stages
+    return merge_experts(stages)
+
+
+def _role(name: str) -> str:
+    """A linear's role in its block: experts of one module share roles (mlp.experts.3.gate_proj -> mlp.experts.*.gate_proj)."""
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", name)
+
+
+def merge_experts(stages: list[list[str]]) -> list[list[str]]:
+    """Stages of experts' linears merged by role: the experts of a block read different token sets, so each
+    expert would be its own stage (a pass over the samples each: hundreds per block); they do not feed
+    each other, so all experts' gate/up form one stage and all their downs the next. Dense blocks: unchanged."""
+    merged: list[list[str]] = []
+    stage_of: dict[str, int] = {}
+    for stage in stages:
+        target = next((stage_of[_role(n)] for n in stage if _role(n) in stage_of), None)
+        if target is None:
+            merged.append([])
+            target = len(merged) - 1
+        for n in stage:
+            stage_of.setdefault(_role(n), target)
+            merged[target].append(n)
+    return merged
 
 
 @torch.no_grad()
