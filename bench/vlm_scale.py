@@ -122,7 +122,7 @@ TINY_TEXT = dict(hidden_size=256, intermediate_size=512, vocab_size=8192, num_at
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2)
 
 
-def quantize(ckpt: Path, out: Path, extra: list[str], device: str = "cuda") -> dict:
+def quantize(ckpt: Path, out: Path, extra: list[str], device: str = "cuda", keep: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ckpt), "--scheme", "W4A16", "--group_size", "128", "--sym",
            "--format", "auto_round", "--output_dir", str(out), "--device", device, *extra]
@@ -133,10 +133,11 @@ def quantize(ckpt: Path, out: Path, extra: list[str], device: str = "cuda") -> d
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": wall}
     log = json.loads((out / "lowbit_log.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
     return {"wall_s": round(wall, 1), "seconds": log["seconds"], "peak_rss_gib": round(log["peak_rss_bytes"] / 2**30, 2),
             "peak_vram_gib": {d: round(b / 2**30, 2) for d, b in log["peak_vram_bytes"].items()},
-            "quantized": len(log["quantized"]), "kept_fp": len(log["kept_fp"])}
+            "quantized": len(log["quantized"]), "kept_fp": len(log["kept_fp"]), "experts_rtn": len(log.get("experts_rtn_fallback", {}))}
 
 
 def main() -> None:

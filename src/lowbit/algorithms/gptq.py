@@ -80,57 +80,79 @@ def gptq_quantize(
     Dead inputs (H_jj = 0: the channel is always zero) get H_jj = 1 and W[:, j] = 0; they cannot change
     the output.
     """
-    W = w.detach().float().clone()  # [N, K], updated in place as errors are spread
-    H = h.detach().float().clone()
-    n_rows, k = W.shape
-    gs = scheme.group_size_for(k)
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    scale = torch.zeros(n_rows, scheme.groups(k), device=W.device)  # [N, G]
-    zero = torch.zeros_like(scale)
-    perm = torch.arange(k, device=W.device)
-    if act_order:  # static groups on the original weight, then visit columns by decreasing H_jj
-        scale, zero = compute_qparams(W, scheme)
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    U = inverse_hessian_factor(H, damp_percent)  # [K, K] upper
+    (result,), (loss,) = gptq_quantize_many(w[None], h[None], scheme, block_size, damp_percent, act_order)
+    return result, loss
 
-    codes = torch.zeros_like(W)  # [N, K] in visiting order
-    losses = torch.zeros(n_rows, device=W.device)
+
+@torch.no_grad()
+def gptq_quantize_many(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: Scheme,
+    block_size: int = 128,
+    damp_percent: float = 0.01,
+    act_order: bool = False,
+) -> tuple[list[QuantResult], list[float]]:
+    """GPTQ of B same-shaped linears at once: W [B, N, K], each with its own H [B, K, K] (the experts of a
+    mixture-of-experts block). The column loop runs once for all B (its kernels batched), so 128 experts
+    cost about what one linear costs; each linear's arithmetic is the single-linear algorithm's."""
+    W = w.detach().float().clone()  # [B, N, K], updated in place as errors are spread
+    H = h.detach().float().clone()  # [B, K, K]
+    nb, n_rows, k = W.shape
+    gs = scheme.group_size_for(k)
+    batch = torch.arange(nb, device=W.device)
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [B, K]
+    H.diagonal(dim1=-2, dim2=-1)[dead] = 1
+    W.masked_fill_(dead[:, None, :], 0)
+    scale = torch.zeros(nb, n_rows, scheme.groups(k), device=W.device)  # [B, N, G]
+    zero = torch.zeros_like(scale)
+    perm = torch.arange(k, device=W.device).expand(nb, k)  # [B, K] visiting order
+    if act_order:  # static groups on the original weight, then visit columns by decreasing H_jj
+        s, z = compute_qparams(W.reshape(nb * n_rows, k), scheme)
+        scale, zero = s.view(nb, n_rows, -1), z.view(nb, n_rows, -1)
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
+        W = W.gather(2, perm[:, None, :].expand(nb, n_rows, k))
+        H = H.gather(1, perm[:, :, None].expand(nb, k, k)).gather(2, perm[:, None, :].expand(nb, k, k))
+    U = torch.stack([inverse_hessian_factor(H[b], damp_percent) for b in range(nb)])  # [B, K, K] upper
+    groups = perm // gs  # [B, K] each visited column's group
+
+    codes = torch.zeros_like(W)  # [B, N, K] in visiting order
+    losses = torch.zeros(nb, n_rows, device=W.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()  # [N, B] this lazy block, updated column by column
-        err1 = torch.zeros_like(W1)  # [N, B] scaled errors, for the lazy update of the columns after i2
-        U1 = U[i1:i2, i1:i2]
+        W1 = W[:, :, i1:i2].clone()  # [B, N, Bs] this lazy block, updated column by column
+        err1 = torch.zeros_like(W1)  # [B, N, Bs] scaled errors, for the lazy update of the columns after i2
+        U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if not act_order and col % gs == 0:
-                # entering a group: its current columns are W1[:, i:] inside the block plus the columns
+                # entering a group: its current columns are W1[..., i:] inside the block plus the columns
                 # past i2 with this block's pending update (errors of columns i1..col-1) applied
                 end = min(col + gs, k)
-                current = W1[:, i : end - i1]
+                current = W1[:, :, i : end - i1]
                 if end > i2:
-                    pending = W[:, i2:end] - err1[:, :i] @ U[i1:col, i2:end]
-                    current = torch.cat([current, pending], dim=1)
-                s, z = compute_qparams(current, scheme)  # [N, 1]: one (possibly partial) group
-                scale[:, col // gs], zero[:, col // gs] = s[:, 0], z[:, 0]
-            g = int(perm[col]) // gs
-            s, z = scale[:, g], zero[:, g]
-            x = W1[:, i]
+                    pending = W[:, :, i2:end] - err1[:, :, :i] @ U[:, i1:col, i2:end]
+                    current = torch.cat([current, pending], dim=2)
+                s, z = compute_qparams(current.reshape(nb * n_rows, -1), scheme)  # one (possibly partial) group
+                scale[:, :, col // gs], zero[:, :, col // gs] = s.view(nb, n_rows), z.view(nb, n_rows)
+            g = groups[:, col]  # [B]
+            s, z = scale[batch, :, g], zero[batch, :, g]  # [B, N]
+            x = W1[:, :, i]
             q = ((x / s).round() + z).clamp(0, scheme.maxq)  # primitives.quantize_codes' formula, one column
-            codes[:, col] = q
-            e = (x - s * (q - z)) / U1[i, i]
+            codes[:, :, col] = q
+            e = (x - s * (q - z)) / U1[:, i, i, None]
             losses += e.pow(2) / 2
-            W1[:, i:] -= e[:, None] @ U1[i : i + 1, i:]  # rank-1 update of this block's remaining columns
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy batch update
-    codes = codes[:, torch.argsort(perm)]  # back to natural column order
-    result = QuantResult(scheme, codes.to(torch.uint8), scale, zero.to(torch.uint8))
-    return result, losses.sum().item()
+            W1[:, :, i:] -= e[:, :, None] @ U1[:, i : i + 1, i:]  # rank-1 update of this block's remaining columns
+            err1[:, :, i] = e
+        W[:, :, i2:] -= err1 @ U[:, i1:i2, i2:]  # the lazy batch update
+    codes = codes.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(nb, n_rows, k))  # back to natural column order
+    results = [QuantResult(scheme, codes[b].to(torch.uint8), scale[b], zero[b].to(torch.uint8)) for b in range(nb)]
+    return results, losses.sum(dim=1).tolist()
 
 
 # ---------------------------------------------------------------- the block
+
+SOLVE_BATCH = 32  # experts solved together: 32 x (W [N, K] + H, U [K, K]) fp32, ~1.3 GB at K = 2048, N = 1536
 
 
 class _Stop(Exception):
@@ -229,17 +251,33 @@ def reduce_hessian(ctx: BlockContext, k: int, h: torch.Tensor | None, n: int) ->
     return (weighted / total if total > 0 else None), int(total.item())
 
 
-def owners(ctx: BlockContext, names: list[str]) -> dict[str, int]:
-    """Which process solves each linear of a stage: the solve (the loop over K columns) does not shrink with
-    the samples, so data-parallel processes split the linears instead of all solving all of them. Greedy by
-    cost (~ N K + K^2), largest first, onto the least-loaded rank; the same answer on every process."""
-    load = [0] * ctx.world_size
-    out = {}
-    for name in sorted(names, key=lambda n: (-(ctx.linears[n].in_features * (ctx.linears[n].in_features + ctx.linears[n].out_features)), n)):
-        rank = min(range(ctx.world_size), key=lambda r: (load[r], r))
-        out[name] = rank
+def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[list[str]]:
+    """The stage's linears in solve batches: the experts of one module that play one role (same shape and
+    scheme) are solved together (gptq_quantize_many), at most SOLVE_BATCH at a time; every other linear alone."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        if hessians[name][0] is None:
+            continue
         linear = ctx.linears[name]
-        load[rank] += linear.in_features * (linear.in_features + linear.out_features)
+        key = (_role(name), linear.out_features, linear.in_features, ctx.schemes[name]) if _role(name) != name else (name,)
+        groups.setdefault(key, []).append(name)
+    return [g[i : i + SOLVE_BATCH] for g in groups.values() for i in range(0, len(g), SOLVE_BATCH)]
+
+
+def owners(ctx: BlockContext, groups: list[list[str]]) -> list[int]:
+    """Which process solves each batch of linears: the solve (the loop over K columns) does not shrink with
+    the samples, so data-parallel processes split the batches instead of all solving all of them. Greedy by
+    cost (~ B (N K + K^2)), largest first, onto the least-loaded rank; the same answer on every process."""
+    def cost(group):
+        linear = ctx.linears[group[0]]
+        return len(group) * linear.in_features * (linear.in_features + linear.out_features)
+
+    load = [0] * ctx.world_size
+    out = [0] * len(groups)
+    for i in sorted(range(len(groups)), key=lambda i: (-cost(groups[i]), groups[i][0])):
+        rank = min(range(ctx.world_size), key=lambda r: (load[r], r))
+        out[i] = rank
+        load[rank] += cost(groups[i])
     return out
 
 
@@ -268,20 +306,23 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
     results, total = {}, 0.0
     for names in stages:
         hessians = stage_hessians(ctx, names)
-        solver = owners(ctx, names)
         for name in names:
-            linear, (h, n) = ctx.linears[name], hessians[name]
-            if h is None:  # never called: nothing to be faithful to
+            if hessians[name][0] is None:  # never called: nothing to be faithful to
+                linear = ctx.linears[name]
                 results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], bias=linear.bias)
-                continue
-            result, loss = None, 0.0
-            if solver[name] == ctx.engine.rank:
-                result, loss = gptq_quantize(linear.weight, h, ctx.schemes[name], config.block_size, config.damp_percent, config.act_order)
-            result, loss = shared_result(ctx, solver[name], result, loss, ctx.schemes[name], linear.out_features, linear.in_features)
-            result.bias = None if linear.bias is None else linear.bias.detach().clone()
-            results[name], total = result, total + loss
-            # later stages must see this linear quantized (their inputs are recomputed through it)
-            linear.weight.data = result.dequantize().to(linear.weight)
+        groups = solve_groups(ctx, names, hessians)
+        for group, owner in zip(groups, owners(ctx, groups)):
+            linears = [ctx.linears[n] for n in group]
+            mine, losses = [None] * len(group), [0.0] * len(group)
+            if owner == ctx.engine.rank:
+                mine, losses = gptq_quantize_many(torch.stack([l.weight for l in linears]), torch.stack([hessians[n][0] for n in group]),
+                                                  ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
+            for name, linear, result, loss in zip(group, linears, mine, losses):
+                result, loss = shared_result(ctx, owner, result, loss, ctx.schemes[name], linear.out_features, linear.in_features)
+                result.bias = None if linear.bias is None else linear.bias.detach().clone()
+                results[name], total = result, total + loss
+                # later stages must see this linear quantized (their inputs are recomputed through it)
+                linear.weight.data = result.dequantize().to(linear.weight)
     if ctx.log:
         ctx.log(f"block {ctx.index}: gptq {len(stages)} stages, error {total:.4g}, {time.time() - started:.1f}s")
     return results
