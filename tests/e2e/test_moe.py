@@ -21,7 +21,7 @@ import lowbit
 from lowbit.arch import spec_for
 from lowbit.arch.experts import experts_modules
 from lowbit.calib.experts import count_routed, plan_experts, tokens_to_every_expert
-from lowbit.config import AutoRoundConfig, CalibConfig, GptqConfig, RunConfig, Scheme
+from lowbit.config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RunConfig, Scheme
 from lowbit.errors import LowbitError
 from lowbit.model import Checkpoint, build_skeleton
 from lowbit.model.names import check_complete, map_names
@@ -73,7 +73,7 @@ def test_moe_family_every_expert_quantized_and_transformers_agrees(arch, tmp_pat
 
     src, out = tmp_path / "src", tmp_path / "out"
     fp_model = save_tiny_checkpoint(arch, src, TEXT)
-    method = GptqConfig() if arch == "Qwen3MoeForCausalLM" else "rtn"
+    method = {"Qwen3MoeForCausalLM": GptqConfig(), "MixtralForCausalLM": AwqConfig()}.get(arch, "rtn")
     summary = lowbit.quantize(str(src), method, SCHEME, calib(text_file), RunConfig(output_dir=str(out), formats=("auto_round", "compressed-tensors"), device="cpu"), progress=False)
 
     spec = spec_for(fp_model.config)
