@@ -72,6 +72,23 @@ def test_grouped_experts_match_the_per_expert_loop(device, exports, arch, monkey
         assert all(t.is_contiguous() for t in stacks.values())
 
 
+def test_compiled_fullgraph(device, exports):
+    """torch.compile(fullgraph) of an experts module: transformers' dispatcher, experts_forward and the grouped
+    path trace without a break (the custom ops are opaque), and give the eager per-expert loop's result."""
+    model = lowbit.load(exports["GptOssForCausalLM"], device_map="cuda" if device == "cuda" else None, dtype=torch.float16, grouped_experts=True)
+    module = experts_of(model)[0]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, module.lowbit_first_qweight.shape[2] * 8, generator=gen).half().to(module.lowbit_first_qweight.device)
+    index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(5)]).to(x.device)
+    weights = torch.rand(5, 2, generator=gen).half().to(x.device)
+    with torch.no_grad():
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")(x, index, weights)
+        grouped, module.lowbit_grouped = module.lowbit_grouped, None
+        loop = module(x, index, weights)
+        module.lowbit_grouped = grouped
+    assert ((compiled.float() - loop.float()).norm() / loop.float().norm()).item() < 2e-3
+
+
 def test_calibration_switches_and_unsupported_experts_take_the_loop(exports, monkeypatch):
     """While the runner counts routed tokens or sends every token to every expert, the loop runs (its hooks see
     the tokens); experts that are not all compatible QuantLinears are not grouped, and group_experts says why."""

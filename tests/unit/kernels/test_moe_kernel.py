@@ -140,36 +140,27 @@ def test_empty_routing(device):
     assert out.shape == (0, 16)
 
 
-def test_custom_ops_schema_fake_and_compile(device):
-    """The custom ops' schemas and fake implementations (opcheck), and fullgraph compile around them."""
+def test_custom_ops_schema_and_fake(device):
+    """The custom ops' schemas and fake implementations (opcheck); test_grouped_experts.py compiles them in a model."""
     from lowbit.kernels import ops
 
-    w, w_t, _ = random_stacked(4, 2, 16, 128, 4, 128, False, seed=3, device=device)
-    index, _ = routing(3, 2, 4, [0, 1, 2, 3], seed=2)
+    w, _, _ = random_stacked(4, 2, 16, 128, 4, 128, False, seed=3, device=device)
+    index, weights = routing(3, 2, 4, [0, 1, 2, 3], seed=2)
     index = index.to(device)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).half().to(device)
     torch.library.opcheck(ops.moe_align, (index, 4, 16), test_utils=("test_schema", "test_faketensor"))
     sorted_ids, block_expert = ops.moe_align(index, 4, 16)
-    args = (x, sorted_ids, block_expert, w.qweight, w.scales, w.zeros, None, None, 2, 4, 128, False, 16)
+    args = (x, sorted_ids, block_expert, w.qweight, w.scales, w.zeros, None, weights.reshape(-1).half().to(device), 2, 4, 128, True, 16)
     torch.library.opcheck(ops.moe_quant_matmul, args, test_utils=("test_schema", "test_faketensor"))
-
-    def layer(t, idx):
-        s, b = ops.moe_align(idx, 4, 16)
-        return ops.moe_quant_matmul(t, s, b, w.qweight, w.scales, w.zeros, None, None, 2, 4, 128, False, 16) * 2
-
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    ref = reference(x, index.cpu(), w_t, None, None, 2, False) * 2
-    out = compiled(x, index)
-    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
 
 
 # ---------------------------------------------------------------- GPU: real widths, graphs, a second device
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 8, 64, 300])
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 128), (2, 64)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 64, 300])  # block_m 16 (unpack4 at 4 bits) and 64 (magic dot)
+@pytest.mark.parametrize("bits,group,dtype", [(4, 128, torch.float16), (4, 128, torch.bfloat16), (4, 32, torch.float16),
+                                              (8, 128, torch.float16), (2, 64, torch.bfloat16)])
 def test_gpu_real_widths(tokens, bits, group, dtype):
     experts, top_k, k, n_part = 16, 4, 512, 256
     w, w_t, _ = random_stacked(experts, 2, n_part, k, bits, group, False, seed=tokens + bits, device="cuda")
@@ -201,11 +192,8 @@ def test_gpu_cuda_graph_replays_new_routing():
 
     first, _ = routing(tokens, top_k, experts, [0, 1], seed=1)
     index.copy_(first)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
+    step()  # compiles the kernels outside the capture
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()

@@ -42,7 +42,7 @@ import triton.language as tl
 from ..repack import Stacked
 from . import device_guard, interpreting
 from .dequant import _unpack_tile
-from .matmul import _dot, _mac
+from .matmul import _dot, _mac, load_chunk
 from .unpack4 import unpack4_dot_operands
 
 # ---------------------------------------------------------------- align: pairs sorted by expert, padded to blocks
@@ -162,15 +162,8 @@ def _moe_kernel(
     x_rows = x_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_xm  # [BM, 1] (masked where pair == S)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(0, tl.cdiv(K, BLOCK_K)):
-        offs_w = c * R + tl.arange(0, R)  # packed rows [R]; k past K reads x = 0 and codes = 0
-        words = tl.load(qw_base + offs_w[:, None] * NP + offs_c[None, :], mask=(offs_w[:, None] < K // VALS) & n_ok[None, :], other=0)
-        if GROUP_PER_CHUNK:
-            g = (c * BLOCK_K) // GROUP_SIZE  # the one group of this chunk
-            s = tl.load(s_base + g * NP + offs_c, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
-            z = tl.load(z_base + g * NP + offs_c, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
-        else:
-            s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # unused: _mac loads per-k rows
-            z = s
+        # words [R, BN] (k past K reads x = 0 and codes = 0), the chunk's scale and zero [BN] if it lies in one group
+        words, s, z = load_chunk(qw_base, s_base, z_base, c, offs_c, n_ok, NP, K, BITS, GROUP_SIZE, GROUP_PER_CHUNK, BLOCK_N, BLOCK_K)
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x . (q - z) or x . q of this chunk
         xs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_k x of this chunk (SCALE_AFTER_DOT without MAGIC)
         if UNPACK4:
