@@ -183,8 +183,8 @@ def sweep(q, x, idx, w, tokens: int, timer: Timer, results: dict) -> None:
     for bm in sorted(set(sizes) | {default_bm}):
         s, b = tmoe.align(idx, grouped.num_experts, bm)
         for proj, (w_, inp, top_k, weights) in {"first": (first, x, idx.shape[1], None), "down": (down, h, 1, w.reshape(-1))}.items():
-            n_part, k = w_.shape[2], w_.shape[3]
-            default = tmoe.pick(bm, n_part, k, 4, w_.group_size)
+            n_part = w_.shape[2]
+            default = tmoe.pick(bm, w_.shape[1], n_part, pairs, grouped.num_experts, torch.cuda.get_device_properties(0).multi_processor_count)
             for cfg in candidates(bm) + ([default] if bm == default_bm else []):
                 if n_part % cfg.block_n:
                     continue

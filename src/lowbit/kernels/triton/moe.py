@@ -42,7 +42,7 @@ import triton.language as tl
 from ..repack import Stacked
 from . import device_guard, interpreting
 from .dequant import _unpack_tile
-from .matmul import _dot, _mac, load_chunk
+from .matmul import _dot, _mac, _sm_count, load_chunk
 from .unpack4 import unpack4_dot_operands
 
 # ---------------------------------------------------------------- align: pairs sorted by expert, padded to blocks
@@ -211,11 +211,31 @@ def block_m_for(pairs: int, experts: int) -> int:
     return 16 if per_expert <= 24 else 32 if per_expert <= 48 else 64
 
 
-def pick(block_m: int, n_part: int, k: int, bits: int, group_size: int) -> MoeConfig:
-    """The launch for one projection: column tiles of 64 (fewer if NP is smaller), 128-deep chunks."""
-    block_n = next((b for b in (64, 32, 16) if n_part % b == 0), None)
-    if block_n is None:
+def expected_blocks(pairs: int, experts: int, block_m: int) -> int:
+    """Blocks a uniform routing fills: min(S, E) experts hit, each with S / min(S, E) pairs in ceil(. / BM) blocks."""
+    hit = max(1, min(pairs, experts))
+    return hit * -(-pairs // (hit * block_m))
+
+
+# Column tiles: the widest of 128 / 64 / 32 that still gives PROGRAMS_PER_SM programs per SM for the blocks a
+# routing is expected to fill, else 32 (16 for parts narrower than that). H200 sweep (bench/moe_kernel.py --sweep,
+# 2026-11-30, Qwen3-30B-A3B experts, W4 g128, each projection alone): the best tile was 32 for gate/up at 1 token
+# (8 blocks: 22.6 us against 26.3 for 64), 64 at 8 tokens (~60 blocks), 128 at 64 tokens (128 blocks: 128.4
+# against 157.9 us for 64; down 76.0 against 83.4) and at 2048 tokens (~260 blocks of 64 rows, within 2%); down
+# at 1 token: 32 and 64 within 2%. This rule picks each of those.
+PROGRAMS_PER_SM = 8
+
+
+def pick(block_m: int, parts: int, n_part: int, pairs: int, experts: int, sm_count: int = 132) -> MoeConfig:
+    """The launch for one projection of P parts of NP columns over `pairs` pairs: 128-deep chunks, column tiles
+    as above."""
+    fits = [b for b in (128, 64, 32, 16) if n_part % b == 0]
+    if not fits:
         raise ValueError(f"the grouped MoE kernel needs a part width divisible by 16, got {n_part}")
+    blocks = expected_blocks(pairs, experts, block_m)
+    block_n = next((b for b in fits if b >= 32 and blocks * parts * (n_part // b) >= PROGRAMS_PER_SM * sm_count), None)
+    if block_n is None:
+        block_n = 32 if 32 in fits else fits[-1]
     return MoeConfig(block_m, block_n, 128, num_warps=4, num_stages=3 if block_m <= 32 else 2)
 
 
@@ -259,7 +279,7 @@ def grouped_matmul(
         raise ValueError(f"out must be a [{s}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
     if s == 0 or n_blocks == 0:
         return out
-    cfg = config or pick(block_m, n_part, k, w.bits, w.group_size)
+    cfg = config or pick(block_m, parts, n_part, s, e, _sm_count(x.device))
     if cfg.block_m != block_m or n_part % cfg.block_n:
         raise ValueError(f"config {cfg} does not fit block_m {block_m} and part width {n_part}")
     group_per_chunk = w.group_size >= k or w.group_size % cfg.block_k == 0
