@@ -16,10 +16,10 @@ The kernel writes the first projection's output in the fused order the module's 
 (`layout.join`: [gate; up], or interleaved for gpt-oss), so the model's own gating runs unchanged between the
 two launches.
 
-`experts_forward` calls `module.lowbit_grouped(module, x, top_k_index, top_k_weights)` when `applies(x)`:
-Triton can run on x's device (CUDA, or the CPU under TRITON_INTERPRET=1), x is fp16 / bf16 and on the
-weights' device. Everything between the launches is torch on the device (no .item(), no .tolist()), and the
-launches are the custom ops `lowbit::moe_align` / `lowbit::moe_quant_matmul` (fake implementations included),
+`experts_forward` calls `module.lowbit_grouped(module, x, top_k_index, top_k_weights)` when `applies(module, x)`
+(Triton can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1; x is fp16 / bf16 and on the weights'
+device) and the runner is not calibrating through the module (its hooks must see each expert's tokens).
+Everything between the launches is torch on the device (no .item(), no .tolist()), and the launches are the custom ops `lowbit::moe_align` / `lowbit::moe_quant_matmul` (fake implementations included),
 so torch.compile (fullgraph) and CUDA graphs take the whole layer.
 """
 
@@ -60,8 +60,10 @@ def _why_not(linears: list[QuantLinear]) -> str | None:
     if not all(isinstance(q, QuantLinear) for q in linears):
         return "an expert linear is not quantized"
     first = linears[0]
-    key = lambda q: (q.in_features, q.out_features, q.bits, q.group_size, q.qweight.device, q.bias is None,  # noqa: E731
-                     None if q.bias is None else q.bias.dtype)
+
+    def key(q: QuantLinear) -> tuple:
+        return q.in_features, q.out_features, q.bits, q.group_size, q.qweight.device, None if q.bias is None else q.bias.dtype
+
     if any(key(q) != key(first) for q in linears):
         return "the experts' linears differ in shape, bits, groups, bias or device"
     if not supports(first.out_features, first.bits):

@@ -89,6 +89,31 @@ def test_compiled_fullgraph(device, exports):
     assert ((compiled.float() - loop.float()).norm() / loop.float().norm()).item() < 2e-3
 
 
+def test_post_expert_norm_sees_unweighted_outputs(device, exports):
+    """Experts with a norm after each expert (transformers' has_post_expert_norm): the norm runs on the expert's
+    output before the router weight, as in the loop (a LayerNorm is not scale-invariant in its bias, so the order
+    shows)."""
+    model = lowbit.load(exports[ARCHS[0]], device_map="cuda" if device == "cuda" else None, dtype=torch.float16, grouped_experts=True)
+    module = experts_of(model)[0]
+    dev = module.lowbit_first_qweight.device
+    hidden = module.lowbit_down_qweight.shape[-1]
+    gen = torch.Generator().manual_seed(2)
+    norm = torch.nn.LayerNorm(hidden, dtype=torch.float16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=gen)
+        norm.bias.uniform_(-1, 1, generator=gen)
+    module.post_expert_norm, module.has_post_expert_norm = norm.to(dev), True
+    x = torch.randn(4, hidden, generator=gen).half().to(dev)
+    index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(4)]).to(dev)
+    weights = torch.rand(4, 2, generator=gen).half().to(dev)
+    with torch.no_grad():
+        grouped = module(x, index, weights)
+        module.lowbit_grouped, keep = None, module.lowbit_grouped
+        loop = module(x, index, weights)
+        module.lowbit_grouped = keep
+    assert ((grouped.float() - loop.float()).norm() / loop.float().norm()).item() < 2e-3
+
+
 def test_calibration_switches_and_unsupported_experts_take_the_loop(exports, monkeypatch):
     """While the runner counts routed tokens or sends every token to every expert, the loop runs (its hooks see
     the tokens); experts that are not all compatible QuantLinears are not grouped, and group_experts says why."""

@@ -130,6 +130,18 @@ def test_grouped_matmul(device, case):
         assert sentinel.numel() == 1 and (out[sentinel.item()] == 0).all()
 
 
+def test_pick_chooses_the_h200_sweeps_best_tiles():
+    """The column-tile rule against the H200 sweep (bench/results/moe-kernel-2026-11-30.json, Qwen3-30B-A3B
+    experts, 128 experts, top-8): the fastest tile per size and projection, or one within 2% of it."""
+    best = {1: ({32}, {32, 64}), 8: ({64}, {64}), 64: ({128}, {128}), 2048: ({128, 64}, {128, 64})}
+    for tokens, (gate_up, down) in best.items():
+        pairs = tokens * 8
+        block_m = moe.block_m_for(pairs, 128)
+        assert block_m == (64 if tokens == 2048 else 16)
+        assert moe.pick(block_m, 2, 768, pairs, 128, sm_count=132).block_n in gate_up
+        assert moe.pick(block_m, 1, 2048, pairs, 128, sm_count=132).block_n in down
+
+
 def test_empty_routing(device):
     """No tokens: nothing launched, empty outputs (a padded batch can give a layer zero rows)."""
     w, _, _ = random_stacked(3, 1, 16, 128, 4, 128, False, seed=0, device=device)
