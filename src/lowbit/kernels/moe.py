@@ -19,8 +19,9 @@ two launches.
 `experts_forward` calls `module.lowbit_grouped(module, x, top_k_index, top_k_weights)` when `applies(module, x)`
 (Triton can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1; x is fp16 / bf16 and on the weights'
 device) and the runner is not calibrating through the module (its hooks must see each expert's tokens).
-Everything between the launches is torch on the device (no .item(), no .tolist()), and the launches are the custom ops `lowbit::moe_align` / `lowbit::moe_quant_matmul` (fake implementations included),
-so torch.compile (fullgraph) and CUDA graphs take the whole layer.
+Everything between the launches is torch on the device (no .item(), no .tolist()), and the launches are the
+custom ops `lowbit::moe_align` / `lowbit::moe_quant_matmul` (fake implementations included), so torch.compile
+(fullgraph) and CUDA graphs take the whole layer.
 """
 
 from __future__ import annotations
