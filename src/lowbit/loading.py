@@ -23,6 +23,7 @@ from .export import auto_awq, auto_gptq, auto_round, compressed_tensors
 from .arch import spec_for
 from .kernels.fuse import fuse_shared_inputs
 from .kernels.linear import QuantLinear
+from .kernels.moe import group_experts
 from .model.checkpoint import Checkpoint
 from .model.skeleton import build_skeleton
 from .quant.pack import pack_bitstream
@@ -101,7 +102,7 @@ def layer_buffers(fmt, ckpt: Checkpoint, name: str, scheme: Scheme, layer: Quant
 
 
 def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
-         fuse: bool | None = None):
+         fuse: bool | None = None, grouped_experts: bool | None = None):
     """Load a quantized folder. Returns a transformers model in eval mode.
 
     Args:
@@ -118,6 +119,12 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
             on when the model goes to GPUs (decode 1.53x fp16 against 1.47x unfused at batch 1, block
             linears 2.15x against 1.73x, H100, docs/kernels.md r4), off on the CPU. The fused model is for
             running, not for saving: pass fuse=False to get the checkpoint's module layout.
+        grouped_experts: run each mixture-of-experts layer's quantized experts with the grouped MoE kernel
+            (kernels/moe.py: one launch per projection for all experts, tokens sorted by expert on the device,
+            CUDA-graph and torch.compile safe) instead of expert by expert. The experts' buffers are stacked
+            per layer and each expert keeps views of its slice (no second copy). None (default): on when the
+            model goes to GPUs. It applies to fp16 / bf16 activations where Triton runs; elsewhere, and while
+            calibrating, the per-expert loop runs.
     """
     path = Path(path)
     ckpt = Checkpoint(path)
@@ -180,5 +187,9 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
         if isinstance(module, QuantLinear):
             module.post_load()  # the kernels' internal layout, built once on the layer's device
             module.cache_dequantized = module.qweight.device.type == "cpu" and cpu_cache_dequantized
+    if grouped_experts is None:
+        grouped_experts = on_gpu
+    if grouped_experts:  # after post_load: the stacks take each expert's kernel layout
+        group_experts(model)
     model.lowbit_quantization_config = qc
     return model.eval()

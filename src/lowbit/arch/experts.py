@@ -233,8 +233,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     """hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]: each expert's linears on its tokens,
     weighted by the router and summed (fp32 accumulation). With `lowbit_all_tokens` every expert runs on every
     token (its linears' hooks see them all) and only the routed rows are kept."""
-    grouped = getattr(self, "lowbit_grouped", None)
-    if grouped is not None and grouped.applies(hidden_states):
+    grouped = getattr(self, "lowbit_grouped", None)  # kernels/moe.py: all experts in one launch per projection
+    if grouped is not None and not self.lowbit_all_tokens and self.lowbit_routed is None and grouped.applies(self, hidden_states):
         return grouped(self, hidden_states, top_k_index, top_k_weights)
     layout: ExpertLayout = self.lowbit_layout
     num_experts = layout.num_experts
