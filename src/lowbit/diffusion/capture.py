@@ -26,10 +26,10 @@ class PerSample(torch.nn.Module):
     each), their outputs concatenated back: the block inputs of every sample are recorded separately, as the
     block engine replays them. Attributes (config, dtype, cache_context ...) are the transformer's."""
 
-    def __init__(self, transformer: torch.nn.Module, batch_inputs: tuple[str, ...], new_sample):
+    def __init__(self, transformer: torch.nn.Module, spec: DiffusionSpec, new_sample):
         super().__init__()
         self.inner = [transformer]  # a list: not registered as a child (its blocks are swapped for recorders)
-        self.batch_inputs, self.new_sample = batch_inputs, new_sample
+        self.spec, self.new_sample = spec, new_sample
         self.signature = inspect.signature(transformer.forward)
 
     def __getattr__(self, name):
@@ -43,10 +43,13 @@ class PerSample(torch.nn.Module):
 
         bound = self.signature.bind(*args, **kwargs).arguments
         return_dict = bound.pop("return_dict", True)
+        for name in self.spec.none_if_empty:
+            if name in bound and not bound[name]:
+                bound[name] = None
         n = bound["hidden_states"].shape[0]
         outs = []
         for b in range(n):
-            one = {k: v[b : b + 1] if k in self.batch_inputs and isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in bound.items()}
+            one = {k: v[b : b + 1] if k in self.spec.batch_inputs and isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in bound.items()}
             self.new_sample()
             outs.append(self.inner[0](**one, return_dict=False)[0])
         out = torch.cat(outs)
@@ -67,5 +70,5 @@ def capture_transformer(transformer: torch.nn.Module, spec: DiffusionSpec, drive
     """Record every block's inputs while `drive(t)` calls `t` (the transformer, split per sample) as a
     pipeline would; `run_block(index, block, args, kwargs)` computes each real block."""
     with recording(block_lists(transformer, spec), storage, spec.blocks.state_kwargs, spec.blocks.block_outputs, run=run_block) as sink:
-        drive(PerSample(transformer, spec.batch_inputs, sink.new_sample))
+        drive(PerSample(transformer, spec, sink.new_sample))
     return sink.plan

@@ -45,6 +45,25 @@ def identity_names(model: torch.nn.Module, ckpt: Checkpoint) -> NameMap:
     return NameMap({n: n for n in state if ckpt.has(n)}, [k for k in ckpt.index if k not in state])
 
 
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
+
+
+def stored_bytes(ckpt: Checkpoint) -> dict[str, int]:
+    """tensor name -> bytes as stored, from the shard headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in set(ckpt.index.values()):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                numel = 1
+                for d in t.get_shape():
+                    numel *= d
+                out[name] = numel * _DTYPES.get(t.get_dtype(), torch.float32).itemsize
+    return out
+
+
 def source_dtype(ckpt: Checkpoint) -> torch.dtype:
     """The float dtype of the transformer's weights (diffusers configs do not record it)."""
     from safetensors import safe_open
@@ -52,7 +71,7 @@ def source_dtype(ckpt: Checkpoint) -> torch.dtype:
     for name, file in ckpt.index.items():
         with safe_open(file, framework="pt") as f:
             t = f.get_slice(name)
-            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(t.get_dtype())
-            if dtype is not None:
+            dtype = _DTYPES.get(t.get_dtype())
+            if dtype is not None and dtype.is_floating_point:
                 return dtype
     return torch.float32

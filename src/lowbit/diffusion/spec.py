@@ -30,11 +30,15 @@ class DiffusionSpec:
             carried outputs, as an ArchSpec (its `blocks` is the first list; exporters list all of them).
         batch_inputs: the transformer forward's arguments that carry the batch on dim 0; the others (FLUX's
             img_ids / txt_ids) are shared by the batch. Calibration splits each batched call per sample.
+        none_if_empty: transformer arguments whose empty value means "none" (pipelines pass
+            `joint_attention_kwargs={}`, which every block reads as `or {}`): given as None, so the blocks
+            receive no container the capture would have to treat as shared state.
     """
 
     block_lists: tuple[str, ...]
     blocks: ArchSpec
     batch_inputs: tuple[str, ...]
+    none_if_empty: tuple[str, ...] = ("joint_attention_kwargs",)
 
     @property
     def block_names(self) -> str:
