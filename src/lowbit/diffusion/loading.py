@@ -53,7 +53,7 @@ def load_pipeline(path, device_map=None, dtype: torch.dtype | None = None, max_m
     else:
         transformer_map = {"": home}
     transformer = fill_quantized(transformer, ckpt, qc, transformer_map, dtype)
-    pipe = DiffusionPipeline.from_pretrained(path, transformer=transformer, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(path, transformer=transformer, dtype=dtype)
     for name in folder.models():
         if name == folder.transformer:
             continue

@@ -96,7 +96,7 @@ def calibrate(folder: PipelineFolder, transformer, ckpt, names, prompts: list[st
 
     spec = folder.spec
     slots = block_slots(transformer, folder)
-    pipe = DiffusionPipeline.from_pretrained(folder.path, transformer=transformer, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(folder.path, transformer=transformer, dtype=dtype)
     pipe.set_progress_bar_config(disable=not progress, desc="lowbit calibration (pipeline steps)")
     components = {name: pipe.components[name] for name in folder.models() if name != folder.transformer}
     rest = [(n, t) for n, t in list(transformer.named_parameters()) + list(transformer.named_buffers()) if not spec.in_blocks(n)]
