@@ -49,7 +49,8 @@ def word_tokenizer(max_length: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length)
 
 
-def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer_config: dict | None = None, clip: dict | None = None, t5: dict | None = None):
+def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transformer_config: dict | None = None, clip: dict | None = None, t5: dict | None = None,
+                       vae: dict | None = None):
     """A FluxPipeline of random tiny components: CLIP and T5 text encoders, a 2-level AutoencoderKL
     (latents of 4 channels at 1/2 the image size, packed 2x2 into 16 channels per token)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -64,9 +65,10 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, transf
                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), **(t5 or {})})
     transformer = FluxTransformer2DModel(**config)
     perturb_norms(transformer, seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                        scaling_factor=0.5, shift_factor=0.1)
+    levels = (vae or {}).get("levels", 2)  # the VAE halves the size per level after the first
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                        block_out_channels=(8, 16, 16, 16)[:levels], layers_per_block=1, latent_channels=config["in_channels"] // 4, norm_num_groups=4,
+                        sample_size=16, scaling_factor=0.5, shift_factor=0.1)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=CLIPTextModel(clip_config), tokenizer=word_tokenizer(16),
                         text_encoder_2=T5EncoderModel(t5_config), tokenizer_2=word_tokenizer(16), transformer=transformer)
     for component in (vae, pipe.text_encoder, pipe.text_encoder_2, transformer):

@@ -225,15 +225,19 @@ def quantize_pipeline(
             (roots[fmt.NAME] / folder.transformer).mkdir(parents=True)
             writers[fmt.NAME] = ShardWriter(roots[fmt.NAME] / folder.transformer, run.max_shard_bytes, stem=WEIGHTS_STEM)
         engine = stream = fp_stream = None
+        timings = {"calibration_seconds": 0.0, "block_seconds": []}
         if needs_calib:
+            t0 = time.time()
             replay = calibrate(folder, skeleton, ckpt, names, prompts, calib, device, devices, dtype, storage, summary, progress)
             engine = BlockEngine(replay, device, storage, calib.batch_size)
             stream = engine.stream()
             fp_stream = stream.copy() if method_cfg.fp_targets else None
+            timings["calibration_seconds"] = round(time.time() - t0, 2)
 
         run_state: dict = {}
         bar = tqdm(slots, desc=f"lowbit {method_cfg.name}", unit="block", disable=not progress)
         for i, (prefix, block) in enumerate(bar):
+            t0 = time.time()
             load_block(block, prefix, ckpt, names, device, dtype)
             for pname, p in block.named_parameters():
                 check_finite(f"{prefix}.{pname}", p)
@@ -260,6 +264,7 @@ def quantize_pipeline(
             free_module(block)
             ckpt.close()
             release_freed_memory()
+            timings["block_seconds"].append(round(time.time() - t0, 3))
         bar.close()
         engine = stream = fp_stream = ctx = None
 
@@ -291,7 +296,7 @@ def quantize_pipeline(
         summary.peak_vram = peak_vram_bytes()
         summary.peak_rss = rss.peak
         log = summary.to_dict()
-        log["placement"] = getattr(summary, "placement", {})
+        log.update(timings, placement=getattr(summary, "placement", {}))
         (out_root / LOG).write_text(json.dumps(log, indent=2))
     summary.peak_rss = max(summary.peak_rss, rss.peak)
     return summary
