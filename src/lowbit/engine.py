@@ -57,11 +57,19 @@ class Stream:
         return Stream(list(self.hidden), [{name: dict(d) for name, d in s.items()} for s in self.state], {k: list(v) for k, v in self.extra.items()})
 
 
-def joint(outputs: list) -> torch.Tensor:
+def joint(outputs: list, weights: list | None = None) -> torch.Tensor:
     """Several per-sample block outputs as one tensor per sample for losses: each [b, ...] flattened to
-    [b, n_i] and concatenated, [b, sum n_i] (an MSE over it weighs every element alike); one output as is."""
-    present = [t for t in outputs if t is not None]
-    return present[0] if len(present) == 1 else torch.cat([t.flatten(1) for t in present], dim=1)
+    [b, n_i], multiplied by its weight, and concatenated, [b, sum n_i]; one output as is."""
+    pairs = [(t, w) for t, w in zip(outputs, weights or [1.0] * len(outputs)) if t is not None]
+    return pairs[0][0] if len(pairs) == 1 else torch.cat([t.flatten(1) * w for t, w in pairs], dim=1)
+
+
+def stream_weights(outputs: list) -> list:
+    """1 / RMS of each output (from the first outputs a block's loss sees): an MSE over the weighted joint is
+    then each stream's relative error, weighted by its element count. Without it the stream with the larger
+    values decides alone: a FLUX transformer's text tokens run ~8x the image tokens' RMS, and AutoRound then
+    fits the text stream at the image stream's expense (the image tokens are what the denoiser outputs)."""
+    return [None if t is None else 1.0 / max(t.detach().float().pow(2).mean().sqrt().item(), 1e-12) for t in outputs]
 
 
 class LocalReducer:
@@ -80,6 +88,7 @@ class BlockEngine:
         self.batch_size = batch_size
         self.reducer = reducer or LocalReducer()
         self._const: tuple[int, dict] | None = None  # (block index, constants on the device)
+        self._weights: dict[int, list] = {}  # block index -> per-output loss weights (stream_weights), fixed once seen
 
     # ------------------------------------------------------------ storage
     def store(self, t: torch.Tensor) -> torch.Tensor:
@@ -102,13 +111,22 @@ class BlockEngine:
         """The carried arguments a block returns, in return order (one: the hidden states, first item)."""
         return self.plan.outputs or (self.plan.hidden_name,)
 
-    def joint(self, stream: Stream) -> list:
-        """Per sample, what `call` returns for the block that produced this stream: the fp targets of
-        AutoRound. One output: the hidden states themselves."""
+    def weights(self, index: int, outputs: list) -> list:
+        """Block `index`'s per-output loss weights, set from the first outputs seen for it (the fp targets)."""
+        if index not in self._weights:
+            self._weights = {index: stream_weights(outputs)}
+        return self._weights[index]
+
+    def joint(self, stream: Stream, index: int) -> list:
+        """Per sample, what `call` returns for block `index`, which produced this stream: the fp targets of
+        AutoRound. One output: the hidden states themselves; several: weighted so each stream counts by its
+        relative error (stream_weights, from all the samples' values)."""
         if len(self.outputs) == 1:
             return stream.hidden
         per_name = {name: stream.hidden if name == self.plan.hidden_name else stream.extra[name] for name in self.outputs}
-        return [joint([per_name[name][i] for name in self.outputs]) for i in range(len(stream.hidden))]
+        columns = [per_name[name] for name in self.outputs]
+        weights = self.weights(index, [None if col[0] is None else torch.cat(col) for col in columns])
+        return [joint([col[i] for col in columns], weights) for i in range(len(stream.hidden))]
 
     # ------------------------------------------------------------ batches and calls
     def batches(self, n: int) -> list[list[int]]:
@@ -147,8 +165,11 @@ class BlockEngine:
 
     def call(self, block: torch.nn.Module, index: int, stream: Stream, indices: list[int], kwargs: dict | None = None) -> torch.Tensor:
         """Block output for these samples (forward hooks on the block fire): [len(indices), T, H], or with
-        several outputs their `joint` [len(indices), n]."""
-        return joint(self.outputs_of(block, index, stream, indices, kwargs))
+        several outputs their weighted `joint` [len(indices), n] (the weights of `joint(stream, index)`)."""
+        outputs = self.outputs_of(block, index, stream, indices, kwargs)
+        if len(self.outputs) == 1:
+            return outputs[0]
+        return joint(outputs, self.weights(index, outputs))
 
     @torch.no_grad()
     def propagate(self, block: torch.nn.Module, index: int, stream: Stream) -> Stream:

@@ -247,7 +247,7 @@ def quantize_pipeline(
             targets = None
             if fp_stream is not None:
                 fp_stream = engine.propagate(block, i, fp_stream)
-                targets = engine.joint(fp_stream)
+                targets = engine.joint(fp_stream, i)
             ctx = BlockContext(index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec.blocks, device=device,
                                engine=engine, stream=stream, targets=targets, log=bar.write, run_state=run_state)
             results = block_fn(ctx, method_cfg)
