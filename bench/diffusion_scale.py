@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -56,38 +57,15 @@ def write_random_transformer(config: dict, path: Path, shard_bytes: int = 2 << 3
     """Every tensor of the transformer's state dict, random bf16, in diffusers' sharded layout; returns bytes."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
-    from safetensors.torch import save_file
+
+    from common import write_random_shards
 
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
     model.save_config(path)
-    gen_device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(gen_device).manual_seed(0)
-    pending, size, index, total = {}, 0, {}, 0
-
-    def flush():
-        nonlocal pending, size
-        if pending:
-            name = f"diffusion_pytorch_model-{len(set(index.values())) + 1:05d}.safetensors"
-            save_file(pending, path / name)
-            index.update({k: name for k in pending})
-            pending, size = {}, 0
-
-    for name, t in model.state_dict(keep_vars=True).items():
-        if "norm" in name and name.endswith(".weight") and t.dim() == 1:
-            value = 1 + 0.05 * torch.randn(t.shape, generator=gen, device=gen_device)
-        else:
-            value = 0.02 * torch.randn(t.shape, generator=gen, device=gen_device)
-        pending[name] = value.to(torch.bfloat16).cpu()
-        size += pending[name].numel() * 2
-        total += pending[name].numel() * 2
-        if size >= shard_bytes:
-            flush()
-    flush()
-    (path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
-    return total
+    return write_random_shards(model.state_dict(keep_vars=True).items(), path, "diffusion_pytorch_model", shard_bytes)
 
 
 def write_pipeline(path: Path, config: dict, double: int, single: int) -> int:
