@@ -83,3 +83,31 @@ def save_tiny_flux_pipeline(path: Path, seed: int = 0, **kwargs) -> Path:
 
 # what the tests generate with (and calibrate on): 16x16 images, 16 text tokens, 2 steps
 GENERATE = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, guidance_scale=3.5)
+
+
+def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A StableDiffusion3Pipeline of random tiny components: two CLIP encoders with projections (pooled 16 + 16
+    = the transformer's 32), a T5 encoder (32 wide, the CLIP states are zero-padded to it), a 2-level VAE with 4
+    latent channels; classifier-free guidance batches the unconditional and conditional inputs per call."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    vocab = len(WORDS) + 3
+    clip = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                projection_dim=16, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    t5 = T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
+    perturb_norms(transformer, seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=word_tokenizer(16),
+                                    text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer_2=word_tokenizer(16),
+                                    text_encoder_3=T5EncoderModel(t5), tokenizer_3=word_tokenizer(16))
+    for component in (vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, transformer):
+        component.eval()
+    return pipe.to(dtype)
+
+
+SD3_GENERATE = dict(height=16, width=16, num_inference_steps=2, max_sequence_length=16, guidance_scale=5.0)

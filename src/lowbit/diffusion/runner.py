@@ -86,8 +86,9 @@ def max_memory_of(devices: tuple[str, ...], home: torch.device) -> dict[str, int
 
 @torch.no_grad()
 def calibrate(folder: PipelineFolder, transformer, ckpt, names, prompts: list[str], calib: PromptCalib, home: torch.device, devices: tuple[str, ...],
-              dtype: torch.dtype, storage, summary: RunSummary, progress: bool):
-    """Run the pipeline on the prompts, recording every block's inputs at every denoising step.
+              dtype: torch.dtype, storage, progress: bool):
+    """Run the pipeline on the prompts, recording every block's inputs at every denoising step; returns the
+    ReplayPlan and where each component and block ran (component / block -> device, or "stream").
 
     The other components are loaded (from the pipeline folder, in `dtype`) and placed whole over the devices
     with the transformer counted (placement.py); blocks that fit stay resident for the whole capture, the
@@ -115,7 +116,7 @@ def calibrate(folder: PipelineFolder, transformer, ckpt, names, prompts: list[st
             resident[prefix] = torch.device(where if home.type == "cuda" else home)
             load_block(block, prefix, ckpt, names, resident[prefix], dtype)
     prefixes = [prefix for prefix, _ in slots]
-    summary.placement = {**{n: d for n, d in plan.components.items()}, **{p: str(resident.get(p, STREAM)) for p in prefixes}}
+    placed = {**{n: d for n, d in plan.components.items()}, **{p: str(resident.get(p, STREAM)) for p in prefixes}}
 
     def run_block(index, block, args, kwargs):
         prefix = prefixes[index]
@@ -143,7 +144,7 @@ def calibrate(folder: PipelineFolder, transformer, ckpt, names, prompts: list[st
         release_freed_memory()
     if replay.refusal:
         raise LowbitError(f"{type(transformer).__name__}'s blocks cannot be replayed exactly: {replay.refusal}", "quantize it with --method rtn (no calibration)")
-    return replay
+    return replay, placed
 
 
 def refuse_formats(slots, scheme: Scheme, formats) -> None:
@@ -225,10 +226,10 @@ def quantize_pipeline(
             (roots[fmt.NAME] / folder.transformer).mkdir(parents=True)
             writers[fmt.NAME] = ShardWriter(roots[fmt.NAME] / folder.transformer, run.max_shard_bytes, stem=WEIGHTS_STEM)
         engine = stream = fp_stream = None
-        timings = {"calibration_seconds": 0.0, "block_seconds": []}
+        timings = {"calibration_seconds": 0.0, "block_seconds": [], "placement": {}}
         if needs_calib:
             t0 = time.time()
-            replay = calibrate(folder, skeleton, ckpt, names, prompts, calib, device, devices, dtype, storage, summary, progress)
+            replay, timings["placement"] = calibrate(folder, skeleton, ckpt, names, prompts, calib, device, devices, dtype, storage, progress)
             engine = BlockEngine(replay, device, storage, calib.batch_size)
             stream = engine.stream()
             fp_stream = stream.copy() if method_cfg.fp_targets else None
@@ -296,7 +297,7 @@ def quantize_pipeline(
         summary.peak_vram = peak_vram_bytes()
         summary.peak_rss = rss.peak
         log = summary.to_dict()
-        log.update(timings, placement=getattr(summary, "placement", {}))
+        log.update(timings)
         (out_root / LOG).write_text(json.dumps(log, indent=2))
     summary.peak_rss = max(summary.peak_rss, rss.peak)
     return summary
