@@ -79,5 +79,10 @@ def test_bad_calibration_settings_and_data_parallel(pipeline_dir, tmp_path):
             "PromptCalib")
 
 
+def test_awq_is_refused_before_any_work(capsys, pipeline_dir, tmp_path):
+    refuse_cli(capsys, pipeline_dir, tmp_path / "out", "--method awq cannot quantize FluxTransformer2DModel", "AdaLN", "use --method gptq",
+               extra=("--method", "awq", "--asym"))
+
+
 def test_nproc_is_refused_for_pipelines(capsys, pipeline_dir, tmp_path):
     refuse_cli(capsys, pipeline_dir, tmp_path / "out", "--nproc is not supported for pipelines", extra=("--nproc", "2"))

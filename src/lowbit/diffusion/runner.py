@@ -196,6 +196,9 @@ def quantize_pipeline(
     folder = open_pipeline(pipeline)  # a missing component or no supported transformer: one line, before any output
     refuse_source_overlap(target, folder.path)
     method_cfg = method_config(method)
+    why = dict(folder.spec.unsupported).get(method_cfg.name)
+    if why:
+        raise LowbitError(f"--method {method_cfg.name} cannot quantize {folder.components[folder.transformer][1]}: {why}", "use --method gptq, autoround or rtn")
     block_fn, needs_calib = handler_for(method_cfg), method_cfg.needs_calibration
     prompts = load_prompts(calib.prompt_file, calib.nprompts) if needs_calib else []
     formats = [FORMAT_WRITERS[f] for f in run.formats]

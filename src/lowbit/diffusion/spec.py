@@ -33,12 +33,14 @@ class DiffusionSpec:
         none_if_empty: transformer arguments whose empty value means "none" (pipelines pass
             `joint_attention_kwargs={}`, which every block reads as `or {}`): given as None, so the blocks
             receive no container the capture would have to treat as shared state.
+        unsupported: method name -> why it cannot work on these blocks (refused before any work).
     """
 
     block_lists: tuple[str, ...]
     blocks: ArchSpec
     batch_inputs: tuple[str, ...]
     none_if_empty: tuple[str, ...] = ("joint_attention_kwargs",)
+    unsupported: tuple[tuple[str, str], ...] = ()
 
     @property
     def block_names(self) -> str:
@@ -51,7 +53,9 @@ class DiffusionSpec:
 
 # AdaLN modulation linears (norm*.linear) read the timestep embedding, the others the tokens; no norm
 # before a linear is foldable (its output is modulated per sample by shift / scale), and joint attention
-# mixes the text and image values, so AWQ has no scale groups here (it runs as RTN with a log line).
+# mixes the text and image values, so AWQ has no scale groups here.
+_NO_AWQ = (("awq", "AWQ folds a per-channel scale into the layer before each linear, and these blocks have none it can "
+                   "take: AdaLN modulates every norm's output per sample, and joint attention mixes the text and image values"),)
 _FLUX_LINEARS = ("norm1.linear", "norm1_context.linear", "norm.linear", "attn.*", "ff.net.*", "ff_context.net.*", "proj_mlp", "proj_out")
 _SD3_LINEARS = ("norm1.linear", "norm1_context.linear", "attn.*", "attn2.*", "ff.net.*", "ff_context.net.*")
 
@@ -60,12 +64,14 @@ FLUX = DiffusionSpec(
     blocks=ArchSpec(blocks="transformer_blocks", linears=_FLUX_LINEARS, embed="x_embedder", post_block=("norm_out",), lm_head="proj_out",
                     block_outputs=JOINT_OUTPUTS),
     batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+    unsupported=_NO_AWQ,
 )
 SD3 = DiffusionSpec(
     block_lists=("transformer_blocks",),
     blocks=ArchSpec(blocks="transformer_blocks", linears=_SD3_LINEARS, embed="pos_embed", post_block=("norm_out",), lm_head="proj_out",
                     block_outputs=JOINT_OUTPUTS),
     batch_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+    unsupported=_NO_AWQ,
 )
 
 _REGISTRY = {"FluxTransformer2DModel": FLUX, "SD3Transformer2DModel": SD3}
