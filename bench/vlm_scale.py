@@ -67,7 +67,7 @@ def qwen3_vl_32b(blocks: int, tiny: bool = False):
 
 def write_random_checkpoint(config, path: Path, shard_bytes: int = 4 << 30) -> int:
     """Every tensor of the model's state dict, random bf16 (norm weights near 1), written in shards."""
-    from safetensors.torch import save_file
+    from common import write_random_shards
 
     from lowbit.model.skeleton import build_skeleton
 
@@ -75,37 +75,7 @@ def write_random_checkpoint(config, path: Path, shard_bytes: int = 4 << 30) -> i
     config.dtype = "bfloat16"
     config.save_pretrained(path)
     skeleton = build_skeleton(config, dtype=torch.bfloat16)
-    gen_device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(gen_device).manual_seed(0)
-    pending, size, index, total = {}, 0, {}, 0
-    seen = set()
-
-    def flush():
-        nonlocal pending, size
-        if pending:
-            name = f"model-{len(set(index.values())):05d}.safetensors"
-            save_file(pending, path / name)
-            index.update({k: name for k in pending})
-            pending, size = {}, 0
-
-    for name, t in skeleton.state_dict(keep_vars=True).items():
-        if id(t) in seen:  # tied: written once
-            continue
-        seen.add(id(t))
-        if not t.is_floating_point():
-            value = torch.zeros(t.shape, dtype=t.dtype)
-        elif t.dim() == 1 and ("norm" in name or "scalar" in name):
-            value = (1 + 0.05 * torch.randn(t.shape, generator=gen, device=gen_device)).to(torch.bfloat16).cpu()
-        else:
-            value = (0.02 * torch.randn(t.shape, generator=gen, device=gen_device)).to(torch.bfloat16).cpu()
-        pending[name] = value
-        size += value.numel() * value.element_size()
-        total += value.numel() * value.element_size()
-        if size >= shard_bytes:
-            flush()
-    flush()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
-    return total
+    return write_random_shards(skeleton.state_dict(keep_vars=True).items(), path, "model", shard_bytes)
 
 
 def write_tokenizer(path: Path, text: str) -> None:

@@ -129,14 +129,25 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     path = Path(path)
     ckpt = Checkpoint(path)
     qc = read_quantization_config(path)
-    fmt, scheme, marker = checkpoint_format(qc)
     on_gpu = device_map not in (None, "cpu") and torch.cuda.is_available()
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     config = ckpt.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we install our own modules; transformers must not
     model = build_skeleton(config, dtype=dtype)
+    tied = {f"{n}.weight" for n in ("lm_head",)} if getattr(config, "tie_word_embeddings", False) else set()
+    fuse_spec = spec_for(config) if (on_gpu if fuse is None else fuse) else None
+    return fill_quantized(model, ckpt, qc, device_map, dtype, max_memory, cpu_cache_dequantized, fuse_spec, tied)
 
+
+def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.dtype, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
+                   fuse_spec=None, tied: set = frozenset()):
+    """A meta `model` made runnable from a quantized checkpoint: linears with quantized tensors become
+    QuantLinear, every tensor is streamed to the device `device_map` gives it (see `load`), and the model
+    dispatched over several devices when the map names several. fuse_spec: fuse the linears of its scale
+    groups (None: do not fuse); tied: names read from their tied source, not the checkpoint."""
+    path = ckpt.path
+    fmt, scheme, marker = checkpoint_format(qc)
     quantized = {}
     offset = fmt.zero_offset(scheme) if fmt in (auto_round, auto_gptq) else 0
     for name in sorted(n[: -len(marker)] for n in ckpt.index if n.endswith(marker)):
@@ -152,7 +163,7 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     if device_map is None:
         device_map = {"": "cpu"}
     elif device_map == "auto":
-        model.tie_weights()
+        getattr(model, "tie_weights", lambda: None)()
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     elif isinstance(device_map, (str, torch.device, int)):
         device_map = {"": device_map}
@@ -164,21 +175,18 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
         if layer.bias is not None:
             set_module_tensor_to_device(model, f"{name}.bias", device, value=ckpt.tensor(f"{name}.bias").to(dtype))
     state_names = list(model.state_dict().keys())
-    tied = {f"{n}.weight" for n in ("lm_head",)} if getattr(config, "tie_word_embeddings", False) else set()
     for name in state_names:
         if name.rpartition(".")[0] in quantized or name in tied or not ckpt.has(name):
             continue  # absent tensors stay on meta and are reported below
         value = ckpt.tensor(name)
         set_module_tensor_to_device(model, name, device_for(device_map, name), value=value.to(dtype) if value.is_floating_point() else value)
     ckpt.close()
-    model.tie_weights()
+    getattr(model, "tie_weights", lambda: None)()  # transformers models; diffusers ones tie nothing
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise LowbitError(f"{path} lacks tensors the model needs, e.g. {still_meta[0]} ({len(still_meta)} in all)", "the checkpoint is incomplete or for another architecture")
-    if fuse is None:
-        fuse = on_gpu
-    if fuse:  # before dispatch: the fused layer lives in its first member, on the block's one device
-        fuse_shared_inputs(model, spec_for(config))
+    if fuse_spec is not None:  # before dispatch: the fused layer lives in its first member, on the block's one device
+        fuse_shared_inputs(model, fuse_spec)
     devices = {str(d) for d in device_map.values()}
     if len(devices) > 1:
         model = dispatch_model(model, device_map=device_map)
