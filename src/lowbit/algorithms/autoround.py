@@ -191,8 +191,11 @@ class FakeQuantLinear(torch.nn.Module):
         self.state, self.out_dtype, self.fns = state, out_dtype, fns
 
     def forward(self, x):
+        """On the weight's device (a block spread over several: the input comes from the block's first
+        device and the output goes back there, differentiably)."""
         w = self.state.weight_hat(self.out_dtype, self.fns)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
+        y = F.linear(x.to(w.device), w, None if self.bias is None else self.bias.to(w.dtype))
+        return y.to(x.device)
 
 
 @contextmanager
@@ -419,7 +422,9 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             total += loss.detach()
         return total
 
-    train_block = compilers.block(block, config.compile, device)
+    # a block spread over several devices runs eagerly: one compiled graph would span several GPUs
+    spread = len({l.weight.device for l in linears.values()}) > 1
+    train_block = block if spread else compilers.block(block, config.compile, device)
     with frozen(block), fake_quant_swapped(block, linears, states, out_dtype, fns), torch.enable_grad(), recompile_limit(64):
         for it in range(config.iters):
             indices = sampler.next()

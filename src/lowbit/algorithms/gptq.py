@@ -4,7 +4,10 @@ For a linear with weight W [N, K] and calibration inputs X [n, K], GPTQ minimise
 column by column: column j is rounded, and its error, divided by the diagonal of the inverse Hessian, is
 spread over the columns not yet rounded through row j of the upper Cholesky factor U of H^-1, where
 H = 2 X^T X / n. Updates are applied lazily: inside a block of `block_size` columns immediately, to the
-columns after the block once per block (one matmul instead of one rank-1 update per column).
+columns after the block once per block (one matmul instead of one rank-1 update per column). Inside a
+lazy block the columns are solved in segments (cut where a group starts) by `solve_columns`: a torch loop
+on the CPU, one fused Triton launch per segment on CUDA, where a loop of small launches per column would
+make the solve, not the calibration data, the cost of a block (and the part data parallelism cannot split).
 
 The grid is lowbit's: when the column loop enters a group, its (scale, zero) come from `compute_qparams`
 on that group's *current* columns (already corrected by the errors of the columns before it, including
@@ -65,6 +68,40 @@ def inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> torch.Tensor
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp:.3g}")
 
 
+def solve_columns(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round B columns one after another, each column's error spread over the columns after it.
+
+    w [N, B] the columns (not modified), u [B, B] the upper Cholesky factor of H^-1 restricted to them,
+    s / z [N, B] each column's scale and zero. Returns (codes q [N, B], scaled errors e [N, B]), float32:
+    q_i = clamp(round(x_i / s_i) + z_i), e_i = (x_i - s_i (q_i - z_i)) / u_ii, then W[:, j >= i] -= e_i u_ij.
+    On CUDA one fused Triton launch (kernels/triton/gptq.py: the loop is launch-bound there); this loop is
+    its reference and the CPU path."""
+    if w.is_cuda:
+        from ..kernels.triton.gptq import gptq_columns
+
+        return gptq_columns(w, u, s, z, maxq)
+    wt = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).copy_(w.t())  # [B, N]: column i is row i
+    st, zt = s.t(), z.t()
+    qt, et = torch.empty_like(wt), torch.empty_like(wt)
+    for i in range(wt.shape[0]):
+        x, si, zi = wt[i], st[i], zt[i]
+        torch.round(x / si, out=qt[i]).add_(zi).clamp_(0, maxq)  # primitives.quantize_codes' formula, one column
+        torch.div(x - si * (qt[i] - zi), u[i, i], out=et[i])
+        wt[i:].addr_(u[i, i:], et[i], alpha=-1)  # rank-1 update of the remaining columns
+    return qt.t(), et.t()
+
+
+SEGMENT = 128  # columns solved by one solve_columns call at most (the fused kernel's register tile)
+
+
+def segments(i1: int, i2: int, gs: int, natural: bool) -> list[tuple[int, int]]:
+    """[a, b) column ranges of the lazy block [i1, i2): cut where a group starts (natural order: its
+    scale and zero are computed there, from the columns as updated so far) and every SEGMENT columns."""
+    cuts = {c for c in range(i1 + 1, i2) if (natural and c % gs == 0) or (c - i1) % SEGMENT == 0}
+    cuts = [i1, *sorted(cuts), i2]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 @torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor,
@@ -80,7 +117,7 @@ def gptq_quantize(
     the output.
     """
     W = w.detach().float().clone()  # [N, K], updated in place as errors are spread
-    H = h.detach().float().clone()
+    H = h.detach().float().to(W.device).clone()
     n_rows, k = W.shape
     gs = scheme.group_size_for(k)
     dead = H.diagonal() == 0
@@ -93,40 +130,39 @@ def gptq_quantize(
         scale, zero = compute_qparams(W, scheme)
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+    group_of = perm // gs  # [K] the group of each visited column (no host sync inside the loop)
     U = inverse_hessian_factor(H, damp_percent)  # [K, K] upper
 
     codes = torch.zeros_like(W)  # [N, K] in visiting order
-    losses = torch.zeros(n_rows, device=W.device)
+    errors = torch.zeros_like(W)  # [N, K] scaled errors, for the loss
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()  # [N, B] this lazy block, updated column by column
-        err1 = torch.zeros_like(W1)  # [N, B] scaled errors, for the lazy update of the columns after i2
+        W1 = W[:, i1:i2].clone()  # [N, B] this lazy block, updated segment by segment
+        err1 = errors[:, i1:i2]  # [N, B] view: the lazy update of the columns after i2 reads it
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not act_order and col % gs == 0:
-                # entering a group: its current columns are W1[:, i:] inside the block plus the columns
-                # past i2 with this block's pending update (errors of columns i1..col-1) applied
-                end = min(col + gs, k)
-                current = W1[:, i : end - i1]
+        for a, b in segments(i1, i2, gs, natural=not act_order):
+            if not act_order and a % gs == 0:
+                # entering a group: its current columns are W1[:, a:] inside the block plus the columns
+                # past i2 with this block's pending update (errors of columns i1..a-1) applied
+                end = min(a + gs, k)
+                current = W1[:, a - i1 : end - i1]
                 if end > i2:
-                    pending = W[:, i2:end] - err1[:, :i] @ U[i1:col, i2:end]
+                    pending = W[:, i2:end] - err1[:, : a - i1] @ U[i1:a, i2:end]
                     current = torch.cat([current, pending], dim=1)
                 s, z = compute_qparams(current, scheme)  # [N, 1]: one (possibly partial) group
-                scale[:, col // gs], zero[:, col // gs] = s[:, 0], z[:, 0]
-            g = int(perm[col]) // gs
-            s, z = scale[:, g], zero[:, g]
-            x = W1[:, i]
-            q = ((x / s).round() + z).clamp(0, scheme.maxq)  # primitives.quantize_codes' formula, one column
-            codes[:, col] = q
-            e = (x - s * (q - z)) / U1[i, i]
-            losses += e.pow(2) / 2
-            W1[:, i:] -= e[:, None] @ U1[i : i + 1, i:]  # rank-1 update of this block's remaining columns
-            err1[:, i] = e
+                scale[:, a // gs], zero[:, a // gs] = s[:, 0], z[:, 0]
+            if act_order:  # each column's static group, [N, b - a]
+                s_cols, z_cols = scale[:, group_of[a:b]], zero[:, group_of[a:b]]
+            else:  # one group for the whole segment: broadcast (column stride 0)
+                s_cols, z_cols = scale[:, a // gs, None].expand(-1, b - a), zero[:, a // gs, None].expand(-1, b - a)
+            q, e = solve_columns(W1[:, a - i1 : b - i1], U1[a - i1 : b - i1, a - i1 : b - i1], s_cols, z_cols, scheme.maxq)
+            codes[:, a:b], err1[:, a - i1 : b - i1] = q, e
+            if b < i2:  # the rest of this lazy block sees the segment's errors
+                W1[:, b - i1 :] -= e @ U1[a - i1 : b - i1, b - i1 :]
         W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy batch update
     codes = codes[:, torch.argsort(perm)]  # back to natural column order
     result = QuantResult(scheme, codes.to(torch.uint8), scale, zero.to(torch.uint8))
-    return result, losses.sum().item()
+    return result, (errors.pow(2).sum() / 2).item()
 
 
 # ---------------------------------------------------------------- the block
@@ -169,24 +205,31 @@ def sequential_stages(ctx: BlockContext) -> list[list[str]]:
 
 
 @torch.no_grad()
-def stage_hessians(ctx: BlockContext, names: list[str]) -> dict[str, tuple[torch.Tensor | None, int]]:
-    """H and row count per linear over all cached inputs; each forward stops after the stage's last linear."""
-    acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in names}
+def stage_hessians(ctx: BlockContext, names: list[str], shared_input: bool = False) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """H and row count per linear over all cached inputs; each forward stops after the stage's last linear.
+
+    shared_input: the stage's linears read one tensor (a true-sequential stage: q/k/v, gate/up), so one
+    Hessian serves them all (computed and reduced once, not once per linear). Each H is accumulated on its
+    linear's own device (a block placed over several devices)."""
+    hooked = names[:1] if shared_input else names
+    acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in hooked}
     pending = set()
 
     def hook(name):
+        device = ctx.linears[name].weight.device
+
         def fn(module, args):
-            acc[name] = accumulate_hessian(*acc[name], args[0])
+            acc[name] = accumulate_hessian(*acc[name], args[0].to(device))
             pending.discard(name)
             if not pending:
                 raise _Stop
 
         return fn
 
-    handles = [ctx.linears[n].register_forward_pre_hook(hook(n)) for n in names]
+    handles = [ctx.linears[n].register_forward_pre_hook(hook(n)) for n in hooked]
     try:
         for indices in ctx.batches():
-            pending.update(names)
+            pending.update(hooked)
             try:
                 ctx.forward(indices)
             except _Stop:
@@ -194,15 +237,17 @@ def stage_hessians(ctx: BlockContext, names: list[str]) -> dict[str, tuple[torch
     finally:
         for h in handles:
             h.remove()
-    return {name: reduce_hessian(ctx, ctx.linears[name].in_features, h, n) for name, (h, n) in acc.items()}
+    reduced = {name: reduce_hessian(ctx, ctx.linears[name], h, n) for name, (h, n) in acc.items()}
+    return {name: reduced[hooked[0]] if shared_input else reduced[name] for name in names}
 
 
-def reduce_hessian(ctx: BlockContext, k: int, h: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
+def reduce_hessian(ctx: BlockContext, linear: torch.nn.Linear, h: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
     """The mean Hessian over every process's rows: sum_p n_p H_p / sum_p n_p (one process: unchanged)."""
     if ctx.world_size == 1:
         return h, n
-    total = ctx.reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=ctx.device))  # rows: exact past 2^24
-    weighted = ctx.reduce_sum(h * n if h is not None else torch.zeros(k, k, device=ctx.device))
+    device, k = linear.weight.device, linear.in_features
+    total = ctx.reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device))  # rows: exact past 2^24
+    weighted = ctx.reduce_sum(h * n if h is not None else torch.zeros(k, k, device=device))
     return (weighted / total if total > 0 else None), int(total.item())
 
 
@@ -244,7 +289,7 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
     stages = sequential_stages(ctx) if config.true_sequential else [list(ctx.linears)]
     results, total = {}, 0.0
     for names in stages:
-        hessians = stage_hessians(ctx, names)
+        hessians = stage_hessians(ctx, names, shared_input=config.true_sequential)
         solver = owners(ctx, names)
         for name in names:
             linear, (h, n) = ctx.linears[name], hessians[name]
