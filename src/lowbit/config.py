@@ -266,10 +266,10 @@ class AutoRoundConfig(MethodConfig):
     saves_activations: ClassVar[bool] = True
 
     def linear_memory(self, n: int, k: int, weight_bytes: int) -> tuple[int, int]:
-        # per weight: its float32 group view (4), V, V's gradient and V's best copy (4 each), the fp16 codes,
-        # the clamp mask and the 16-bit fake-quantized weight saved for the backward (2 + 1 + 2); then the
-        # export's 1024-row float32 chunks
-        return n * k * (weight_bytes + 21), 3 * 4 * min(n, 1024) * k
+        # per weight: its float32 group view (4), V, V's gradient and V's best copy (4 each), the fp16 codes
+        # and the clamp mask saved for the grid's backward (2 + 1), the 16-bit fake-quantized weight, the leaf
+        # copy the block reads and its gradient (2 each); then the export's 1024-row float32 chunks
+        return n * k * (weight_bytes + 25), 3 * 4 * min(n, 1024) * k
 
     def metadata(self) -> dict:
         return {"iters": self.iters, "lr": self.step_size, "minmax_lr": self.minmax_step_size, "enable_minmax_tuning": self.enable_minmax_tuning,

@@ -115,12 +115,30 @@ class DistributedReducer:
         Every process must call it in the same order with the same shape. On CUDA the device is synchronized
         around the all_reduce, so `seconds` counts the wait for the other processes, not this one's queued work."""
         out = t.detach().to(self.device, copy=True)
+        self._timed(self.dist.all_reduce, out, op=self.dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def _timed(self, collective, t: torch.Tensor, **kwargs) -> None:
         self._sync()
         start = time.perf_counter()
-        self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM)
+        collective(t, **kwargs)
         self._sync()
         self.seconds += time.perf_counter() - start
-        return out.to(t.device)
+
+    def broadcast_(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        """`owner`'s `t` on every process, in place (every process passes a tensor of the same shape)."""
+        buf = t if t.device == self.device else t.to(self.device)
+        self._timed(self.dist.broadcast, buf, src=owner)
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    def reduce_to(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        """The sum of `t` over every process, complete on `owner` only (half an all_reduce's traffic); the
+        others get `t` back unchanged in value but must not use it."""
+        buf = t.to(self.device, copy=True)
+        self._timed(self.dist.reduce, buf, dst=owner)
+        return buf.to(t.device)
 
     def all_objects(self, obj) -> list:
         """Every process's picklable `obj`, in rank order (the run summary's per-process figures)."""

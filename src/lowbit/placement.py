@@ -84,14 +84,15 @@ class BlockSizes:
 
 
 def activation_bytes(sizes: BlockSizes, training: bool) -> int:
-    """One batch through the block. Without a backward pass: the hidden states in and out, the residual and
-    a norm's output [t, H] float32, and the widest linears' outputs (gate, up, their product) [t, N]. With
+    """One batch through the block, H the first linear's input width. Without a backward pass: the hidden
+    states in and out, the residual and a norm's output [t, H] float32, and the widest linears' outputs (gate,
+    up, their product) [t, N]. With
     one (AutoRound): every linear's saved input and output [t, K + N] plus the float32 prediction, target
     and loss terms [t, H] x 4."""
     if not sizes.linears or not sizes.batch_tokens:
         return 0
     t = sizes.batch_tokens
-    hidden = max(k for _, k in sizes.linears.values())
+    hidden = next(iter(sizes.linears.values()))[1]  # the first linear reads the (normed) block input: K = H
     widest = max(n for n, _ in sizes.linears.values())
     if training:
         return t * sum(n + k for n, k in sizes.linears.values()) * sizes.weight_bytes + t * 4 * hidden * 4

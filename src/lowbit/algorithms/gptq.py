@@ -251,35 +251,6 @@ def reduce_hessian(ctx: BlockContext, linear: torch.nn.Linear, h: torch.Tensor |
     return (weighted / total if total > 0 else None), int(total.item())
 
 
-def owners(ctx: BlockContext, names: list[str]) -> dict[str, int]:
-    """Which process solves each linear of a stage: the solve (the loop over K columns) does not shrink with
-    the samples, so data-parallel processes split the linears instead of all solving all of them. Greedy by
-    cost (~ N K + K^2), largest first, onto the least-loaded rank; the same answer on every process."""
-    load = [0] * ctx.world_size
-    out = {}
-    for name in sorted(names, key=lambda n: (-(ctx.linears[n].in_features * (ctx.linears[n].in_features + ctx.linears[n].out_features)), n)):
-        rank = min(range(ctx.world_size), key=lambda r: (load[r], r))
-        out[name] = rank
-        linear = ctx.linears[name]
-        load[rank] += linear.in_features * (linear.in_features + linear.out_features)
-    return out
-
-
-def shared_result(ctx: BlockContext, owner: int, result: QuantResult | None, loss: float, scheme: Scheme, n: int, k: int) -> tuple[QuantResult, float]:
-    """The owner's QuantResult on every process: codes [N, K], scale and zero [N, G] and the loss, sent as one
-    float32 buffer (small integers and the fp32 scales are exact through a sum with zeros)."""
-    if ctx.world_size == 1:
-        return result, loss
-    g = scheme.groups(k)
-    mine = None
-    if result is not None:
-        mine = torch.cat([result.codes.float().flatten(), result.scale.float().flatten(), result.zero.float().flatten(),
-                          torch.tensor([loss], device=result.codes.device)])
-    flat = ctx.engine.from_rank(owner, mine, (n * k + 2 * n * g + 1,), device=ctx.device)
-    codes, scale, zero = flat[: n * k].view(n, k), flat[n * k : n * k + n * g].view(n, g), flat[n * k + n * g : -1].view(n, g)
-    return QuantResult(scheme, codes.to(torch.uint8), scale, zero.to(torch.uint8)), float(flat[-1])
-
-
 def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[str, QuantResult]:
     config = config or GptqConfig()
     if not ctx.linears or not ctx.calibrated:
@@ -290,7 +261,8 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
     results, total = {}, 0.0
     for names in stages:
         hessians = stage_hessians(ctx, names, shared_input=config.true_sequential)
-        solver = owners(ctx, names)
+        # the solve (the loop over K columns) does not shrink with the samples: processes split the linears
+        solver = ctx.owners(names, cost=lambda l: l.in_features * (l.in_features + l.out_features))
         for name in names:
             linear, (h, n) = ctx.linears[name], hessians[name]
             if h is None:  # never called: nothing to be faithful to
@@ -299,7 +271,7 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
             result, loss = None, 0.0
             if solver[name] == ctx.engine.rank:
                 result, loss = gptq_quantize(linear.weight, h, ctx.schemes[name], config.block_size, config.damp_percent, config.act_order)
-            result, loss = shared_result(ctx, solver[name], result, loss, ctx.schemes[name], linear.out_features, linear.in_features)
+            result, loss = ctx.shared_result(solver[name], result, loss, linear)
             result.bias = None if linear.bias is None else linear.bias.detach().clone()
             results[name], total = result, total + loss
             # later stages must see this linear quantized (their inputs are recomputed through it)
