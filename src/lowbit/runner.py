@@ -33,7 +33,7 @@ from .engine import BlockEngine
 from .placement import Placer, attach, cache_bytes, describe, detach
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
-from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target
+from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target, release_output_lock
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
 from .model.names import NameMap, check_complete, map_names
 from .model.scan import check_all_finite
@@ -115,16 +115,32 @@ def save_progress(folder: Path, key: str, blocks_done: int, outputs: list, world
 
 
 def claim_output(target: Path, ckpt: Checkpoint, key_of, world: int) -> dict | None:
-    """Lock the output, scan the checkpoint, and return the progress of an interrupted run to resume (None:
-    start over, the partial folder of other settings removed)."""
+    """Lock the output and return the progress of an interrupted run to resume (None: start over, the
+    partial folder of other settings removed)."""
     partial = partial_path(target)
     lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
-    lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
     state = lock.release_if_fails(load_progress, partial, key_of, world)  # refuses another world size, in one line
     if partial.exists() and state is None:
         shutil.rmtree(partial)  # a partial run of other settings: start over
     announce_resume(state, ckpt, partial)  # "resuming at block i of n"
     return state
+
+
+def scan_checkpoint(ckpt: Checkpoint, target: Path, reducer) -> None:
+    """NaN/inf in any tensor, streamed from the shards, before block 0; data-parallel processes scan a share
+    of the bytes each (none waits for rank 0 to read them all) and every process raises the first error
+    found. The output lock (rank 0's) is released on failure: the run ends before atomic_folder."""
+    rank, world = (reducer.rank, reducer.world_size) if reducer else (0, 1)
+    error = None
+    try:
+        check_all_finite(ckpt, rank, world)
+    except LowbitError as err:
+        error = err
+    errors = reducer.all_objects(error) if reducer else [error]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        release_output_lock(target)
+        raise first
 
 
 def set_dequantized(linears: dict, results: dict[str, QuantResult]) -> None:
@@ -199,6 +215,7 @@ def quantize(
     phases = Phases(device)
     with phases("claim"):  # lock, NaN/inf scan, resume state
         state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
+        scan_checkpoint(ckpt, target, reducer)
 
     with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)

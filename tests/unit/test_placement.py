@@ -103,3 +103,17 @@ def test_bad_max_memory_is_one_line():
     with pytest.raises(LowbitError, match=r"gives 1 sizes for 2 device\(s\); give one size per --device_map entry"):
         lowbit.RunConfig(device_map="cpu,cpu", max_memory="1GiB")
     assert lowbit.RunConfig(device_map="cpu,cpu", max_memory="1MiB,1GiB").max_memory_bytes == (1024**2, GIB)
+
+
+def test_scan_shares_split_the_bytes_in_file_order():
+    from pathlib import Path
+
+    from lowbit.model.scan import share_by_bytes
+
+    f = Path("a.safetensors")
+    tensors = [(f, n, torch.float32, b, e) for n, b, e in [("x", 0, 100), ("y", 100, 150), ("z", 150, 400)]]
+    # 400 bytes over two processes: x's middle (50) and y's (125) in the first 200, z's (275) in the second
+    assert [t[1] for t in share_by_bytes(tensors, 0, 2)] == ["x", "y"]
+    assert [t[1] for t in share_by_bytes(tensors, 1, 2)] == ["z"]
+    assert share_by_bytes(tensors, 0, 1) == tensors
+    assert sum((share_by_bytes(tensors, r, 3) for r in range(3)), []) == tensors  # every tensor once, in order

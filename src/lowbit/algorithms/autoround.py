@@ -264,7 +264,7 @@ class Trainer:
     def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns):
         linears = ctx.linears
         self.ctx, self.out_dtype, self.fns = ctx, out_dtype, fns
-        self.owner = ctx.owners(list(linears), cost=lambda l: l.in_features * l.out_features)
+        self.owner = ctx.owners(list(linears), cost=lambda n: linears[n].in_features * linears[n].out_features)
         rank = ctx.engine.rank
         self.states = {n: LinearState.from_weight(l.weight, ctx.schemes[n], config.enable_minmax_tuning) for n, l in linears.items() if self.owner[n] == rank}
         self.leaves = {n: torch.zeros(l.out_features, l.in_features, dtype=out_dtype, device=l.weight.device, requires_grad=True) for n, l in linears.items()}

@@ -78,16 +78,16 @@ class BlockContext:
 
     # ------------------------------------------------------------ work split between data-parallel processes
 
-    def owners(self, names: list[str], cost) -> dict[str, int]:
-        """Which process does the per-linear work that does not shrink with the samples (GPTQ's solve,
-        AutoRound's fake quantization and sign steps): greedy by cost(linear), largest first, onto the
-        least-loaded process; the same answer on every process (one process: all 0)."""
+    def owners(self, keys: list, cost) -> dict:
+        """Which process does the work that does not shrink with the samples (GPTQ's solves, AutoRound's fake
+        quantization and sign steps), per key (a linear's name, a batch of linears): greedy by cost(key),
+        largest first, onto the least-loaded process; the same answer on every process (one process: all 0)."""
         load = [0] * self.world_size
         out = {}
-        for name in sorted(names, key=lambda n: (-cost(self.linears[n]), n)):
+        for key in sorted(keys, key=lambda k: (-cost(k), str(k))):
             rank = min(range(self.world_size), key=lambda r: (load[r], r))
-            out[name] = rank
-            load[rank] += cost(self.linears[name])
+            out[key] = rank
+            load[rank] += cost(key)
         return out
 
     def shared_result(self, owner: int, result: QuantResult | None, value: float, linear: torch.nn.Linear) -> tuple[QuantResult, float]:

@@ -262,7 +262,7 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
     for names in stages:
         hessians = stage_hessians(ctx, names, shared_input=config.true_sequential)
         # the solve (the loop over K columns) does not shrink with the samples: processes split the linears
-        solver = ctx.owners(names, cost=lambda l: l.in_features * (l.in_features + l.out_features))
+        solver = ctx.owners(names, cost=lambda n: ctx.linears[n].in_features * (ctx.linears[n].in_features + ctx.linears[n].out_features))
         for name in names:
             linear, (h, n) = ctx.linears[name], hessians[name]
             if h is None:  # never called: nothing to be faithful to

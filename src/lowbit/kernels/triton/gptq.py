@@ -38,18 +38,27 @@ def _rint(x):
 
 @triton.jit
 def _gptq_columns_kernel(
-    # pointers: W [N, B] fp32 (read), U [B, B] fp32 upper triangular, S / Z [N, B] per column (a column
-    # stride of 0 broadcasts one group's values), Q / E [N, B] fp32 outputs (codes, scaled errors)
+    # pointers: W [L, N, B] fp32 (read), U [L, B, B] fp32 upper triangular, S / Z [L, N, B] per column (a
+    # column stride of 0 broadcasts one group's values), Q / E [L, N, B] fp32 outputs (codes, scaled errors);
+    # L linears solved at once (the experts of a block), one per program column of the grid
     w_ptr, u_ptr, s_ptr, z_ptr, q_ptr, e_ptr,
     # sizes
     N, B,
-    # strides (elements)
-    stride_wn, stride_wb, stride_ub0, stride_ub1, stride_sn, stride_sb, stride_zn, stride_zb, stride_qn, stride_qb, stride_en, stride_eb,
+    # strides (elements): linear, row, column
+    stride_wl, stride_wn, stride_wb, stride_ul, stride_ub0, stride_ub1, stride_sl, stride_sn, stride_sb,
+    stride_zl, stride_zn, stride_zb, stride_ql, stride_qn, stride_qb, stride_el, stride_en, stride_eb,
     # the grid's top code
     maxq,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    lin = tl.program_id(1)
+    w_ptr += lin * stride_wl
+    u_ptr += lin * stride_ul
+    s_ptr += lin * stride_sl
+    z_ptr += lin * stride_zl
+    q_ptr += lin * stride_ql
+    e_ptr += lin * stride_el
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = tl.arange(0, BLOCK_B)  # [BB]
     r_ok, c_ok = rows < N, cols < B
@@ -74,21 +83,21 @@ BLOCK_N = 16  # rows per program: 16 x 128 fp32 = 8 KiB of registers over 4 warp
 
 
 def gptq_columns(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scaled errors of B columns: w [N, B], u [B, B], s / z [N, B] (views with any strides, a
-    column stride of 0 included), all float32 on one device. Returns (q [N, B], e [N, B]) float32."""
-    n, b = w.shape
+    """Codes and scaled errors of B columns of L linears: w [L, N, B], u [L, B, B], s / z [L, N, B] (views
+    with any strides, a column stride of 0 included), all float32 on one device. Returns (q, e) [L, N, B]
+    float32."""
+    nl, n, b = w.shape
     if b > MAX_COLUMNS:
         raise ValueError(f"gptq_columns takes at most {MAX_COLUMNS} columns, got {b}")
     if not (w.dtype == u.dtype == s.dtype == z.dtype == torch.float32):
         raise ValueError("gptq_columns needs float32 tensors")
-    q = torch.empty(n, b, device=w.device, dtype=torch.float32)
+    q = torch.empty(nl, n, b, device=w.device, dtype=torch.float32)
     e = torch.empty_like(q)
-    grid = (triton.cdiv(n, BLOCK_N),)
+    grid = (triton.cdiv(n, BLOCK_N), nl)
     with device_guard(w):
         _gptq_columns_kernel[grid](
             w, u, s, z, q, e, n, b,
-            w.stride(0), w.stride(1), u.stride(0), u.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1),
-            q.stride(0), q.stride(1), e.stride(0), e.stride(1), float(maxq),
+            *w.stride(), *u.stride(), *s.stride(), *z.stride(), *q.stride(), *e.stride(), float(maxq),
             BLOCK_N=BLOCK_N, BLOCK_B=MAX_COLUMNS, enable_fp_fusion=False,
         )
     return q, e
