@@ -65,3 +65,42 @@ def write_json(name: str, payload: dict) -> Path:
     if os.environ.get("OUT"):
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     return path
+
+
+def write_random_shards(tensors, path: Path, stem: str = "model", shard_bytes: int = 4 << 30) -> int:
+    """Random bf16 values for (name, tensor) pairs (shapes only: meta tensors are fine), written in shards
+    `<stem>-NNNNN.safetensors` with `<stem>.safetensors.index.json`; returns the bytes written. Norm weights
+    and scalars (1-D) near 1, other floats N(0, 0.02^2), integers 0; a tensor seen twice (tied) is written once.
+    Generated on the GPU when there is one: the bench machines write multi-GB checkpoints in seconds."""
+    from safetensors.torch import save_file
+
+    gen_device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(gen_device).manual_seed(0)
+    pending, size, index, total, seen = {}, 0, {}, 0, set()
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            name = f"{stem}-{len(set(index.values())) + 1:05d}.safetensors"
+            save_file(pending, path / name)
+            index.update({k: name for k in pending})
+            pending, size = {}, 0
+
+    for name, t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if not t.is_floating_point():
+            value = torch.zeros(t.shape, dtype=t.dtype)
+        elif t.dim() == 1 and ("norm" in name or "scalar" in name) and not name.endswith(".bias"):
+            value = (1 + 0.05 * torch.randn(t.shape, generator=gen, device=gen_device)).to(torch.bfloat16).cpu()
+        else:
+            value = (0.02 * torch.randn(t.shape, generator=gen, device=gen_device)).to(torch.bfloat16).cpu()
+        pending[name] = value
+        size += value.numel() * value.element_size()
+        total += value.numel() * value.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (path / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    return total

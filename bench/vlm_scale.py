@@ -67,7 +67,7 @@ def qwen3_vl_32b(blocks: int, tiny: bool = False):
 
 def write_random_checkpoint(config, path: Path, shard_bytes: int = 4 << 30) -> int:
     """Every tensor of the model's state dict, random bf16 (norm weights near 1), written in shards."""
-    from safetensors.torch import save_file
+    from common import write_random_shards
 
     from lowbit.model.skeleton import build_skeleton
 
@@ -75,37 +75,7 @@ def write_random_checkpoint(config, path: Path, shard_bytes: int = 4 << 30) -> i
     config.dtype = "bfloat16"
     config.save_pretrained(path)
     skeleton = build_skeleton(config, dtype=torch.bfloat16)
-    gen_device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(gen_device).manual_seed(0)
-    pending, size, index, total = {}, 0, {}, 0
-    seen = set()
-
-    def flush():
-        nonlocal pending, size
-        if pending:
-            name = f"model-{len(set(index.values())):05d}.safetensors"
-            save_file(pending, path / name)
-            index.update({k: name for k in pending})
-            pending, size = {}, 0
-
-    for name, t in skeleton.state_dict(keep_vars=True).items():
-        if id(t) in seen:  # tied: written once
-            continue
-        seen.add(id(t))
-        if not t.is_floating_point():
-            value = torch.zeros(t.shape, dtype=t.dtype)
-        elif t.dim() == 1 and ("norm" in name or "scalar" in name):
-            value = (1 + 0.05 * torch.randn(t.shape, generator=gen, device=gen_device)).to(torch.bfloat16).cpu()
-        else:
-            value = (0.02 * torch.randn(t.shape, generator=gen, device=gen_device)).to(torch.bfloat16).cpu()
-        pending[name] = value
-        size += value.numel() * value.element_size()
-        total += value.numel() * value.element_size()
-        if size >= shard_bytes:
-            flush()
-    flush()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
-    return total
+    return write_random_shards(skeleton.state_dict(keep_vars=True).items(), path, "model", shard_bytes)
 
 
 def write_tokenizer(path: Path, text: str) -> None:
@@ -122,7 +92,7 @@ TINY_TEXT = dict(hidden_size=256, intermediate_size=512, vocab_size=8192, num_at
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2)
 
 
-def quantize(ckpt: Path, out: Path, extra: list[str], device: str = "cuda") -> dict:
+def quantize(ckpt: Path, out: Path, extra: list[str], device: str = "cuda", keep: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ckpt), "--scheme", "W4A16", "--group_size", "128", "--sym",
            "--format", "auto_round", "--output_dir", str(out), "--device", device, *extra]
@@ -133,10 +103,11 @@ def quantize(ckpt: Path, out: Path, extra: list[str], device: str = "cuda") -> d
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": wall}
     log = json.loads((out / "lowbit_log.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
     return {"wall_s": round(wall, 1), "seconds": log["seconds"], "peak_rss_gib": round(log["peak_rss_bytes"] / 2**30, 2),
             "peak_vram_gib": {d: round(b / 2**30, 2) for d, b in log["peak_vram_bytes"].items()},
-            "quantized": len(log["quantized"]), "kept_fp": len(log["kept_fp"])}
+            "quantized": len(log["quantized"]), "kept_fp": len(log["kept_fp"]), "experts_rtn": len(log.get("experts_rtn_fallback", {}))}
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 Public API:
     lowbit.quantize(model, method, scheme, calib, run) -> RunSummary
     lowbit.load(output_dir, device_map=None) -> transformers model with QuantLinear layers
+    lowbit.quantize_pipeline(pipeline_dir, ...) / lowbit.load_pipeline(output_dir): diffusers pipelines (diffusion/)
 """
 
 __version__ = "0.1.0"
@@ -11,5 +12,6 @@ from .config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RtnConf
 from .errors import LowbitError  # noqa: E402
 from .loading import load  # noqa: E402
 from .runner import quantize  # noqa: E402
+from .diffusion import PromptCalib, load_pipeline, quantize_pipeline  # noqa: E402  (diffusers is imported on use)
 
-__all__ = ["quantize", "load", "Scheme", "CalibConfig", "RtnConfig", "AutoRoundConfig", "AwqConfig", "GptqConfig", "RunConfig", "LowbitError", "__version__"]
+__all__ = ["quantize", "load", "quantize_pipeline", "load_pipeline", "PromptCalib", "Scheme", "CalibConfig", "RtnConfig", "AutoRoundConfig", "AwqConfig", "GptqConfig", "RunConfig", "LowbitError", "__version__"]

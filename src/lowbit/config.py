@@ -135,6 +135,13 @@ class CalibConfig:
         images: vision-language models only: calibrate on images with prompts instead of text windows, a
             folder of images or a .jsonl of {"image": path, "text": prompt} lines (calib/images.py); each
             sample is padded to seqlen tokens.
+        moe_all_experts: mixture-of-experts models: while a block is calibrated, every token goes through
+            every expert (the block's output keeps only the routed result), so the statistics of methods
+            that read each linear's inputs (GPTQ, AWQ) cover every expert (llm-compressor's default).
+        moe_min_tokens: an expert routed fewer calibration tokens than this, whose method cannot feed it
+            every token (AutoRound learns from the block output, which unrouted experts do not reach; any
+            method with moe_all_experts off), is quantized with RTN and listed in the summary. With
+            moe_all_experts off, an expert routed no token at all stops the run.
     """
 
     dataset: str = "austen"
@@ -143,9 +150,13 @@ class CalibConfig:
     batch_size: int = 8
     allow_fewer: bool = False
     images: str | None = None
+    moe_all_experts: bool = True
+    moe_min_tokens: int = 16
 
     def __post_init__(self):
         check_types(self)
+        if self.moe_min_tokens < 0:
+            raise LowbitError(f"moe_min_tokens={self.moe_min_tokens} must be >= 0", "pass --moe_min_tokens N with N >= 0")
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) <= 0:
                 raise LowbitError(f"{name}={getattr(self, name)} must be positive", f"pass --{name} N with N >= 1")
@@ -159,9 +170,12 @@ class MethodConfig:
         quantized chain (the runner then propagates both chains).
     quantized_inputs: the next block sees this block's outputs with quantized weights (else fp weights).
     cache_on_cpu: keep the calibration samples in CPU memory instead of the device's.
+    reads_linear_inputs: the method's statistics are each linear's inputs (GPTQ Hessians, AWQ means), so
+        running every token through every expert (CalibConfig.moe_all_experts) feeds every expert.
     """
 
     needs_calibration: ClassVar[bool] = True
+    reads_linear_inputs: ClassVar[bool] = False
 
     @property
     def fp_targets(self) -> bool:
@@ -292,6 +306,8 @@ class AwqConfig(MethodConfig):
             n_grid block forwards over these windows, so fewer makes AWQ affordable on a CPU.
     """
 
+    reads_linear_inputs: ClassVar[bool] = True
+
     name: str = "awq"
     n_grid: int = 20
     duo_scaling: bool = True
@@ -328,6 +344,8 @@ class GptqConfig(MethodConfig):
         true_sequential: quantize q/k/v, then o, then gate/up, then down, each with inputs recomputed through
             the linears already quantized in this block.
     """
+
+    reads_linear_inputs: ClassVar[bool] = True
 
     name: str = "gptq"
     damp_percent: float = 0.01

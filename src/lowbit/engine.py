@@ -2,8 +2,12 @@
 
 Every algorithm reaches it through its BlockContext (algorithms/base.py) and the runner uses it to carry
 the samples from block to block; nothing else runs a block. It owns:
-- the samples: a `Stream` (the hidden states of every sample, [1, T, H] each, plus the state that earlier
+- the samples: a `Stream` (the hidden states of every sample, [1, T, H] each, the other arguments blocks
+  return for the next one, e.g. a diffusion transformer's encoder hidden states, plus the state that earlier
   blocks wrote for each sample, e.g. Gemma 4's shared KV) on the storage device;
+- the outputs: a block returns the hidden states (first item), or, when the plan names several `outputs`
+  (FLUX / SD3 joint blocks return `(encoder_hidden_states, hidden_states)`), one tensor per carried
+  argument; `call` gives them to algorithms as one tensor per sample (`joint`), `propagate` splits them;
 - the arguments: the captured `ReplayPlan` (calib/capture.py) gives each block its constants (stored once,
   moved to the device once per block), its per-sample arguments (concatenated per batch) and fresh
   state containers filled with the batch's own state;
@@ -38,17 +42,35 @@ class Stream:
 
     hidden: per sample [1, T, H] on the storage device.
     state: per sample, state argument name -> {key: tree of [1, ...] tensors} written by earlier blocks.
+    extra: other carried argument name -> per sample [1, T', H'] (None once a block stops returning it:
+        SD3's last block returns no encoder hidden states).
     """
 
     hidden: list
     state: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.state:
             self.state = [{} for _ in self.hidden]
 
     def copy(self) -> "Stream":
-        return Stream(list(self.hidden), [{name: dict(d) for name, d in s.items()} for s in self.state])
+        return Stream(list(self.hidden), [{name: dict(d) for name, d in s.items()} for s in self.state], {k: list(v) for k, v in self.extra.items()})
+
+
+def joint(outputs: list, weights: list | None = None) -> torch.Tensor:
+    """Several per-sample block outputs as one tensor per sample for losses: each [b, ...] flattened to
+    [b, n_i], multiplied by its weight, and concatenated, [b, sum n_i]; one output as is."""
+    pairs = [(t, w) for t, w in zip(outputs, weights or [1.0] * len(outputs)) if t is not None]
+    return pairs[0][0] if len(pairs) == 1 else torch.cat([t.flatten(1) * w for t, w in pairs], dim=1)
+
+
+def stream_weights(outputs: list) -> list:
+    """1 / RMS of each output (from the first outputs a block's loss sees): an MSE over the weighted joint is
+    then each stream's relative error, weighted by its element count. Without it the stream with the larger
+    values decides alone: a FLUX transformer's text tokens run ~8x the image tokens' RMS, and AutoRound then
+    fits the text stream at the image stream's expense (the image tokens are what the denoiser outputs)."""
+    return [None if t is None else 1.0 / max(t.detach().float().pow(2).mean().sqrt().item(), 1e-12) for t in outputs]
 
 
 class LocalReducer:
@@ -73,6 +95,7 @@ class BlockEngine:
         self.batch_size = batch_size
         self.reducer = reducer or LocalReducer()
         self._const: tuple[int, dict] | None = None  # (block index, constants on the device)
+        self._weights: dict[int, list] = {}  # block index -> per-output loss weights (stream_weights), fixed once seen
 
     # ------------------------------------------------------------ storage
     def store(self, t: torch.Tensor) -> torch.Tensor:
@@ -87,7 +110,30 @@ class BlockEngine:
 
     def stream(self) -> Stream:
         """The captured inputs of block 0."""
-        return Stream([self.store(h) for h in self.plan.hidden])
+        extra = {name: [None if v is None else self.store(v) for v in values] for name, values in self.plan.streams.items()}
+        return Stream([self.store(h) for h in self.plan.hidden], extra=extra)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The carried arguments a block returns, in return order (one: the hidden states, first item)."""
+        return self.plan.outputs or (self.plan.hidden_name,)
+
+    def weights(self, index: int, outputs: list) -> list:
+        """Block `index`'s per-output loss weights, set from the first outputs seen for it (the fp targets)."""
+        if index not in self._weights:
+            self._weights = {index: stream_weights(outputs)}
+        return self._weights[index]
+
+    def joint(self, stream: Stream, index: int) -> list:
+        """Per sample, what `call` returns for block `index`, which produced this stream: the fp targets of
+        AutoRound. One output: the hidden states themselves; several: weighted so each stream counts by its
+        relative error (stream_weights, from all the samples' values)."""
+        if len(self.outputs) == 1:
+            return stream.hidden
+        per_name = {name: stream.hidden if name == self.plan.hidden_name else stream.extra[name] for name in self.outputs}
+        columns = [per_name[name] for name in self.outputs]
+        weights = self.weights(index, [None if col[0] is None else torch.cat(col) for col in columns])
+        return [joint([col[i] for col in columns], weights) for i in range(len(stream.hidden))]
 
     # ------------------------------------------------------------ batches and calls
     def batches(self, n: int) -> list[list[int]]:
@@ -104,6 +150,8 @@ class BlockEngine:
         if self._const is None or self._const[0] != index:
             self._const = (index, self.to_device(args.const))
         out = dict(self._const[1])
+        for name, values in stream.extra.items():
+            out[name] = None if values[indices[0]] is None else torch.cat([values[i].to(self.device, non_blocking=True) for i in indices])
         for name, values in args.sample.items():
             out[name] = self.to_device(cat_samples([values[i] for i in indices]))
         for name, cls in args.state.items():
@@ -114,10 +162,21 @@ class BlockEngine:
             out[name] = container
         return out
 
-    def call(self, block: torch.nn.Module, index: int, stream: Stream, indices: list[int], kwargs: dict | None = None) -> torch.Tensor:
-        """Block output [len(indices), T, H] for these samples (forward hooks on the block fire)."""
+    def outputs_of(self, block: torch.nn.Module, index: int, stream: Stream, indices: list[int], kwargs: dict | None = None) -> list:
+        """The block's carried outputs for these samples, in `outputs` order: [len(indices), ...] each or None."""
         kwargs = self.kwargs(index, stream, indices) if kwargs is None else kwargs
-        return block_output(block(self.hidden(stream, indices), **kwargs))
+        out = block(self.hidden(stream, indices), **kwargs)
+        if len(self.outputs) == 1:
+            return [block_output(out)]
+        return list(out)
+
+    def call(self, block: torch.nn.Module, index: int, stream: Stream, indices: list[int], kwargs: dict | None = None) -> torch.Tensor:
+        """Block output for these samples (forward hooks on the block fire): [len(indices), T, H], or with
+        several outputs their weighted `joint` [len(indices), n] (the weights of `joint(stream, index)`)."""
+        outputs = self.outputs_of(block, index, stream, indices, kwargs)
+        if len(self.outputs) == 1:
+            return outputs[0]
+        return joint(outputs, self.weights(index, outputs))
 
     @torch.no_grad()
     def propagate(self, block: torch.nn.Module, index: int, stream: Stream) -> Stream:
@@ -126,9 +185,10 @@ class BlockEngine:
         for indices in self.batches(len(stream.hidden)):
             kwargs = self.kwargs(index, stream, indices)
             before = {name: dict(kwargs[name]) for name in self.plan.blocks[index].state}
-            y = self.call(block, index, stream, indices, kwargs)
-            for j, t in zip(indices, y):
-                out.hidden[j] = self.store(t.unsqueeze(0))
+            for name, y in zip(self.outputs, self.outputs_of(block, index, stream, indices, kwargs)):
+                column = out.hidden if name == self.plan.hidden_name else out.extra[name]
+                for k, j in enumerate(indices):
+                    column[j] = None if y is None else self.store(y[k : k + 1])
             for name, old in before.items():
                 for key, value in kwargs[name].items():
                     if old.get(key) is not value:  # written by this block: keep it per sample

@@ -23,6 +23,7 @@ from .export import auto_awq, auto_gptq, auto_round, compressed_tensors
 from .arch import spec_for
 from .kernels.fuse import fuse_shared_inputs
 from .kernels.linear import QuantLinear
+from .kernels.moe import group_experts
 from .model.checkpoint import Checkpoint
 from .model.skeleton import build_skeleton
 from .quant.pack import pack_bitstream
@@ -101,7 +102,7 @@ def layer_buffers(fmt, ckpt: Checkpoint, name: str, scheme: Scheme, layer: Quant
 
 
 def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
-         fuse: bool | None = None):
+         fuse: bool | None = None, grouped_experts: bool | None = None):
     """Load a quantized folder. Returns a transformers model in eval mode.
 
     Args:
@@ -118,18 +119,35 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
             on when the model goes to GPUs (decode 1.53x fp16 against 1.47x unfused at batch 1, block
             linears 2.15x against 1.73x, H100, docs/kernels.md r4), off on the CPU. The fused model is for
             running, not for saving: pass fuse=False to get the checkpoint's module layout.
+        grouped_experts: run each mixture-of-experts layer's quantized experts with the grouped MoE kernel
+            (kernels/moe.py: one launch per projection for all experts, tokens sorted by expert on the device,
+            CUDA-graph and torch.compile safe) instead of expert by expert. The experts' buffers are stacked
+            per layer and each expert keeps views of its slice (no second copy). None (default): on when the
+            model goes to GPUs. It applies to fp16 / bf16 activations where Triton runs; elsewhere, and while
+            calibrating, the per-expert loop runs.
     """
     path = Path(path)
     ckpt = Checkpoint(path)
     qc = read_quantization_config(path)
-    fmt, scheme, marker = checkpoint_format(qc)
     on_gpu = device_map not in (None, "cpu") and torch.cuda.is_available()
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     config = ckpt.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we install our own modules; transformers must not
     model = build_skeleton(config, dtype=dtype)
+    tied = {f"{n}.weight" for n in ("lm_head",)} if getattr(config, "tie_word_embeddings", False) else set()
+    fuse_spec = spec_for(config) if (on_gpu if fuse is None else fuse) else None
+    return fill_quantized(model, ckpt, qc, device_map, dtype, max_memory, cpu_cache_dequantized, fuse_spec, tied)
 
+
+def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.dtype, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
+                   fuse_spec=None, tied: set = frozenset()):
+    """A meta `model` made runnable from a quantized checkpoint: linears with quantized tensors become
+    QuantLinear, every tensor is streamed to the device `device_map` gives it (see `load`), and the model
+    dispatched over several devices when the map names several. fuse_spec: fuse the linears of its scale
+    groups (None: do not fuse); tied: names read from their tied source, not the checkpoint."""
+    path = ckpt.path
+    fmt, scheme, marker = checkpoint_format(qc)
     quantized = {}
     offset = fmt.zero_offset(scheme) if fmt in (auto_round, auto_gptq) else 0
     for name in sorted(n[: -len(marker)] for n in ckpt.index if n.endswith(marker)):
@@ -145,7 +163,7 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     if device_map is None:
         device_map = {"": "cpu"}
     elif device_map == "auto":
-        model.tie_weights()
+        getattr(model, "tie_weights", lambda: None)()
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     elif isinstance(device_map, (str, torch.device, int)):
         device_map = {"": device_map}
@@ -157,21 +175,18 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
         if layer.bias is not None:
             set_module_tensor_to_device(model, f"{name}.bias", device, value=ckpt.tensor(f"{name}.bias").to(dtype))
     state_names = list(model.state_dict().keys())
-    tied = {f"{n}.weight" for n in ("lm_head",)} if getattr(config, "tie_word_embeddings", False) else set()
     for name in state_names:
         if name.rpartition(".")[0] in quantized or name in tied or not ckpt.has(name):
             continue  # absent tensors stay on meta and are reported below
         value = ckpt.tensor(name)
         set_module_tensor_to_device(model, name, device_for(device_map, name), value=value.to(dtype) if value.is_floating_point() else value)
     ckpt.close()
-    model.tie_weights()
+    getattr(model, "tie_weights", lambda: None)()  # transformers models; diffusers ones tie nothing
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise LowbitError(f"{path} lacks tensors the model needs, e.g. {still_meta[0]} ({len(still_meta)} in all)", "the checkpoint is incomplete or for another architecture")
-    if fuse is None:
-        fuse = on_gpu
-    if fuse:  # before dispatch: the fused layer lives in its first member, on the block's one device
-        fuse_shared_inputs(model, spec_for(config))
+    if fuse_spec is not None:  # before dispatch: the fused layer lives in its first member, on the block's one device
+        fuse_shared_inputs(model, fuse_spec)
     devices = {str(d) for d in device_map.values()}
     if len(devices) > 1:
         model = dispatch_model(model, device_map=device_map)
@@ -180,5 +195,9 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
         if isinstance(module, QuantLinear):
             module.post_load()  # the kernels' internal layout, built once on the layer's device
             module.cache_dequantized = module.qweight.device.type == "cpu" and cpu_cache_dequantized
+    if grouped_experts is None:
+        grouped_experts = on_gpu
+    if grouped_experts:  # after post_load: the stacks take each expert's kernel layout
+        group_experts(model)
     model.lowbit_quantization_config = qc
     return model.eval()

@@ -73,6 +73,7 @@ class BlockSizes:
     other_bytes: int
     weight_bytes: int
     batch_tokens: int = 0
+    routed: dict[str, float] = field(default_factory=dict)  # expert linear -> share of the batch's tokens it sees (top_k / E)
 
     @classmethod
     def of(cls, block: torch.nn.Module, linears: dict[str, torch.nn.Linear], dtype: torch.dtype, batch_tokens: int) -> "BlockSizes":
@@ -80,22 +81,36 @@ class BlockSizes:
         quantized = {id(m.weight) for m in linears.values()}
         tensors = [t for t in list(block.parameters()) + list(block.buffers()) if id(t) not in quantized]
         other = sum(t.numel() * (weight_bytes if t.is_floating_point() else t.element_size()) for t in tensors)
-        return cls({n: (m.out_features, m.in_features) for n, m in linears.items()}, other, weight_bytes, batch_tokens)
+        return cls({n: (m.out_features, m.in_features) for n, m in linears.items()}, other, weight_bytes, batch_tokens, routed_shares(block, linears))
+
+
+EXPERT = re.compile(r"(^|\.)experts\.(\d+)\.")
+
+
+def routed_shares(block: torch.nn.Module, linears: dict) -> dict[str, float]:
+    """Mixture of experts: each expert linear sees about top_k / E of a batch's tokens (top_k read from the
+    block's router or MoE module, E the experts counted by name); without a top_k, every token (an upper bound)."""
+    experts = {m.group(2) for n in linears for m in [EXPERT.search(n)] if m}
+    top_k = next((v for m in block.modules() for v in [getattr(m, "top_k", getattr(m, "num_experts_per_tok", None))] if isinstance(v, int) and v > 0), None)
+    if not experts or top_k is None:
+        return {}
+    return {n: min(1.0, top_k / len(experts)) for n in linears if EXPERT.search(n)}
 
 
 def activation_bytes(sizes: BlockSizes, training: bool) -> int:
     """One batch through the block, H the first linear's input width. Without a backward pass: the hidden
     states in and out, the residual and a norm's output [t, H] float32, and the widest linears' outputs (gate,
     up, their product) [t, N]. With
-    one (AutoRound): every linear's saved input and output [t, K + N] plus the float32 prediction, target
-    and loss terms [t, H] x 4."""
+    one (AutoRound): every linear's saved input and output [t, K + N] (an expert's: its routed share of
+    the tokens) plus the float32 prediction, target and loss terms [t, H] x 4."""
     if not sizes.linears or not sizes.batch_tokens:
         return 0
     t = sizes.batch_tokens
     hidden = next(iter(sizes.linears.values()))[1]  # the first linear reads the (normed) block input: K = H
     widest = max(n for n, _ in sizes.linears.values())
     if training:
-        return t * sum(n + k for n, k in sizes.linears.values()) * sizes.weight_bytes + t * 4 * hidden * 4
+        saved = sum(sizes.routed.get(name, 1.0) * (n + k) for name, (n, k) in sizes.linears.items())
+        return int(t * saved * sizes.weight_bytes) + t * 4 * hidden * 4
     return t * (4 * hidden + 3 * widest) * 4
 
 

@@ -112,6 +112,28 @@ class RunSummary:
     block_seconds: list[float] = field(default_factory=list)  # wall seconds of each block, in order
     placements: dict[int, dict[str, str]] = field(default_factory=dict)  # block -> {linear: device} when a block was split
     ranks: list[dict] = field(default_factory=list)  # data parallel: per process, its peak RSS / VRAM and collective seconds
+    # mixture of experts: experts module -> routed calibration tokens per expert; expert -> tokens, for RTN fallbacks
+    routed: dict[str, list[int]] = field(default_factory=dict)
+    experts_rtn: dict[str, int] = field(default_factory=dict)
+    experts_all_tokens: bool = False
+
+    def add_experts(self, prefix: str, plan) -> None:
+        """One block's ExpertPlan (calib/experts.py)."""
+        self.routed.update({f"{prefix}.{n}": counts for n, counts in plan.routed.items()})
+        self.experts_rtn.update({f"{prefix}.{n}": c for n, c in plan.fallback.items()})
+        self.experts_all_tokens = plan.all_tokens
+
+    def expert_lines(self) -> list[str]:
+        if not self.routed:
+            return []
+        counts = sorted(c for per in self.routed.values() for c in per)
+        how = "every token through every expert" if self.experts_all_tokens else "routed tokens only"
+        out = [f"  experts: {len(counts)} in {len(self.routed)} blocks, calibrated on {how}; routed tokens per expert "
+               f"min {counts[0]} / median {counts[len(counts) // 2]} / max {counts[-1]}"]
+        if self.experts_rtn:
+            shown = ", ".join(f"{n} ({c})" for n, c in list(self.experts_rtn.items())[:6])
+            out.append(f"  experts quantized with RTN (too few routed tokens): {len(self.experts_rtn)}: {shown}{' ...' if len(self.experts_rtn) > 6 else ''}")
+        return out
 
     def lines(self) -> list[str]:
         vram = ", ".join(f"{d} {gib(b)}" for d, b in self.peak_vram.items()) or "no GPU used"
@@ -124,6 +146,7 @@ class RunSummary:
             f"  time {self.seconds:.1f} s | peak RSS {gib(self.peak_rss)} (checkpoint {gib(self.checkpoint_bytes)}) | peak VRAM {vram}",
             f"  quantized {len(self.quantized)} linears | output {gib(self.output_bytes)}",
             f"  kept in full precision: {kept or 'nothing'}",
+            *self.expert_lines(),
         ]
         if self.phases:
             lines.append("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()))
@@ -152,4 +175,7 @@ class RunSummary:
             "block_seconds": [round(v, 2) for v in self.block_seconds],
             "placements": self.placements,
             "ranks": self.ranks,
+            "experts_routed_tokens": self.routed,
+            "experts_rtn_fallback": self.experts_rtn,
+            "experts_all_tokens": self.experts_all_tokens,
         }

@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .algorithms import BlockContext, handler_for
 from .arch import ArchSpec, spec_for
+from .arch.experts import experts_modules
 from .atomic import announce_resume, atomic_folder, check_target, partial_path
 from .calib.capture import ReplayPlan, capture_block_inputs
+from .calib.experts import plan_experts, tokens_to_every_expert
 from .calib.corpora import load_text
 from .calib.samples import calibration_windows
 from .config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize_args, method_config
@@ -39,7 +41,7 @@ from .model.names import NameMap, check_complete, map_names
 from .model.scan import check_all_finite
 from .model.skeleton import free_tensors, load_tensors, submodule
 from .model.tokenizer import load_tokenizer
-from .quant import QuantResult
+from .quant import QuantResult, quantize_weight
 from .report import Phases, RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
 PROGRESS = "lowbit_progress.json"
@@ -278,9 +280,17 @@ def quantize(
                 detach(block, placement)
                 free_module(block)
                 continue
-            ctx = BlockContext(index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec, device=device,
+            # mixture of experts: routed tokens counted; experts the method cannot calibrate go to RTN
+            experts = plan_experts(engine, block, i, stream, prefix, calib, method_cfg) if engine is not None else None
+            fallback = {n: l for n, l in linears.items() if experts and experts.falls_back(n)}
+            calibrated = {n: l for n, l in linears.items() if n not in fallback}
+            ctx = BlockContext(index=i, block=block, linears=calibrated, schemes={n: scheme for n in calibrated}, spec=spec, device=device,
                                engine=engine, stream=stream, targets=targets, log=bar.write if writes else None, run_state=run_state)
-            results = block_fn(ctx, method_cfg)
+            with tokens_to_every_expert(block, experts is not None and experts.all_tokens):
+                results = block_fn(ctx, method_cfg)
+            results.update({n: quantize_weight(l.weight.data, scheme, bias=l.bias) for n, l in fallback.items()})
+            if experts is not None:
+                summary.add_experts(prefix, experts)
             if ctx.losses:
                 summary.block_losses.append((i, *ctx.losses))
             if stream is not None and i < len(blocks) - 1:
@@ -417,6 +427,18 @@ def refuse_unholdable(skeleton, spec: ArchSpec, scheme: Scheme, formats, quant_l
         reason = fmt.refuse(scheme, in_features)
         if reason:
             raise LowbitError(reason)
+    # experts are most of a MoE model's weights: keeping one in full precision because a format cannot hold
+    # its shape would silently defeat the quantization, so that is refused here, before any work
+    shapes = {}  # (out, in) -> one expert linear of that shape (experts of a module share their shapes)
+    for name, module in experts_modules(blocks).items():
+        for linear_name, linear in getattr(module, "0").named_children():
+            shapes.setdefault((linear.out_features, linear.in_features), f"{spec.blocks}.{name}.0.{linear_name}")
+    for (n, k), example in shapes.items():
+        for fmt in formats:
+            reason = fmt.can_hold(scheme, n, k)
+            if reason:
+                raise LowbitError(f"format {fmt.NAME} cannot hold the experts' {n}x{k} projections (e.g. {example}): {reason}",
+                                  "pick another --format or --group_size: every expert must be quantized")
 
 
 def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, device, dtype, storage, blocks, reducer=None) -> ReplayPlan:
@@ -435,7 +457,7 @@ def capture(skeleton, ckpt, names: NameMap, spec: ArchSpec, calib: CalibConfig, 
     try:
         plan = capture_block_inputs(skeleton, blocks, samples, device, storage, spec.state_kwargs)
     finally:
-        free_tensors(skeleton, [n for n, t in needed if names.get(n) is not None])
+        free_tensors(skeleton, [n for n, t in needed if names.has(n)])
         ckpt.close()
     if plan.refusal:
         raise LowbitError(f"{type(skeleton).__name__}'s blocks cannot be replayed exactly: {plan.refusal}", "quantize it with --method rtn (no calibration), or extend its ArchSpec")

@@ -15,7 +15,7 @@ import torch
 from lowbit.arch import spec_for
 from lowbit.calib.capture import capture_block_inputs
 from lowbit.engine import BlockEngine
-from lowbit.model.skeleton import model_class
+from lowbit.model.skeleton import attention_implementation, model_class
 from tests.arch.tiny import TINY, tiny_config
 
 N_SAMPLES, SEQLEN = 5, 24  # 24 tokens > the sliding window of 8: sliding and full masks differ
@@ -24,7 +24,8 @@ N_SAMPLES, SEQLEN = 5, 24  # 24 tokens > the sliding window of 8: sliding and fu
 def real_model(arch):
     config = tiny_config(arch)
     torch.manual_seed(0)
-    model = model_class(config)._from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    cls = model_class(config)
+    model = cls._from_config(config, dtype=torch.float32, attn_implementation=attention_implementation(cls)).eval()
     with torch.no_grad():  # random non-trivial values for parameters initialised to constants (norms, scalars)
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.is_floating_point() and t.numel() > 0 and "inv_freq" not in name and ("norm" in name or "scalar" in name):
@@ -65,7 +66,9 @@ def test_block_by_block_matches_full_forward(arch):
         plan, got = replay(model, spec, windows, batch_size)
         assert len(got) == N_SAMPLES
         for s, (g, w) in enumerate(zip(got, want)):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{arch} batch {batch_size} sample {s}: {m}")
+            # fp32 summation-order noise only (batched experts sum in another order: ~2e-5 seen on Gemma 4 MoE);
+            # a wrong argument or state moves outputs by orders of magnitude more
+            torch.testing.assert_close(g, w, rtol=5e-5, atol=5e-5, msg=lambda m: f"{arch} batch {batch_size} sample {s}: {m}")
 
 
 def test_gemma4_per_layer_inputs_are_per_sample_and_masks_are_shared():

@@ -13,6 +13,9 @@ GEMMA4_TEXT = dict(
     TEXT, num_hidden_layers=4, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
     hidden_size_per_layer_input=32, vocab_size_per_layer_input=128, num_kv_shared_layers=2, global_head_dim=16,
 )
+# Mixture-of-experts: 8 experts, top 2; small expert widths (a multiple of 32, the export formats' packing).
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+GEMMA4_MOE = dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
 
@@ -30,6 +33,17 @@ def _vlm(model_type: str, arch: str, text: dict, vision: dict, **top):
 
 
 TINY = {
+    "Qwen3MoeForCausalLM": _text("qwen3_moe", "Qwen3MoeForCausalLM", num_experts=8, **MOE),
+    "Qwen2MoeForCausalLM": _text("qwen2_moe", "Qwen2MoeForCausalLM", num_experts=8, shared_expert_intermediate_size=64, **MOE),
+    "MixtralForCausalLM": _text("mixtral", "MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "GptOssForCausalLM": _text("gpt_oss", "GptOssForCausalLM", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                               layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    # dense first layer, then MoE with one shared expert; multi-head latent attention (low-rank q / kv)
+    "DeepseekV3ForCausalLM": _text("deepseek_v3", "DeepseekV3ForCausalLM", n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                   kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, **MOE),
+    # Gemma 4 26B-A4B's layout: a mixture-of-experts branch beside the dense MLP, inside the VLM
+    "Gemma4ForConditionalGeneration/moe": _vlm("gemma4", "Gemma4ForConditionalGeneration", {**GEMMA4_TEXT, **GEMMA4_MOE, "model_type": "gemma4_text"},
+                                               dict(VISION, model_type="gemma4_vision", head_dim=16, num_key_value_heads=2)),
     "LlamaForCausalLM": _text("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": _text("mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": _text("qwen2", "Qwen2ForCausalLM"),
@@ -51,6 +65,24 @@ TINY = {
     "Qwen3VLForConditionalGeneration": _vlm("qwen3_vl", "Qwen3VLForConditionalGeneration", dict(TEXT, model_type="qwen3_vl_text", rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "mrope_interleaved": True, "rope_theta": 10000.0}),
                                             dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], num_position_embeddings=16)),
 }
+
+
+# calibration text for tiny models (their tokenizers are trained on it)
+TINY_TEXT = " ".join(["the quick brown fox jumps over the lazy dog while a small bird sings in the old oak tree"] * 200)
+
+
+def tiny_text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(TINY_TEXT)
+    return path
+
+
+def logits(model, ids):
+    """fp32 logits of one forward without cache."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
 
 
 def tiny_config(arch: str):

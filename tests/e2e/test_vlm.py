@@ -17,23 +17,16 @@ import torch
 import lowbit
 from lowbit.config import CalibConfig, RunConfig, Scheme
 from lowbit.kernels.linear import QuantLinear
-from tests.arch.tiny import save_tiny_checkpoint
+from tests.arch.tiny import TINY_TEXT as TEXT
+from tests.arch.tiny import logits, save_tiny_checkpoint, tiny_text_file
 
-TEXT = " ".join(["the quick brown fox jumps over the lazy dog while a small bird sings in the old oak tree"] * 200)
 VLMS = ["Gemma4ForConditionalGeneration", "Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
         "Qwen3VLForConditionalGeneration", "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Mistral3ForConditionalGeneration"]
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(TEXT)
-    return path
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
+    return tiny_text_file(tmp_path_factory)
 
 
 @pytest.mark.parametrize("arch", VLMS)

@@ -117,3 +117,28 @@ def test_scan_shares_split_the_bytes_in_file_order():
     assert [t[1] for t in share_by_bytes(tensors, 1, 2)] == ["z"]
     assert share_by_bytes(tensors, 0, 1) == tensors
     assert sum((share_by_bytes(tensors, r, 3) for r in range(3)), []) == tensors  # every tensor once, in order
+
+
+def test_experts_see_their_routed_share():
+    """AutoRound's saved activations: an expert linear holds only the tokens routed to it (top_k of E)."""
+    from torch import nn
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_proj, self.down_proj = nn.Linear(4, 6, bias=False), nn.Linear(6, 4, bias=False)
+
+    class Moe(nn.Module):
+        top_k = 2
+
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(4, 4, bias=False)
+            self.experts = nn.ModuleList(Expert() for _ in range(8))
+
+    block = Moe()
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    sizes = BlockSizes.of(block, linears, torch.float32, batch_tokens=10)
+    assert sizes.routed == {n: 2 / 8 for n in linears if n.startswith("experts.")}
+    # q_proj: every token (4 + 4); 8 experts x (up 6 + 4, down 4 + 6) at a quarter of the tokens each
+    assert activation_bytes(sizes, training=True) == int(10 * (8 + 8 * 20 * 0.25) * 4) + 10 * 4 * 4 * 4

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..arch.experts import experts_modules
 from ..config import AutoRoundConfig, Scheme
 from ..quant import QuantResult, quantize_weight
 from ..quant.primitives import SCALE_FLOOR, group_view
@@ -474,9 +475,11 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             total += loss.detach()
         return total
 
-    # a block spread over several devices runs eagerly: one compiled graph would span several GPUs
-    spread = len({l.weight.device for l in linears.values()}) > 1
-    train_block = block if spread else compilers.block(block, config.compile, device)
+    # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
+    # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
+    # recompile on every batch); the grid functions stay compiled
+    eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
+    train_block = block if eager else compilers.block(block, config.compile, device)
     with frozen(block), fake_quant_swapped(block, linears, trainer.leaves), torch.enable_grad(), recompile_limit(64):
         for it in range(config.iters):
             indices = sampler.next()

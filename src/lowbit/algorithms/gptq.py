@@ -24,6 +24,7 @@ hooks with the earlier stages' weights already quantized.
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import torch
@@ -68,40 +69,6 @@ def inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> torch.Tensor
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp:.3g}")
 
 
-def solve_columns(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round B columns one after another, each column's error spread over the columns after it.
-
-    w [N, B] the columns (not modified), u [B, B] the upper Cholesky factor of H^-1 restricted to them,
-    s / z [N, B] each column's scale and zero. Returns (codes q [N, B], scaled errors e [N, B]), float32:
-    q_i = clamp(round(x_i / s_i) + z_i), e_i = (x_i - s_i (q_i - z_i)) / u_ii, then W[:, j >= i] -= e_i u_ij.
-    On CUDA one fused Triton launch (kernels/triton/gptq.py: the loop is launch-bound there); this loop is
-    its reference and the CPU path."""
-    if w.is_cuda:
-        from ..kernels.triton.gptq import gptq_columns
-
-        return gptq_columns(w, u, s, z, maxq)
-    wt = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).copy_(w.t())  # [B, N]: column i is row i
-    st, zt = s.t(), z.t()
-    qt, et = torch.empty_like(wt), torch.empty_like(wt)
-    for i in range(wt.shape[0]):
-        x, si, zi = wt[i], st[i], zt[i]
-        torch.round(x / si, out=qt[i]).add_(zi).clamp_(0, maxq)  # primitives.quantize_codes' formula, one column
-        torch.div(x - si * (qt[i] - zi), u[i, i], out=et[i])
-        wt[i:].addr_(u[i, i:], et[i], alpha=-1)  # rank-1 update of the remaining columns
-    return qt.t(), et.t()
-
-
-SEGMENT = 128  # columns solved by one solve_columns call at most (the fused kernel's register tile)
-
-
-def segments(i1: int, i2: int, gs: int, natural: bool) -> list[tuple[int, int]]:
-    """[a, b) column ranges of the lazy block [i1, i2): cut where a group starts (natural order: its
-    scale and zero are computed there, from the columns as updated so far) and every SEGMENT columns."""
-    cuts = {c for c in range(i1 + 1, i2) if (natural and c % gs == 0) or (c - i1) % SEGMENT == 0}
-    cuts = [i1, *sorted(cuts), i2]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
 @torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor,
@@ -116,56 +83,114 @@ def gptq_quantize(
     Dead inputs (H_jj = 0: the channel is always zero) get H_jj = 1 and W[:, j] = 0; they cannot change
     the output.
     """
-    W = w.detach().float().clone()  # [N, K], updated in place as errors are spread
-    H = h.detach().float().to(W.device).clone()
-    n_rows, k = W.shape
-    gs = scheme.group_size_for(k)
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    scale = torch.zeros(n_rows, scheme.groups(k), device=W.device)  # [N, G]
-    zero = torch.zeros_like(scale)
-    perm = torch.arange(k, device=W.device)
-    if act_order:  # static groups on the original weight, then visit columns by decreasing H_jj
-        scale, zero = compute_qparams(W, scheme)
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    group_of = perm // gs  # [K] the group of each visited column (no host sync inside the loop)
-    U = inverse_hessian_factor(H, damp_percent)  # [K, K] upper
+    (result,), (loss,) = gptq_quantize_many(w[None], h[None], scheme, block_size, damp_percent, act_order)
+    return result, loss
 
-    codes = torch.zeros_like(W)  # [N, K] in visiting order
-    errors = torch.zeros_like(W)  # [N, K] scaled errors, for the loss
+
+def solve_columns(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round S columns one after another, each column's error spread over the columns after it, for B
+    linears at once.
+
+    w [B, N, S] the columns (not modified), u [B, S, S] the upper Cholesky factor of H^-1 restricted to them,
+    s / z [B, N, S] each column's scale and zero. Returns (codes q [B, N, S], scaled errors e [B, N, S]),
+    float32: q_i = clamp(round(x_i / s_i) + z_i), e_i = (x_i - s_i (q_i - z_i)) / u_ii, then W[..., j >= i] -=
+    e_i u_ij. On CUDA one fused Triton launch (kernels/triton/gptq.py: the loop is launch-bound there); this
+    loop is its reference and the CPU path."""
+    if w.is_cuda:
+        from ..kernels.triton.gptq import gptq_columns
+
+        return gptq_columns(w, u, s, z, maxq)
+    wt = torch.empty(w.shape[0], w.shape[2], w.shape[1], dtype=w.dtype, device=w.device).copy_(w.transpose(1, 2))  # [B, S, N]
+    st, zt = s.transpose(1, 2), z.transpose(1, 2)
+    qt, et = torch.empty_like(wt), torch.empty_like(wt)
+    for i in range(wt.shape[1]):
+        x, si, zi = wt[:, i], st[:, i], zt[:, i]  # [B, N]
+        torch.round(x / si, out=qt[:, i]).add_(zi).clamp_(0, maxq)  # primitives.quantize_codes' formula, one column
+        torch.div(x - si * (qt[:, i] - zi), u[:, i, i, None], out=et[:, i])
+        wt[:, i:] -= u[:, i, i:, None] * et[:, None, i]  # rank-1 update of the remaining columns, [B, S - i, N]
+    return qt.transpose(1, 2), et.transpose(1, 2)
+
+
+SEGMENT = 128  # columns solved by one solve_columns call at most (the fused kernel's register tile)
+
+
+def segments(i1: int, i2: int, gs: int, natural: bool) -> list[tuple[int, int]]:
+    """[a, b) column ranges of the lazy block [i1, i2): cut where a group starts (natural order: its
+    scale and zero are computed there, from the columns as updated so far) and every SEGMENT columns."""
+    cuts = {c for c in range(i1 + 1, i2) if (natural and c % gs == 0) or (c - i1) % SEGMENT == 0}
+    cuts = [i1, *sorted(cuts), i2]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+@torch.no_grad()
+def gptq_quantize_many(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: Scheme,
+    block_size: int = 128,
+    damp_percent: float = 0.01,
+    act_order: bool = False,
+) -> tuple[list[QuantResult], list[float]]:
+    """GPTQ of B same-shaped linears at once: W [B, N, K], each with its own H [B, K, K] (the experts of a
+    mixture-of-experts block). The column loop runs once for all B (its kernels batched), so 128 experts
+    cost about what one linear costs; each linear's arithmetic is the single-linear algorithm's."""
+    W = w.detach().float().clone()  # [B, N, K], updated in place as errors are spread
+    H = h.detach().float().to(W.device).clone()  # [B, K, K]
+    nb, n_rows, k = W.shape
+    gs = scheme.group_size_for(k)
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [B, K]
+    H.diagonal(dim1=-2, dim2=-1)[dead] = 1
+    W.masked_fill_(dead[:, None, :], 0)
+    scale = torch.zeros(nb, n_rows, scheme.groups(k), device=W.device)  # [B, N, G]
+    zero = torch.zeros_like(scale)
+    perm = torch.arange(k, device=W.device).expand(nb, k)  # [B, K] visiting order
+    if act_order:  # static groups on the original weight, then visit columns by decreasing H_jj
+        s, z = compute_qparams(W.reshape(nb * n_rows, k), scheme)
+        scale, zero = s.view(nb, n_rows, -1), z.view(nb, n_rows, -1)
+        perm = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
+        W = W.gather(2, perm[:, None, :].expand(nb, n_rows, k))
+        H = H.gather(1, perm[:, :, None].expand(nb, k, k)).gather(2, perm[:, None, :].expand(nb, k, k))
+    U = torch.stack([inverse_hessian_factor(H[b], damp_percent) for b in range(nb)])  # [B, K, K] upper
+    groups = perm // gs  # [B, K] each visited column's group (no host sync inside the loop)
+
+    codes = torch.zeros_like(W)  # [B, N, K] in visiting order
+    losses = torch.zeros(nb, n_rows, device=W.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()  # [N, B] this lazy block, updated segment by segment
-        err1 = errors[:, i1:i2]  # [N, B] view: the lazy update of the columns after i2 reads it
-        U1 = U[i1:i2, i1:i2]
+        W1 = W[:, :, i1:i2].clone()  # [B, N, Bs] this lazy block, updated segment by segment
+        err1 = torch.zeros_like(W1)  # [B, N, Bs] scaled errors, for the lazy update of the columns after i2
+        U1 = U[:, i1:i2, i1:i2]
         for a, b in segments(i1, i2, gs, natural=not act_order):
+            sa, sb = a - i1, b - i1  # the segment inside the lazy block
             if not act_order and a % gs == 0:
-                # entering a group: its current columns are W1[:, a:] inside the block plus the columns
+                # entering a group: its current columns are W1[..., sa:] inside the block plus the columns
                 # past i2 with this block's pending update (errors of columns i1..a-1) applied
                 end = min(a + gs, k)
-                current = W1[:, a - i1 : end - i1]
+                current = W1[:, :, sa : end - i1]
                 if end > i2:
-                    pending = W[:, i2:end] - err1[:, : a - i1] @ U[i1:a, i2:end]
-                    current = torch.cat([current, pending], dim=1)
-                s, z = compute_qparams(current, scheme)  # [N, 1]: one (possibly partial) group
-                scale[:, a // gs], zero[:, a // gs] = s[:, 0], z[:, 0]
-            if act_order:  # each column's static group, [N, b - a]
-                s_cols, z_cols = scale[:, group_of[a:b]], zero[:, group_of[a:b]]
+                    pending = W[:, :, i2:end] - err1[:, :, :sa] @ U[:, i1:a, i2:end]
+                    current = torch.cat([current, pending], dim=2)
+                s, z = compute_qparams(current.reshape(nb * n_rows, -1), scheme)  # one (possibly partial) group
+                scale[:, :, a // gs], zero[:, :, a // gs] = s.view(nb, n_rows), z.view(nb, n_rows)
+            if act_order:  # each column's static group, [B, N, b - a]
+                g = groups[:, None, a:b].expand(nb, n_rows, b - a)
+                s_cols, z_cols = scale.gather(2, g), zero.gather(2, g)
             else:  # one group for the whole segment: broadcast (column stride 0)
-                s_cols, z_cols = scale[:, a // gs, None].expand(-1, b - a), zero[:, a // gs, None].expand(-1, b - a)
-            q, e = solve_columns(W1[:, a - i1 : b - i1], U1[a - i1 : b - i1, a - i1 : b - i1], s_cols, z_cols, scheme.maxq)
-            codes[:, a:b], err1[:, a - i1 : b - i1] = q, e
+                s_cols, z_cols = scale[:, :, a // gs, None].expand(nb, n_rows, b - a), zero[:, :, a // gs, None].expand(nb, n_rows, b - a)
+            q, e = solve_columns(W1[:, :, sa:sb], U1[:, sa:sb, sa:sb], s_cols, z_cols, scheme.maxq)
+            codes[:, :, a:b], err1[:, :, sa:sb] = q, e
+            losses += e.pow(2).sum(-1) / 2
             if b < i2:  # the rest of this lazy block sees the segment's errors
-                W1[:, b - i1 :] -= e @ U1[a - i1 : b - i1, b - i1 :]
-        W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy batch update
-    codes = codes[:, torch.argsort(perm)]  # back to natural column order
-    result = QuantResult(scheme, codes.to(torch.uint8), scale, zero.to(torch.uint8))
-    return result, (errors.pow(2).sum() / 2).item()
+                W1[:, :, sb:] -= e @ U1[:, sa:sb, sb:]
+        W[:, :, i2:] -= err1 @ U[:, i1:i2, i2:]  # the lazy batch update
+    codes = codes.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(nb, n_rows, k))  # back to natural column order
+    results = [QuantResult(scheme, codes[b].to(torch.uint8), scale[b], zero[b].to(torch.uint8)) for b in range(nb)]
+    return results, losses.sum(dim=1).tolist()
 
 
 # ---------------------------------------------------------------- the block
+
+SOLVE_BATCH = 32  # experts solved together: 32 x (W [N, K] + H, U [K, K]) fp32, ~1.3 GB at K = 2048, N = 1536
 
 
 class _Stop(Exception):
@@ -173,10 +198,12 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def sequential_stages(ctx: BlockContext) -> list[list[str]]:
+def sequential_stages(ctx: BlockContext, shared: dict[str, str] | None = None) -> list[list[str]]:
     """The block's linears in forward order, consecutive ones reading the same input tensor grouped.
 
     Found by running the block once on one sample with hooks; linears the forward never calls come last.
+    shared: filled with linear -> the first linear that read the very same input tensor (q/k/v, gate/up,
+    and with every token through every expert all experts' gate/up): one Hessian serves them all.
     """
     calls: list[tuple[str, torch.Tensor]] = []  # the tensors are kept alive so identity checks hold
 
@@ -193,6 +220,9 @@ def sequential_stages(ctx: BlockContext) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
+    if shared is not None:
+        for i, (name, x) in enumerate(calls):
+            shared[name] = next(n for n, y in calls[: i + 1] if y is x)
     stages: list[list[str]] = []
     for i, (name, x) in enumerate(calls):
         if i and x is calls[i - 1][1]:
@@ -201,17 +231,41 @@ def sequential_stages(ctx: BlockContext) -> list[list[str]]:
             stages.append([name])
     called = {n for n, _ in calls}
     stages += [[n] for n in ctx.linears if n not in called]
-    return stages
+    return merge_experts(stages)
+
+
+def _role(name: str) -> str:
+    """A linear's role in its block: experts of one module share roles (mlp.experts.3.gate_proj -> mlp.experts.*.gate_proj)."""
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", name)
+
+
+def merge_experts(stages: list[list[str]]) -> list[list[str]]:
+    """Stages of experts' linears merged by role: the experts of a block read different token sets, so each
+    expert would be its own stage (a pass over the samples each: hundreds per block); they do not feed
+    each other, so all experts' gate/up form one stage and all their downs the next. Dense blocks: unchanged."""
+    merged: list[list[str]] = []
+    stage_of: dict[str, int] = {}
+    for stage in stages:
+        target = next((stage_of[_role(n)] for n in stage if _role(n) in stage_of), None)
+        if target is None:
+            merged.append([])
+            target = len(merged) - 1
+        for n in stage:
+            stage_of.setdefault(_role(n), target)
+            merged[target].append(n)
+    return merged
 
 
 @torch.no_grad()
-def stage_hessians(ctx: BlockContext, names: list[str], shared_input: bool = False) -> dict[str, tuple[torch.Tensor | None, int]]:
+def stage_hessians(ctx: BlockContext, names: list[str], shared: dict[str, str] | None = None) -> dict[str, tuple[torch.Tensor | None, int]]:
     """H and row count per linear over all cached inputs; each forward stops after the stage's last linear.
 
-    shared_input: the stage's linears read one tensor (a true-sequential stage: q/k/v, gate/up), so one
-    Hessian serves them all (computed and reduced once, not once per linear). Each H is accumulated on its
-    linear's own device (a block placed over several devices)."""
-    hooked = names[:1] if shared_input else names
+    shared (sequential_stages): a linear that reads the same tensor as an earlier one of the stage takes its
+    Hessian (computed and reduced once). Each H is accumulated on its linear's own device (a block placed
+    over several devices)."""
+    shared = shared or {}
+    source = {n: shared.get(n, n) if shared.get(n, n) in names else n for n in names}
+    hooked = [n for n in names if source[n] == n]
     acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in hooked}
     pending = set()
 
@@ -238,7 +292,7 @@ def stage_hessians(ctx: BlockContext, names: list[str], shared_input: bool = Fal
         for h in handles:
             h.remove()
     reduced = {name: reduce_hessian(ctx, ctx.linears[name], h, n) for name, (h, n) in acc.items()}
-    return {name: reduced[hooked[0]] if shared_input else reduced[name] for name in names}
+    return {name: reduced[source[name]] for name in names}
 
 
 def reduce_hessian(ctx: BlockContext, linear: torch.nn.Linear, h: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
@@ -251,31 +305,53 @@ def reduce_hessian(ctx: BlockContext, linear: torch.nn.Linear, h: torch.Tensor |
     return (weighted / total if total > 0 else None), int(total.item())
 
 
+def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[list[str]]:
+    """The stage's linears in solve batches: the experts of one module that play one role (same shape and
+    scheme) are solved together (gptq_quantize_many), at most SOLVE_BATCH at a time; every other linear alone."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        if hessians[name][0] is None:
+            continue
+        linear = ctx.linears[name]
+        # same role, shape, scheme and device (a block spread over several devices places experts apart)
+        key = (_role(name), linear.out_features, linear.in_features, ctx.schemes[name], linear.weight.device) if _role(name) != name else (name,)
+        groups.setdefault(key, []).append(name)
+    return [g[i : i + SOLVE_BATCH] for g in groups.values() for i in range(0, len(g), SOLVE_BATCH)]
+
+
 def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[str, QuantResult]:
     config = config or GptqConfig()
     if not ctx.linears or not ctx.calibrated:
         return {n: quantize_weight(l.weight.data, ctx.schemes[n], bias=l.bias) for n, l in ctx.linears.items()}
     started = time.time()
     ctx.block.eval()
-    stages = sequential_stages(ctx) if config.true_sequential else [list(ctx.linears)]
+    shared: dict[str, str] = {}
+    stages = sequential_stages(ctx, shared)
+    if not config.true_sequential:
+        stages = [list(ctx.linears)]
     results, total = {}, 0.0
     for names in stages:
-        hessians = stage_hessians(ctx, names, shared_input=config.true_sequential)
-        # the solve (the loop over K columns) does not shrink with the samples: processes split the linears
-        solver = ctx.owners(names, cost=lambda n: ctx.linears[n].in_features * (ctx.linears[n].in_features + ctx.linears[n].out_features))
+        hessians = stage_hessians(ctx, names, shared)
         for name in names:
-            linear, (h, n) = ctx.linears[name], hessians[name]
-            if h is None:  # never called: nothing to be faithful to
+            if hessians[name][0] is None:  # never called: nothing to be faithful to
+                linear = ctx.linears[name]
                 results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], bias=linear.bias)
-                continue
-            result, loss = None, 0.0
-            if solver[name] == ctx.engine.rank:
-                result, loss = gptq_quantize(linear.weight, h, ctx.schemes[name], config.block_size, config.damp_percent, config.act_order)
-            result, loss = ctx.shared_result(solver[name], result, loss, linear)
-            result.bias = None if linear.bias is None else linear.bias.detach().clone()
-            results[name], total = result, total + loss
-            # later stages must see this linear quantized (their inputs are recomputed through it)
-            linear.weight.data = result.dequantize().to(linear.weight)
+        groups = solve_groups(ctx, names, hessians)
+        # the solve (the loop over K columns) does not shrink with the samples: processes split the batches
+        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: len(g) * ctx.linears[g[0]].in_features * (ctx.linears[g[0]].in_features + ctx.linears[g[0]].out_features))
+        for group in groups:
+            owner = solver[tuple(group)]
+            linears = [ctx.linears[n] for n in group]
+            mine, losses = [None] * len(group), [0.0] * len(group)
+            if owner == ctx.engine.rank:
+                mine, losses = gptq_quantize_many(torch.stack([l.weight for l in linears]), torch.stack([hessians[n][0] for n in group]),
+                                                  ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
+            for name, linear, result, loss in zip(group, linears, mine, losses):
+                result, loss = ctx.shared_result(owner, result, loss, linear)
+                result.bias = None if linear.bias is None else linear.bias.detach().clone()
+                results[name], total = result, total + loss
+                # later stages must see this linear quantized (their inputs are recomputed through it)
+                linear.weight.data = result.dequantize().to(linear.weight)
     if ctx.log:
         ctx.log(f"block {ctx.index}: gptq {len(stages)} stages, error {total:.4g}, {time.time() - started:.1f}s")
     return results

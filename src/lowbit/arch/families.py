@@ -63,10 +63,13 @@ PHI3 = register(
 # read the keys / values the last storing layer of their attention type wrote into `shared_kv_states`.
 # Gemma4RMSNorm computes x_hat * weight (no +1, unlike Gemma 3). The per-layer embedding table and its
 # model-level projection run before block 0 and stay in full precision.
+# Gemma 4 26B-A4B adds a mixture-of-experts branch beside the dense MLP of every block: `router.proj`
+# (kept in fp) and `experts` (unfused per expert, arch/experts.py).
 GEMMA4_TEXT = register(
     ArchSpec(
         blocks="model.layers",
-        linears=_ATTN + _MLP + ("per_layer_input_gate", "per_layer_projection"),
+        linears=_ATTN + _MLP + ("per_layer_input_gate", "per_layer_projection", "experts.*"),
+        fp_linears=("router.proj",),
         scale_groups=_GEMMA_GROUPS,
         keep_fp=("model.embed_tokens_per_layer", "model.per_layer_model_projection"),
         state_kwargs=("shared_kv_states",),
@@ -102,4 +105,37 @@ QWEN3_VL = register(
         "block; calibrate on text (the default)",
     ),
     "Qwen3VLForConditionalGeneration",
+)
+
+
+# Mixture-of-experts decoders. transformers fuses each block's experts into 3-D parameters; lowbit unfuses
+# them into one linear per expert projection (arch/experts.py), named as the checkpoint names them
+# (`mlp.experts.{i}.gate_proj`, Mixtral's `mlp.experts.{i}.w1`), so `mlp.experts.*` covers them all. Routers
+# are not nn.Linear modules in transformers 5 (they stay in fp untouched); the shared-expert gate is, and is
+# kept. Dense MLPs (Qwen3-MoE's mlp_only_layers, DeepSeek's first_k_dense_replace layers) use _MLP.
+_EXPERTS = ("mlp.experts.*",)
+MOE = register(
+    ArchSpec(blocks="model.layers", linears=_ATTN + _MLP + _EXPERTS, scale_groups=_LLAMA_GROUPS),
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
+)
+QWEN2_MOE = register(
+    replace(MOE, linears=MOE.linears + ("mlp.shared_expert.*",), fp_linears=("mlp.shared_expert_gate",)),
+    "Qwen2MoeForCausalLM",
+)
+# gpt-oss: biased attention and experts (fused [E, H, 2I], gate / up interleaved), attention sinks.
+GPT_OSS = register(ArchSpec(blocks="model.layers", linears=_ATTN + _EXPERTS, scale_groups=(_QKV, _VO)), "GptOssForCausalLM")
+# DeepSeek-V3: multi-head latent attention (low-rank q and kv projections), dense first layers, shared experts.
+_MLA = ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj")
+DEEPSEEK_V3 = register(
+    ArchSpec(
+        blocks="model.layers",
+        linears=_MLA + _MLP + _EXPERTS + ("mlp.shared_experts.*",),
+        scale_groups=(
+            ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+            ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            _UD,
+        ),
+    ),
+    "DeepseekV3ForCausalLM",
 )

@@ -50,6 +50,10 @@ class ArchSpec:
             its own, carried from block to block like the hidden states.
         text_only: calibration with images cannot be replayed exactly block by block (Qwen3-VL adds
             deepstack visual features between blocks, outside any block's forward): a reason, or "".
+        block_outputs: the block arguments a block's return values feed into the next block, in return
+            order; () = the first return value is the next block's hidden states (decoder layers). A
+            diffusion transformer's joint blocks take and return two streams: ("encoder_hidden_states",
+            "hidden_states"); the block engine carries both per sample.
     """
 
     blocks: str
@@ -64,6 +68,7 @@ class ArchSpec:
     norm_weight_offset: float = 0.0
     state_kwargs: tuple[str, ...] = ()
     text_only: str = ""
+    block_outputs: tuple[str, ...] = ()
 
     def in_blocks(self, name: str) -> bool:
         return name.startswith(self.blocks + ".")

@@ -12,16 +12,27 @@ calibration samples, as it arrives:
   inputs; image-dependent position ids): stored per sample, batched together at replay;
 - `state`: the spec's `state_kwargs`, containers that blocks write and later blocks read (Gemma 4's
   shared KV states): not recorded; the block engine gives every sample its own, carried across blocks.
+- streams: the spec's `block_outputs` beyond the hidden states, i.e. arguments a block returns for the next
+  one (a diffusion transformer's joint blocks take and return `encoder_hidden_states` beside the image's
+  `hidden_states`): kept per sample for block 0, like the hidden states; later blocks get them from the
+  block engine.
 Anything else (an argument that differs between samples but cannot be split by sample, an undeclared
 mutable container) cannot be replayed exactly: `ReplayPlan.refusal` says why, and the runner refuses
 to calibrate with it.
+
+Two ways to drive the capture: `capture_block_inputs` runs a causal LM per sample and stops the forward
+at the last block (nothing after it is needed); `recording(..., run=...)` lets a caller drive the model
+itself and runs each real block after recording it, so the model's forward completes (a diffusion
+pipeline's denoising loop needs the transformer's output to take its next step).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections import UserDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -54,6 +65,8 @@ class ReplayPlan:
     blocks: list  # BlockArgs per block index
     hidden_name: str = "hidden_states"
     refusal: str = ""  # why replay cannot be exact ("" = it can)
+    streams: dict = field(default_factory=dict)  # other carried argument -> block 0's value per sample ([1, T', H'])
+    outputs: tuple = ()  # the arguments a block's return values feed, in return order; () = (hidden_name,)
 
 
 def _movable(value) -> bool:
@@ -71,9 +84,9 @@ def _per_sample(value) -> bool:
 class _Sink:
     """Classifies the arguments of every block as the samples arrive (see the module docstring)."""
 
-    def __init__(self, n_blocks: int, storage: torch.device, state_kwargs: tuple[str, ...]):
+    def __init__(self, n_blocks: int, storage: torch.device, state_kwargs: tuple[str, ...], outputs: tuple[str, ...] = ()):
         self.storage, self.state_kwargs = storage, state_kwargs
-        self.plan = ReplayPlan(hidden=[], blocks=[BlockArgs() for _ in range(n_blocks)])
+        self.plan = ReplayPlan(hidden=[], blocks=[BlockArgs() for _ in range(n_blocks)], outputs=tuple(outputs))
         self.sample = -1
         self._stored: dict[int, object] = {}  # id(original object) -> stored copy, within one sample
         self._shared: list = []  # stored constants, for sharing equal ones between blocks
@@ -115,9 +128,12 @@ class _Sink:
         bound = _bind(block, args, kwargs)
         hidden_name = next(iter(bound))
         hidden = bound.pop(hidden_name)
+        carried = {name: bound.pop(name, None) for name in self.plan.outputs if name != hidden_name}
         if index == 0:
             self.plan.hidden.append(hidden.detach().to(self.storage))
             self.plan.hidden_name = hidden_name
+            for name, value in carried.items():
+                self.plan.streams.setdefault(name, []).append(value.detach().to(self.storage) if isinstance(value, torch.Tensor) else value)
         plan = self.plan.blocks[index]
         for name, value in bound.items():
             if name in DROPPED:
@@ -168,10 +184,13 @@ def _bind(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 class _Recorder(torch.nn.Module):
-    def __init__(self, wrapped: torch.nn.Module, index: int, sink: _Sink, last: bool):
+    """Stands in for block `index`: records the call, then stops the forward (`last`), runs the real block
+    (`run(index, block, args, kwargs)`, when the caller's forward must complete) or hands the hidden states on."""
+
+    def __init__(self, wrapped: torch.nn.Module, index: int, sink: _Sink, last: bool, run: Callable | None = None):
         super().__init__()
         self.wrapped = [wrapped]  # a list, so the meta block is not registered as a child
-        self.index, self.sink, self.last = index, sink, last
+        self.index, self.sink, self.last, self.run = index, sink, last, run
 
     def __getattr__(self, name):
         try:
@@ -181,6 +200,8 @@ class _Recorder(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         self.sink.record(self.index, self.wrapped[0], args, kwargs)
+        if self.run is not None:
+            return self.run(self.index, self.wrapped[0], args, kwargs)
         if self.last:
             raise _StopForward
         return args[0] if args else next(iter(kwargs.values()))
@@ -193,23 +214,40 @@ def _as_input(value, device, dtype):
     return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
+def block_slots(block_lists) -> list[tuple[torch.nn.ModuleList, int]]:
+    """(list, position) of every block in model order; `block_lists` is one ModuleList or several (a FLUX
+    transformer's double-stream blocks, then its single-stream ones): global index = position in this list."""
+    lists = [block_lists] if isinstance(block_lists, torch.nn.ModuleList) else list(block_lists)
+    return [(blocks, i) for blocks in lists for i in range(len(blocks))]
+
+
+@contextmanager
+def recording(block_lists, storage, state_kwargs: tuple[str, ...] = (), outputs: tuple[str, ...] = (), run: Callable | None = None):
+    """Swap every block for a recorder while the caller drives the model; yields the `_Sink` (call
+    `new_sample()` before each sample's forward); its `plan` is complete when the block is left.
+    run: None stops the forward at the last block; else `run(index, block, args, kwargs)` computes each block."""
+    slots = block_slots(block_lists)
+    sink = _Sink(len(slots), torch.device(storage), state_kwargs, outputs)
+    originals = [blocks[i] for blocks, i in slots]
+    for index, ((blocks, i), block) in enumerate(zip(slots, originals)):
+        blocks[i] = _Recorder(block, index, sink, last=index == len(slots) - 1, run=run)
+    try:
+        yield sink
+    finally:
+        for (blocks, i), block in zip(slots, originals):
+            blocks[i] = block
+        sink.new_sample()
+
+
 @torch.no_grad()
 def capture_block_inputs(model, blocks: torch.nn.ModuleList, samples: list[dict], device, storage, state_kwargs: tuple[str, ...] = ()) -> ReplayPlan:
     """Run `model` on each sample (a dict of model inputs with batch 1, e.g. {"input_ids": [1, T]}) up to
     the last block, recording what every block receives; the modules before block 0 must be loaded."""
-    sink = _Sink(len(blocks), torch.device(storage), state_kwargs)
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = _Recorder(block, i, sink, last=i == len(originals) - 1)
-    try:
+    with recording(blocks, storage, state_kwargs) as sink:
         for sample in samples:
             sink.new_sample()
             try:
                 model(**{k: _as_input(v, device, model.dtype) for k, v in sample.items()}, use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    sink.new_sample()
     return sink.plan

@@ -2,7 +2,8 @@
 
 Tensors are buffered until the caller flushes (at a block boundary, once `full`), each flush writing
 `model-NNNNN.safetensors`, so RAM holds about one shard's worth of output. `model.safetensors.index.json` (the transformers sharded layout)
-maps every tensor to its file; a single shard is renamed to plain `model.safetensors`.
+maps every tensor to its file; a single shard is renamed to plain `model.safetensors`. `stem` names them otherwise
+(diffusers models: `diffusion_pytorch_model`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ INDEX = "model.safetensors.index.json"
 
 
 class ShardWriter:
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, max_shard_bytes: int, stem: str = "model"):
+        self.folder, self.stem = Path(folder), stem
         self.max_shard_bytes = max_shard_bytes
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffered = 0
@@ -45,7 +46,7 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        name = f"{self.stem}-{len(self.shards) + 1:05d}.safetensors"
         tmp = self.folder / (name + ".tmp")
         save_file(self.buffer, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.folder / name)  # a shard file is either complete or absent
@@ -58,7 +59,7 @@ class ShardWriter:
     def finish(self) -> None:
         self.flush()
         if len(self.shards) == 1:
-            os.replace(self.folder / self.shards[0], self.folder / "model.safetensors")
+            os.replace(self.folder / self.shards[0], self.folder / f"{self.stem}.safetensors")
             return
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+        (self.folder / INDEX.replace("model", self.stem, 1)).write_text(json.dumps(index, indent=2))

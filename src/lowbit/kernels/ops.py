@@ -3,8 +3,12 @@ op per quantized linear instead of tracing into Triton's launcher.
 
     torch.ops.lowbit.quant_linear(x [..., K], qweight, scales, zeros, bias?, bits, group_size) -> [..., N]
     torch.ops.lowbit.dequantize(qweight, scales, zeros, bits, group_size, dtype) -> W^T [K, N]
+    torch.ops.lowbit.moe_align(top_k_index [T, k], num_experts, block_m) -> (sorted_ids, block_expert)
+    torch.ops.lowbit.moe_quant_matmul(x, sorted_ids, block_expert, qweight, scales, zeros, bias?, weights?,
+                                      top_k, bits, group_size, interleave, block_m) -> [T * top_k, P * NP]
 
-Both take the internal layout of repack.py (zeros unpacked, fp16 [G, N]). Their fake implementations
+They take the internal layouts of repack.py (zeros unpacked, fp16 [G, N]; `Stacked` for the MoE ops, whose
+sizes depend on shapes alone, never on the routing, so CUDA graphs replay them). Their fake implementations
 give output shapes from input shapes alone. Each kernel launch runs under its weight's device
 (triton/__init__.py: device_guard), so layers spread over GPUs by device_map="auto" work whatever the
 current device is.
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .repack import Packed
+from .repack import Packed, Stacked
+from .triton import moe as _moe
 from .triton.dequant import dequantize as _dequantize
 from .triton.matmul import quant_matmul
 
@@ -45,3 +50,28 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 @dequantize.register_fake
 def _(qweight, scales, zeros, bits, group_size, dtype):
     return qweight.new_empty(qweight.shape[0] * 32 // bits, qweight.shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("lowbit::moe_align", mutates_args=())
+def moe_align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _moe.align(top_k_index, num_experts, block_m)
+
+
+@moe_align.register_fake
+def _(top_k_index, num_experts, block_m):
+    n_blocks = _moe.max_blocks(top_k_index.numel(), num_experts, block_m)
+    return (top_k_index.new_empty(n_blocks * block_m, dtype=torch.int32), top_k_index.new_empty(n_blocks, dtype=torch.int32))
+
+
+@torch.library.custom_op("lowbit::moe_quant_matmul", mutates_args=())
+def moe_quant_matmul(
+    x: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: torch.Tensor | None, weights: torch.Tensor | None, top_k: int, bits: int, group_size: int, interleave: bool, block_m: int,
+) -> torch.Tensor:
+    w = Stacked(qweight, scales, zeros, bias, bits, group_size)
+    return _moe.grouped_matmul(x, sorted_ids, block_expert, w, top_k, block_m, weights=weights, interleave=interleave)
+
+
+@moe_quant_matmul.register_fake
+def _(x, sorted_ids, block_expert, qweight, scales, zeros, bias, weights, top_k, bits, group_size, interleave, block_m):
+    return x.new_empty(x.shape[0] * top_k, qweight.shape[1] * qweight.shape[3])

@@ -53,3 +53,30 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
     codes_kn = unpack_columns(qweight.cpu()).to(qweight.device)  # [K, N]
     zeros = unpack_columns(qzeros.cpu()).to(qzeros.device)  # [G, N], AWQ stores zeros as is
     return Packed(pack_bitstream(codes_kn, 4, dim=0), scales, zeros.to(torch.float16), 4, group_size)
+
+
+@dataclass
+class Stacked:
+    """Many experts' packed weights for one projection, side by side (kernels/moe.py builds it at load; the
+    grouped MoE kernel, triton/moe.py, reads it). E experts, each weight W_e [N = P * NP, K] made of P parts
+    (gate and up: P = 2; down: P = 1), each part a `Packed` of [NP, K]:
+        qweight  int32 [E, P, K * bits / 32, NP]
+        scales   fp16  [E, P, G, NP]
+        zeros    fp16  [E, P, G, NP]
+        bias     act.  [E, P, NP] or None
+    Each expert's part [e, p] is contiguous and is exactly one per-expert QuantLinear's buffer (those become
+    views of these, so nothing is held twice). Part p owns output columns [p * NP, (p + 1) * NP) of W_e, or,
+    interleaved (gpt-oss), columns p, P + p, 2P + p, ...: the kernel writes them where the layout puts them."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(E, P, NP, K)."""
+        e, p, kw, np_ = self.qweight.shape
+        return e, p, np_, kw * 32 // self.bits

@@ -17,9 +17,10 @@ from ..errors import LowbitError
 
 
 class Checkpoint:
-    """config.json + *.safetensors in one folder."""
+    """config.json + *.safetensors in one folder. `read_config(path)` reads the config (default transformers'
+    AutoConfig; a diffusers model's config is its JSON dict, diffusion/model.py)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_config=None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise LowbitError(f"model path {str(path)!r} is not a folder", "pass a Hugging Face checkpoint folder, a .gguf file or 'default'")
@@ -31,7 +32,7 @@ class Checkpoint:
             hint = "convert the *.bin weights with save_pretrained(safe_serialization=True)" if bins else "the folder must hold *.safetensors weights"
             raise LowbitError(f"{self.path} has no *.safetensors weights", hint)
         try:
-            self.config = AutoConfig.from_pretrained(self.path)
+            self.config = (read_config or AutoConfig.from_pretrained)(self.path)
         except Exception as err:  # transformers raises many types here; the message is what matters
             raise LowbitError(f"cannot read {self.path / 'config.json'}: {err}", "check the file is a valid transformers config") from None
         self.index: dict[str, Path] = {}

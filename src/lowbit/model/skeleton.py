@@ -12,6 +12,7 @@ import transformers
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
+from ..arch.experts import unfuse_experts
 from ..errors import LowbitError
 from .checkpoint import Checkpoint
 
@@ -24,11 +25,19 @@ def model_class(config):
     return cls
 
 
+def attention_implementation(cls) -> str:
+    """sdpa where the class supports it (most), else eager (gpt-oss: attention sinks)."""
+    return "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
+
+
 def build_skeleton(config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The full model with every parameter on `meta` and real buffers; eval mode."""
+    """The full model with every parameter on `meta` and real buffers; eval mode. Fused mixture-of-experts
+    parameters are unfused into one linear per expert projection (arch/experts.py)."""
     with init_empty_weights(include_buffers=False):
-        model = model_class(config)._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        cls = model_class(config)
+        model = cls._from_config(config, dtype=dtype, attn_implementation=attention_implementation(cls))
     model.tie_weights()  # tied parameters (lm_head and the embedding) become one Parameter, as when loaded
+    unfuse_experts(model)
     return model.eval()
 
 
@@ -50,14 +59,13 @@ def load_tensors(model, full_names, ckpt: Checkpoint, names, device, dtype: torc
     where = device if callable(device) else (lambda _: device)
     for full, tensor in full_names:
         device = where(full)
-        key = names.get(full)
-        if key is None:
+        if not names.has(full):
             if tensor.device.type == "meta":
                 raise LowbitError(f"tensor {full} is missing from the checkpoint at {ckpt.path}", "the checkpoint is incomplete or for another architecture")
             if tensor.device != torch.device(device):  # a computed buffer (rotary table): where the module runs
                 set_module_tensor_to_device(model, full, device)
             continue
-        value = ckpt.tensor(key)
+        value = names.read(ckpt, full)
         if value.is_floating_point():
             value = value.to(dtype)
         if tuple(value.shape) != tuple(tensor.shape):

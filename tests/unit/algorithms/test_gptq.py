@@ -182,3 +182,22 @@ def test_quantize_and_load_tiny_model(tmp_path):
     assert torch.isfinite(got).all()
     assert (got - want).norm() / want.norm() < 0.2  # close to fp, but quantized
     assert not torch.equal(got, want)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_batched_solve_is_each_linears_own_solve(act_order):
+    """gptq_quantize_many (the experts of a MoE block, solved together) gives every linear what its own
+    solve gives: same codes and scales, with different weights and Hessians per linear and a partial group."""
+    from lowbit.algorithms.gptq import gptq_quantize_many
+
+    gen = torch.Generator().manual_seed(0)
+    ws = torch.randn(3, 24, 40, generator=gen)  # K = 40: groups of 16, the last one 8 wide
+    xs = torch.randn(3, 200, 40, generator=gen) * torch.linspace(0.1, 3, 40)
+    hs = torch.stack([accumulate_hessian(None, 0, x)[0] for x in xs])
+    hs[1, 5, :] = hs[1, :, 5] = 0  # a dead input on one of them
+    scheme = Scheme(4, 16, sym=False)
+    many, losses = gptq_quantize_many(ws, hs, scheme, block_size=16, act_order=act_order)
+    for b in range(3):
+        one, loss = gptq_quantize(ws[b], hs[b], scheme, block_size=16, act_order=act_order)
+        assert torch.equal(many[b].codes, one.codes) and torch.equal(many[b].scale, one.scale) and torch.equal(many[b].zero, one.zero)
+        assert losses[b] == pytest.approx(loss, rel=1e-5)

@@ -58,6 +58,25 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def load_chunk(qw_ptr, scales_ptr, zeros_ptr, c, offs_n, n_ok, N, K, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               GROUP_PER_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Chunk c of a packed weight (qweight [K*BITS/32, N], scales / zeros [G, N], row stride N) at columns offs_n:
+    the words [BLOCK_K*BITS/32, BN] (0 past K) and, with GROUP_PER_CHUNK, the chunk's one group's scale and zero
+    [BN] in fp32 (else zeros: _mac loads per-k rows)."""
+    R: tl.constexpr = BLOCK_K * BITS // 32  # packed rows per chunk
+    offs_w = c * R + tl.arange(0, R)
+    words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < K * BITS // 32) & n_ok[None, :], other=0)
+    if GROUP_PER_CHUNK:
+        g = (c * BLOCK_K) // GROUP_SIZE
+        s = tl.load(scales_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        z = s
+    return words, s, z
+
+
+@triton.jit
 def _mac(acc, d, xs, x, q, kk, s, z, offs_n, n_ok, scales_ptr, zeros_ptr, N, K,
          GROUP_SIZE: tl.constexpr, GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr, DOT_F32: tl.constexpr,
          MAGIC: tl.constexpr = False):
@@ -166,16 +185,8 @@ def _tile(
 
     R: tl.constexpr = BLOCK_K // VALS  # packed rows per chunk
     for c in range(c_start, c_end):
-        offs_w = c * R + tl.arange(0, R)  # packed rows [R]
         # Out-of-range k read x = 0 and codes = 0, so they add nothing on any path.
-        words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < K // VALS) & n_ok[None, :], other=0)
-        if GROUP_PER_CHUNK:
-            g = (c * BLOCK_K) // GROUP_SIZE  # the one group of this chunk
-            s = tl.load(scales_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
-            z = tl.load(zeros_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
-        else:
-            s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # unused: _mac loads per-k rows
-            z = s
+        words, s, z = load_chunk(qw_ptr, scales_ptr, zeros_ptr, c, offs_n, n_ok, N, K, BITS, GROUP_SIZE, GROUP_PER_CHUNK, BLOCK_N, BLOCK_K)
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x . q of this chunk (SCALE_AFTER_DOT)
         xs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_k x of this chunk (SCALE_AFTER_DOT)
         if UNPACK4 and not SPLIT_UNPACK:

@@ -1,0 +1,208 @@
+"""Scale check for diffusion pipelines: a random-weight FLUX.1-dev-shaped transformer (hidden 3072, 24 heads of
+128, joint attention dim 4096, pooled 768, guidance embedding, 64 latent channels) in a FluxPipeline with small
+random text encoders of the widths the transformer reads and a 4-level VAE (latents at 1/8 of the image size),
+quantized with the lowbit CLI: RTN, then AutoRound with few iterations calibrated through the pipeline's own
+denoising loop (8 prompts x 4 steps at 512 x 512, 512 T5 tokens: 32 samples of 1024 image + 512 text tokens).
+Peak RSS / VRAM and the time per block come from each run's lowbit_log.json; each output is then loaded with
+lowbit.load_pipeline (QuantLinear: Triton kernels on CUDA) and its latents compared with the fp pipeline's on
+two prompts the calibration did not see.
+
+The transformer is written tensor by tensor from its meta skeleton (random bf16: weights N(0, 0.02^2), norm
+weights near 1), never whole in RAM. FLUX.1-dev has 19 double-stream and 38 single-stream blocks (12B); a
+single H200's 64 GB disk and a 300 s budget take `--double 4 --single 8` of the real shapes (2.5B parameters,
+5 GB): peak RAM and VRAM depend on the block, not on the depth.
+
+    python bench/diffusion_scale.py --double 4 --single 8 --workdir /tmp/flux     # GPU
+    python bench/diffusion_scale.py --tiny --device cpu                            # smoke test of this script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+TINY = dict(FLUX_DEV, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12))
+HELD_OUT = ["a boat on the lake under snow mountain at sunset", "portrait of an old man with a hat in the rain"]
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """Calibration prompts in the tiny text encoders' vocabulary (lowbit's default prompts would be mostly
+    unknown words to them, every prompt then nearly the same text), none of them a held-out prompt."""
+    import random
+
+    from tests.diffusion_tiny import WORDS
+
+    rng = random.Random(0)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(n)) + "\n")
+    return path
+
+
+def write_random_transformer(config: dict, path: Path, shard_bytes: int = 2 << 30) -> int:
+    """Every tensor of the transformer's state dict, random bf16, in diffusers' sharded layout; returns bytes."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from common import write_random_shards
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    model.save_config(path)
+    return write_random_shards(model.state_dict(keep_vars=True).items(), path, "diffusion_pytorch_model", shard_bytes)
+
+
+def write_pipeline(path: Path, config: dict, double: int, single: int) -> int:
+    from tests.diffusion_tiny import tiny_flux_pipeline
+
+    shutil.rmtree(path, ignore_errors=True)
+    small = dict(config, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2, axes_dims_rope=(8, 12, 12))
+    pipe = tiny_flux_pipeline(dtype=torch.bfloat16, transformer_config=small, vae={"levels": 4})
+    pipe.save_pretrained(path)
+    return write_random_transformer(dict(config, num_layers=double, num_single_layers=single), path / "transformer")
+
+
+def quantize(pipe: Path, out: Path, extra: list[str], device: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(pipe), "--scheme", "W4A16", "--group_size", "128", "--sym", "--format", "auto_round",
+           "--output_dir", str(out), "--device", device, *extra]
+    t0 = time.time()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.time() - t0
+    print(proc.stderr[-2500:], proc.stdout[-2500:], sep="\n", flush=True)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": round(wall, 1)}
+    log = json.loads((out / "lowbit_log.json").read_text())
+    return {"wall_s": round(wall, 1), "seconds": log["seconds"], "calibration_s": log["calibration_seconds"], "block_s": log["block_seconds"],
+            "peak_rss_gib": round(log["peak_rss_bytes"] / 2**30, 2), "peak_vram_gib": {d: round(b / 2**30, 2) for d, b in log["peak_vram_bytes"].items()},
+            "quantized": len(log["quantized"]), "kept_fp": sorted(set(log["kept_fp"]) & {"text_encoder", "text_encoder_2", "vae", "x_embedder", "proj_out"}),
+            "losses": log["block_losses"][:3], "placement": log.get("placement", {})}
+
+
+@torch.no_grad()
+def latents_of(pipe, device: str, gen_kwargs: dict) -> tuple[torch.Tensor, float]:
+    pipe.set_progress_bar_config(disable=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.time()
+    out = pipe(HELD_OUT, generator=torch.Generator("cpu").manual_seed(3), output_type="latent", **gen_kwargs).images
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out.float().cpu(), time.time() - t0
+
+
+@torch.no_grad()
+def transformer_output(transformer, config: dict, size: int, text_tokens: int, device: str, dtype) -> torch.Tensor:
+    """The transformer's output on one fixed random input at the real token counts (1/16 of the image side
+    per axis: 8x VAE, 2x2 packing), fp32 on the CPU. Random N(0, 1) text states are far from what the text
+    encoders give (the calibration's distribution): a check of the kernels at scale more than of the method;
+    the latents of held-out prompts through the pipeline are the method's measure."""
+    gen = torch.Generator().manual_seed(11)
+    side = size // 16
+    ids = torch.zeros(side * side, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
+    inputs = dict(hidden_states=torch.randn(1, side * side, config["in_channels"], generator=gen),
+                  encoder_hidden_states=torch.randn(1, text_tokens, config["joint_attention_dim"], generator=gen),
+                  pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=gen), timestep=torch.tensor([0.6]),
+                  guidance=torch.tensor([3.5]), img_ids=ids, txt_ids=torch.zeros(text_tokens, 3))
+    inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+    return transformer(**inputs).sample.float().cpu()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--double", type=int, default=4)
+    p.add_argument("--single", type=int, default=8)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--nprompts", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--text_tokens", type=int, default=512)
+    p.add_argument("--workdir", default="/tmp/flux-scale")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="toy widths, 1 + 2 blocks, 64 px, 16 text tokens: a smoke test of this script on the CPU")
+    args = p.parse_args()
+    if args.tiny:
+        args.double, args.single, args.size, args.text_tokens, args.nprompts, args.steps, args.iters = 1, 2, 64, 16, 2, 2, 2
+    import diffusers
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    from lowbit.diffusion import load_pipeline
+
+    work = Path(args.workdir)
+    pipe_dir = work / "flux"
+    t0 = time.time()
+    nbytes = write_pipeline(pipe_dir, TINY if args.tiny else FLUX_DEV, args.double, args.single)
+    print(f"wrote the pipeline ({nbytes / 2**30:.2f} GiB transformer) in {time.time() - t0:.0f} s", flush=True)
+    prompts = write_prompts(work / "prompts.txt", args.nprompts)
+    calib = ["--prompt_file", str(prompts), "--nprompts", str(args.nprompts), "--num_inference_steps", str(args.steps), "--height", str(args.size), "--width", str(args.size),
+             "--max_sequence_length", str(args.text_tokens), "--batch_size", "4"]
+    rows = {"rtn": quantize(pipe_dir, work / "rtn", ["--method", "rtn"], args.device),
+            "autoround": quantize(pipe_dir, work / "autoround", ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile", *calib], args.device)}
+
+    gen = dict(num_inference_steps=args.steps, height=args.size, width=args.size, max_sequence_length=args.text_tokens)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    fp = DiffusionPipeline.from_pretrained(pipe_dir, dtype=dtype).to(args.device)
+    config = TINY if args.tiny else FLUX_DEV
+    latents_of(fp, args.device, gen)  # warm-up
+    ref, fp_s = latents_of(fp, args.device, gen)
+    ref_out = transformer_output(fp.transformer, config, args.size, args.text_tokens, args.device, dtype)
+    del fp
+    for name, row in rows.items():
+        if "error" in row:
+            continue
+        try:  # a failure here must not lose the quantization figures above
+            q = load_pipeline(work / name, device_map=None if args.device == "cpu" else args.device, dtype=dtype)
+            latents_of(q, args.device, gen)
+            lat, q_s = latents_of(q, args.device, gen)
+            row["latent_rel_err"] = round(((lat - ref).norm() / ref.norm()).item(), 5)
+            out = transformer_output(q.transformer, config, args.size, args.text_tokens, args.device, dtype)
+            row["transformer_out_rel_err"] = round(((out - ref_out).norm() / ref_out.norm()).item(), 5)
+            row["generate_s"], row["fp_generate_s"] = round(q_s, 3), round(fp_s, 3)
+            del q
+        except Exception as exc:  # noqa: BLE001
+            row["eval_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(row["eval_error"], flush=True)
+        shutil.rmtree(work / name, ignore_errors=True)
+
+    env = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+           "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result = {"env": env, "args": vars(args), "transformer_gib": round(nbytes / 2**30, 2), "blocks": f"{args.double} double + {args.single} single", "rows": rows}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    name = f"diffusion-scale-{'tiny-' if args.tiny else ''}{time.strftime('%Y-%m-%d')}.json"
+    (Path(args.out) / name).write_text(json.dumps(result, indent=2))
+    n = args.double + args.single
+    print(f"\n{env['gpu']}, torch {env['torch']}, diffusers {env['diffusers']}: FLUX.1-dev shapes, {result['blocks']} blocks, {result['transformer_gib']} GiB bf16")
+    print(f"{'method':10} {'total s':>8} {'calib s':>8} {'s/double':>9} {'s/single':>9} {'RSS GiB':>8} {'VRAM GiB':>9} {'out err':>8} {'latent err':>11} {'gen s (fp)':>12}")
+    for method, r in rows.items():
+        if "error" in r:
+            print(f"{method:10} ERROR {r['error']}")
+            continue
+        dbl = statistics.median(r["block_s"][: args.double])
+        sgl = statistics.median(r["block_s"][args.double : n])
+        vram = max(r["peak_vram_gib"].values() or [0])
+        print(f"{method:10} {r['seconds']:8.1f} {r['calibration_s']:8.1f} {dbl:9.2f} {sgl:9.2f} {r['peak_rss_gib']:8.2f} {vram:9.2f} "
+              f"{r.get('transformer_out_rel_err', float('nan')):8.4f} {r.get('latent_rel_err', float('nan')):11.4f} {r.get('generate_s', 0):5.2f} ({r.get('fp_generate_s', 0):.2f})")
+
+
+if __name__ == "__main__":
+    main()

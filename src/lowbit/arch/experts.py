@@ -1,0 +1,275 @@
+"""Mixture-of-experts blocks: fused 3-D expert parameters as one 2-D linear per expert projection.
+
+transformers 5 builds every MoE family's experts as one module holding 3-D parameters (`gate_up_proj`
+[E, 2I, H] and `down_proj` [E, H, I]; gpt-oss transposed, [E, H, 2I] / [E, I, H], gate and up interleaved,
+with biases) and marks the class with `@use_experts_implementation`, which records the layout on every
+instance (`has_gate`, `has_bias`, `is_transposed`, `is_concatenated`, `has_post_expert_norm`) and makes its
+forward dispatch on `config._experts_implementation` through `ALL_EXPERTS_FUNCTIONS`.
+
+lowbit reads that layout (no per-family code) and *unfuses* the module in the meta skeleton: the 3-D
+parameters are replaced by one child per expert, `experts.{i}`, holding an `nn.Linear` per projection
+(`gate_proj` / `up_proj` / `down_proj`, or the names the checkpoint uses: Mixtral's w1 / w3 / w2, read from
+transformers' own conversion rules). The module keeps its class, router and `_apply_gate`; its forward is
+the experts implementation "lowbit" registered below, which runs each expert through its linears. So every
+algorithm sees 2-D linears (hooks on an expert's linears see exactly the tokens routed to it), checkpoints
+with per-expert tensors load by name, fused checkpoints load through slices (model/names.py), and exports
+are written under the per-expert names that transformers' integrations and vLLM read.
+
+Calibration switches live on the module (set by the runner around one block, never process-wide):
+`lowbit_all_tokens` sends every token through every expert while the output keeps only the routed result
+(so no expert starves: llm-compressor's default), `lowbit_routed` counts routed tokens per expert.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LowbitError
+
+IMPLEMENTATION = "lowbit"
+_FUSED = ("gate_up_proj", "up_proj", "down_proj")
+_DEFAULT_NAMES = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",), "down_proj": ("down_proj",)}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one experts module's fused parameters map to per-expert linears.
+
+    first: the fused input projection, "gate_up_proj" (gated: two linears) or "up_proj".
+    names: per fused parameter, the per-expert linear names it splits into (in its row order).
+    transposed: fused weights are [E, in, out] (gpt-oss) rather than [E, out, in].
+    concatenated: gate and up rows are [gate; up]; False: interleaved [g0, u0, g1, u1, ...].
+    bias: the fused parameters have `<name>_bias` companions [E, out].
+    """
+
+    first: str
+    names: dict
+    transposed: bool
+    concatenated: bool
+    bias: bool
+    num_experts: int
+
+    @property
+    def gate(self) -> str | None:
+        return self.names[self.first][0] if self.first == "gate_up_proj" else None
+
+    @property
+    def up(self) -> str:
+        return self.names[self.first][-1]
+
+    @property
+    def down(self) -> str:
+        return self.names["down_proj"][0]
+
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(n for fused in (self.first, "down_proj") for n in self.names[fused])
+
+    def split(self, fused: str, weight: torch.Tensor) -> list[torch.Tensor]:
+        """One expert's fused tensor ([out, in] after un-transposing, or a bias [out]) -> the per-linear parts
+        in `names[fused]` order (the rows each linear owns)."""
+        parts = len(self.names[fused])
+        if parts == 1:
+            return [weight]
+        if self.concatenated:
+            return list(weight.chunk(parts, dim=0))
+        return [weight[i::parts] for i in range(parts)]
+
+    def join(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The fused projection's output [T, 2I] from the per-linear outputs [T, I] (what `_apply_gate` reads)."""
+        if len(outputs) == 1:
+            return outputs[0]
+        if self.concatenated:
+            return torch.cat(outputs, dim=-1)
+        return torch.stack(outputs, dim=-1).flatten(-2)
+
+
+class Expert(torch.nn.Module):
+    """One expert's projections as nn.Linear children (created on whatever device is current: meta in a skeleton)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], bias: bool, dtype: torch.dtype):
+        super().__init__()
+        for name, (out_features, in_features) in shapes.items():
+            self.add_module(name, torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
+
+
+def is_fused_experts(module: torch.nn.Module) -> bool:
+    """A module built by transformers' `@use_experts_implementation` with 3-D parameters still in place."""
+    return hasattr(module, "has_gate") and any(isinstance(getattr(module, n, None), torch.nn.Parameter) and getattr(module, n).dim() == 3 for n in _FUSED)
+
+
+def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """name -> experts module unfused by lowbit, in model order."""
+    return {n: m for n, m in model.named_modules() if getattr(m, "lowbit_layout", None) is not None}
+
+
+def _converter_names(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Per-expert linear names from transformers' conversion rules: a WeightConverter whose target is
+    `experts.<fused>` and whose sources are `experts.*.<name>.weight` (Mixtral: w1 / w3 -> gate_up_proj)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return {}
+    out = {}
+    try:
+        transforms = get_model_conversion_mapping(model) or []
+    except Exception:  # noqa: BLE001 - a young API; without it the default names are used
+        return {}
+    for t in transforms:
+        if not isinstance(t, WeightConverter):
+            continue
+        targets = [re.search(r"experts\.(\w+)$", p) for p in t.target_patterns]
+        sources = [re.search(r"experts\.\*\.(\w+)\.weight$", p) for p in t.source_patterns]
+        if len(targets) == 1 and targets[0] and all(sources):
+            out[targets[0].group(1)] = tuple(s.group(1) for s in sources)
+    return out
+
+
+def layout_of(module: torch.nn.Module, name: str, names_from_converters: dict) -> ExpertLayout:
+    first = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+    missing = [p for p in (first, "down_proj") if not isinstance(getattr(module, p, None), torch.nn.Parameter)]
+    if missing or getattr(module, "has_post_expert_norm", False) and not hasattr(module, "post_expert_norm"):
+        raise LowbitError(
+            f"experts module {name} ({type(module).__name__}) has a layout lowbit cannot map (no {', '.join(missing) or 'post_expert_norm'})",
+            "quantize it with a lowbit that knows this layout, or report the model's experts class",
+        )
+    names = {p: names_from_converters.get(p, _DEFAULT_NAMES[p]) for p in (first, "down_proj")}
+    if first == "gate_up_proj" and len(names[first]) != 2:
+        raise LowbitError(f"experts module {name}: transformers' rules split gate_up_proj into {names[first]}", "report the model's experts class")
+    return ExpertLayout(first, names, bool(getattr(module, "is_transposed", False)), bool(getattr(module, "is_concatenated", True)),
+                        bool(getattr(module, "has_bias", False)), getattr(module, first).shape[0])
+
+
+def unfuse_experts(model: torch.nn.Module) -> dict[str, ExpertLayout]:
+    """Replace every fused experts module's 3-D parameters by per-expert linears (on the parameters' device:
+    meta in a skeleton) and route its forward to the "lowbit" experts implementation. Returns name -> layout."""
+    fused = {n: m for n, m in model.named_modules() if is_fused_experts(m)}
+    if not fused:
+        return {}
+    register()
+    from_converters = _converter_names(model)
+    layouts = {}
+    for name, module in fused.items():
+        layout = layout_of(module, name, from_converters)
+        shapes = {}
+        for p in (layout.first, "down_proj"):
+            w = getattr(module, p)  # [E, out, in], or [E, in, out] transposed
+            out_f, in_f = (w.shape[2], w.shape[1]) if layout.transposed else (w.shape[1], w.shape[2])
+            parts = len(layout.names[p])
+            for n in layout.names[p]:
+                shapes[n] = (out_f // parts, in_f)
+        device, dtype = getattr(module, layout.first).device, getattr(module, layout.first).dtype
+        for p in (layout.first, "down_proj"):
+            delattr(module, p)
+            if layout.bias:
+                delattr(module, f"{p}_bias")
+        with torch.device(device):
+            for i in range(layout.num_experts):
+                module.add_module(str(i), Expert(shapes, layout.bias, dtype))
+        module.lowbit_layout = layout
+        module.lowbit_all_tokens = False
+        module.lowbit_routed = None  # a [E] int64 tensor while the runner counts
+        layouts[name] = layout
+    set_implementation(model)
+    return layouts
+
+
+def set_implementation(model: torch.nn.Module) -> None:
+    """Route the experts' forwards to "lowbit" (transformers' API where it exists, else the config field)."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is not None:
+        try:
+            setter(IMPLEMENTATION)
+            return
+        except Exception:  # noqa: BLE001 - older transformers validate names differently; fall through
+            pass
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(module, "lowbit_layout"):
+            config._experts_implementation = IMPLEMENTATION
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    """Where a per-expert tensor lives in a checkpoint that stores the experts fused: part `part` (in
+    `layout.names[fused]` order) of expert `expert`'s slice of the 3-D tensor `key` (or of its bias [E, out])."""
+
+    key: str
+    layout: ExpertLayout
+    fused: str
+    expert: int
+    part: int
+    is_bias: bool
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part out of the checkpoint tensor: weight [out, in] or bias [out]."""
+        t = tensor[self.expert]
+        if not self.is_bias and self.layout.transposed:
+            t = t.t()  # [in, out] -> [out, in]
+        return self.layout.split(self.fused, t)[self.part].contiguous()
+
+
+def fused_sources(layout: ExpertLayout, prefix: str) -> dict[str, tuple[str, "FusedPart"]]:
+    """Per-expert tensor name -> (the fused tensor's model name, where the part lives in it), for an experts
+    module at `prefix` whose checkpoint keeps `{prefix}.gate_up_proj` [E, ...] etc. (the key is filled in by
+    the name mapping)."""
+    out = {}
+    for fused in (layout.first, "down_proj"):
+        for part, linear in enumerate(layout.names[fused]):
+            for i in range(layout.num_experts):
+                out[f"{prefix}.{i}.{linear}.weight"] = (f"{prefix}.{fused}", FusedPart("", layout, fused, i, part, False))
+                if layout.bias:
+                    out[f"{prefix}.{i}.{linear}.bias"] = (f"{prefix}.{fused}_bias", FusedPart("", layout, fused, i, part, True))
+    return out
+
+
+# ---------------------------------------------------------------- the experts implementation
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]: each expert's linears on its tokens,
+    weighted by the router and summed (fp32 accumulation). With `lowbit_all_tokens` every expert runs on every
+    token (its linears' hooks see them all) and only the routed rows are kept."""
+    grouped = getattr(self, "lowbit_grouped", None)  # kernels/moe.py: all experts in one launch per projection
+    if grouped is not None and not self.lowbit_all_tokens and self.lowbit_routed is None and grouped.applies(self, hidden_states):
+        return grouped(self, hidden_states, top_k_index, top_k_weights)
+    layout: ExpertLayout = self.lowbit_layout
+    num_experts = layout.num_experts
+    if self.lowbit_routed is not None:
+        self.lowbit_routed += torch.bincount(top_k_index.flatten().clamp(max=num_experts), minlength=num_experts + 1)[:num_experts].to(self.lowbit_routed)
+    out = torch.zeros(hidden_states.shape[0], hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device)
+    hit = range(num_experts) if self.lowbit_all_tokens else torch.unique(top_k_index).tolist()
+    for e in hit:
+        if e >= num_experts:  # expert-parallel sentinels
+            continue
+        token, slot = torch.where(top_k_index == e)
+        expert = getattr(self, str(e))
+        x = hidden_states if self.lowbit_all_tokens else hidden_states[token]
+        first = layout.join([getattr(expert, n)(x) for n in layout.names[layout.first]])
+        h = self._apply_gate(first) if layout.first == "gate_up_proj" else self.act_fn(first)
+        y = getattr(expert, layout.down)(h)
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        if self.lowbit_all_tokens:
+            y = y[token]
+        out.index_add_(0, token, y.float() * top_k_weights[token, slot, None].float())
+    return out.to(hidden_states.dtype)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register "lowbit" in transformers' experts interface (once; a transformers without it: nothing to do)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return
+    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
+    _REGISTERED = True
