@@ -8,19 +8,23 @@ from lowbit.algorithms.gptq import gptq_quantize, solve_columns
 from lowbit.config import Scheme
 
 
-def inputs(n: int, b: int, seed: int, per_column: bool, device: str):
+def inputs(n: int, b: int, seed: int, per_column: bool, device: str, linears: int = 3):
+    """w [L, N, B], u [L, B, B] (each linear its own factor), s / z [L, N, B]."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, b, generator=g) * torch.linspace(0.3, 2.0, b)
-    h = 2 * x.t() @ x / 64 + 0.01 * torch.eye(b)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [B, B] upper
-    w = torch.randn(n, b, generator=g)
+    us = []
+    for _ in range(linears):
+        x = torch.randn(64, b, generator=g) * torch.linspace(0.3, 2.0, b)
+        h = 2 * x.t() @ x / 64 + 0.01 * torch.eye(b)
+        us.append(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True))  # [B, B] upper
+    u = torch.stack(us)
+    w = torch.randn(linears, n, b, generator=g)
     maxq = 15
     if per_column:  # act_order: each column its own (static) group
-        s = (torch.rand(n, b, generator=g) * 0.3 + 0.05).half().float()
-        z = torch.randint(0, maxq + 1, (n, b), generator=g).float()
+        s = (torch.rand(linears, n, b, generator=g) * 0.3 + 0.05).half().float()
+        z = torch.randint(0, maxq + 1, (linears, n, b), generator=g).float()
     else:  # one group for the segment, broadcast with a column stride of 0
-        s = (torch.rand(n, 1, generator=g) * 0.3 + 0.05).half().float().expand(n, b)
-        z = torch.randint(0, maxq + 1, (n, 1), generator=g).float().expand(n, b)
+        s = (torch.rand(linears, n, 1, generator=g) * 0.3 + 0.05).half().float().expand(linears, n, b)
+        z = torch.randint(0, maxq + 1, (linears, n, 1), generator=g).float().expand(linears, n, b)
     return [t.to(device) for t in (w, u, s, z)], maxq
 
 
@@ -34,10 +38,14 @@ def test_fused_columns_match_the_torch_loop(device, n, b, per_column):
     ref_q, ref_e = solve_columns(w.cpu(), u.cpu(), s.cpu(), z.cpu(), maxq)
     assert torch.equal(w, w0)  # the input columns are read, not updated
     # every column's rounding sees the errors of the columns before it: equal codes everywhere means the
-    # loop order, the triangular update and the broadcast scales are right (a float tie could flip one)
+    # loop order, the triangular update, each linear's own factor and the broadcast scales are right (a
+    # float tie could flip one)
     assert (q.cpu() == ref_q).float().mean() >= 0.999
     assert q.min() >= 0 and q.max() <= maxq
     torch.testing.assert_close(e.cpu(), ref_e, rtol=1e-4, atol=1e-5)
+    # each linear alone gives its rows of the batched result (the linears do not mix)
+    q1, _ = gptq_columns(w[1:2], u[1:2], s[1:2], z[1:2], maxq)
+    assert torch.equal(q1[0], q[1])
 
 
 @pytest.mark.gpu
