@@ -1,8 +1,9 @@
 """Several GPUs, one call: one process on one GPU, `--nproc N` data-parallel processes, and one process with the
 block spread over two GPUs (`--device_map 0,1` with a `--max_memory` that does not hold the block on the
-first), on random-weight checkpoints with Llama-3-8B shapes, through the CLI; GPTQ and AutoRound at
-auto-round's defaults (W4A16 g128 sym, 200 iterations, 128 x 2048 samples, batch 8; eager, auto-round's
-default); auto-round 0.16.1's own `device_map="0,1"` beside them when it is importable.
+first), on random-weight checkpoints with Llama-3-8B shapes (and the data-parallel pair on Qwen3-30B-A3B
+shapes), through the CLI; GPTQ and AutoRound at auto-round's defaults (W4A16 g128 sym, 200 iterations,
+128 x 2048 samples, batch 8; eager, auto-round's default); auto-round 0.16.1's own `device_map="0,1"` beside
+them when it is importable.
 
 Checks first (the fused GPTQ column kernel against the CPU loop), then the runs in priority order, each
 only if the time budget still holds it; outputs are compared (split vs one GPU, N processes vs one GPU)
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_scale import write_random_checkpoint, write_tokenizer  # noqa: E402
 
 STARTED = time.time()
-AR_ROW = "autoround | auto-round device_map=0,1"
+AR_ROW = "llama autoround | auto-round device_map=0,1"
 
 
 def llama3_8b(blocks: int, tiny: bool = False):
@@ -200,8 +201,10 @@ def fmt_row(name: str, r: dict, base: dict | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--text", required=True)
-    p.add_argument("--gptq_blocks", type=int, default=8)
+    p.add_argument("--gptq_blocks", type=int, default=6)
     p.add_argument("--autoround_blocks", type=int, default=2)
+    p.add_argument("--moe_blocks", type=int, default=2, help="Qwen3-30B-A3B-shaped blocks (0: no MoE runs)")
+    p.add_argument("--moe_iters", type=int, default=50, help="AutoRound iterations on the MoE blocks")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -230,43 +233,54 @@ def main() -> None:
         result_file.write_text(json.dumps(results, indent=2))
 
     t0 = time.time()
+    from moe_scale import qwen3_30b_a3b
+
     full = work / "llama3-8b-shapes"
     shutil.rmtree(full, ignore_errors=True)
-    blocks = max(args.gptq_blocks, args.autoround_blocks)
-    env["checkpoint_gib"] = round(write_random_checkpoint(llama3_8b(blocks, args.tiny), full) / 2**30, 2)
+    env["llama_checkpoint_gib"] = round(write_random_checkpoint(llama3_8b(max(args.gptq_blocks, args.autoround_blocks), args.tiny), full) / 2**30, 2)
     write_tokenizer(full, Path(args.text).read_text(encoding="utf-8"))
-    ckpts = {"gptq": view(full, work / "gptq-view", args.gptq_blocks), "autoround": view(full, work / "autoround-view", args.autoround_blocks)}
+    ckpts = {("llama", "gptq"): view(full, work / "gptq-view", args.gptq_blocks), ("llama", "autoround"): view(full, work / "autoround-view", args.autoround_blocks)}
+    if args.moe_blocks:
+        moe = work / "qwen3-30b-a3b-shapes"
+        shutil.rmtree(moe, ignore_errors=True)
+        env["moe_checkpoint_gib"] = round(write_random_checkpoint(qwen3_30b_a3b(args.moe_blocks, args.tiny), moe) / 2**30, 2)
+        write_tokenizer(moe, Path(args.text).read_text(encoding="utf-8"))
+        ckpts[("qwen3-moe", "gptq")] = ckpts[("qwen3-moe", "autoround")] = moe
     env["checkpoint_write_s"] = round(time.time() - t0, 1)
     results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
     save()
 
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text]
-    methods = {"gptq": ["--method", "gptq"], "autoround": ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile"]}
+    methods = {("llama", "gptq"): ["--method", "gptq"], ("qwen3-moe", "gptq"): ["--method", "gptq"],
+               ("llama", "autoround"): ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile"],
+               ("qwen3-moe", "autoround"): ["--method", "autoround", "--iters", str(args.moe_iters), "--disable_torch_compile"]}
     one_device = "cuda:0" if args.device == "cuda" else "cpu"
-    split_map = "0,1" if args.device == "cuda" else "cpu,cpu"
-    split_caps = args.split_max_memory if args.device == "cuda" else "1B,8GiB"
-    plans = {  # name -> (method, extra args, expected seconds as a multiple of the one-GPU run's; None: first)
+    procs = f"{args.nproc} processes"
+    ways = {  # how -> (extra args, expected wall as a multiple of the one-GPU run's; None: the first run)
         "one GPU": ([], None),
-        f"{args.nproc} processes": (["--nproc", str(args.nproc), *(["--device_map", ",".join(str(i) for i in range(args.nproc))] if args.device == "cuda" else [])], 0.9),
-        "block split over 2 GPUs": (["--device_map", split_map, "--max_memory", split_caps], 1.3),
+        procs: (["--nproc", str(args.nproc), *(["--device_map", ",".join(str(i) for i in range(args.nproc))] if args.device == "cuda" else [])], 0.9),
+        "block split over 2 GPUs": (["--device_map", "0,1" if args.device == "cuda" else "cpu,cpu", "--max_memory", args.split_max_memory if args.device == "cuda" else "1B,8GiB"], 1.3),
     }
-    order = [("gptq", "one GPU"), ("gptq", f"{args.nproc} processes"), ("autoround", "one GPU"), ("autoround", f"{args.nproc} processes"),
-             ("gptq", "block split over 2 GPUs"), ("autoround", "block split over 2 GPUs")]
+    order = [("llama", "gptq", "one GPU"), ("llama", "gptq", procs), ("llama", "autoround", "one GPU"), ("llama", "autoround", procs),
+             ("llama", "gptq", "block split over 2 GPUs"), ("llama", "autoround", "block split over 2 GPUs")]
+    if args.moe_blocks:
+        order += [("qwen3-moe", "gptq", "one GPU"), ("qwen3-moe", "gptq", procs), ("qwen3-moe", "autoround", "one GPU"), ("qwen3-moe", "autoround", procs)]
     outputs = {}
-    for method, how in order:
-        extra, factor = plans[how]
+    for model, method, how in order:
+        extra, factor = ways[how]
+        row = f"{model} {method} | {how}"
         left = args.budget - (time.time() - STARTED)
-        base = results["rows"].get(f"{method} | one GPU")
+        base = results["rows"].get(f"{model} {method} | one GPU")
         need = 60 if factor is None or base is None or "wall_s" not in base else factor * base["wall_s"] + 15
         if left < need:
-            results["rows"][f"{method} | {how}"] = {"skipped": f"{left:.0f} s left of the budget, about {need:.0f} s needed"}
+            results["rows"][row] = {"skipped": f"{left:.0f} s left of the budget, about {need:.0f} s needed"}
             continue
-        out = work / f"out-{method}-{how.split()[0]}"
-        results["rows"][f"{method} | {how}"] = run_cli(ckpts[method], out, methods[method] + calib + extra, one_device, log, timeout=left - 5)
+        out = work / f"out-{model}-{method}-{how.split()[0]}"
+        results["rows"][row] = run_cli(ckpts[(model, method)], out, methods[(model, method)] + calib + extra, one_device, log, timeout=left - 5)
         if (out / "lowbit_log.json").exists():
-            outputs[(method, how)] = out
-            if how != "one GPU" and (method, "one GPU") in outputs:
-                results["checks"][f"{method}: {how} vs one GPU"] = compare(outputs[(method, "one GPU")], out)
+            outputs[(model, method, how)] = out
+            if how != "one GPU" and (model, method, "one GPU") in outputs:
+                results["checks"][f"{model} {method}: {how} vs one GPU"] = compare(outputs[(model, method, "one GPU")], out)
                 shutil.rmtree(out, ignore_errors=True)
         save()
     left = args.budget - (time.time() - STARTED)
@@ -278,19 +292,19 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - missing, or its dependencies do not import here
             ok, results["rows"][AR_ROW] = False, {"skipped": f"auto-round not importable ({type(err).__name__}: {str(err)[:200]})"}
         if ok:
-            results["rows"][AR_ROW] = run_auto_round(ckpts["autoround"], args, "0,1", log, timeout=left - 5)
+            results["rows"][AR_ROW] = run_auto_round(ckpts[("llama", "autoround")], args, "0,1", log, timeout=left - 5)
         elif AR_ROW not in results["rows"]:
             results["rows"][AR_ROW] = {"skipped": f"{left:.0f} s left of the budget"}
     save()
 
     print(f"\n{json.dumps(env)}\nchecks: {json.dumps(results['checks'])}")
-    print(f"\nGPTQ on {args.gptq_blocks} blocks, AutoRound on {args.autoround_blocks} blocks of Llama-3-8B shapes; {args.nsamples} x {args.seqlen}, batch 8, "
-          f"W4 g128 sym; AutoRound {args.iters} iterations, eager. Speed-up vs one GPU: wall / block loop / median block after the first.")
+    print(f"\nLlama-3-8B shapes: GPTQ on {args.gptq_blocks} blocks, AutoRound ({args.iters} iterations) on {args.autoround_blocks}; Qwen3-30B-A3B shapes: "
+          f"{args.moe_blocks} blocks, AutoRound {args.moe_iters} iterations. {args.nsamples} x {args.seqlen}, batch 8, W4 g128 sym, AutoRound eager. "
+          "Speed-up vs one GPU: wall / block loop / median block after the first.")
     print("| run | wall s | run s | block loop s | s per block | speed-up | peak RSS GiB (per process) | peak VRAM GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results["rows"].items():
-        method = name.split(" | ")[0]
-        print(fmt_row(name, r, results["rows"].get(f"{method} | one GPU")))
+        print(fmt_row(name, r, results["rows"].get(f"{name.split(' | ')[0]} | one GPU")))
 
 
 if __name__ == "__main__":

@@ -185,9 +185,8 @@ class LinearState:
 
 class FakeQuantLinear(torch.nn.Module):
     """Stands in for an nn.Linear during training: y = x W_hat^T + b, W_hat [N, K] a leaf tensor refreshed
-    before every step from the linear's LinearState (`Trainer.refresh`); its gradient is carried through the
-    grid afterwards (`Trainer.through_grid`). The same tensor object every step, so a compiled block sees
-    one input, not a new constant."""
+    before every step (`Trainer.refresh`); its gradient is carried through the grid afterwards
+    (`Trainer.through_grid`). The same leaf every step, so a compiled block sees one input, not a new constant."""
 
     def __init__(self, linear: torch.nn.Linear, weight_hat: torch.Tensor):
         super().__init__()
@@ -255,12 +254,14 @@ class Trainer:
 
     Each linear's fake quantization (the grid's forward and backward over all N x K weights) and its sign
     step do not shrink with the samples, so each process does them only for the linears it owns
-    (`BlockContext.owners`, by N x K): `refresh` computes the owned W_hat from their LinearStates and
-    broadcasts every W_hat from its owner into the leaves the block reads; after a micro-batch's backward,
-    `through_grid` sums each leaf's gradient over the processes onto its owner (float32) and runs the
-    grid's backward there, so V / min_scale / max_scale get the gradient of the loss over every process's
-    samples. Only owners hold LinearStates (V, its gradient, its best copy): the state is split too.
-    One process owns everything, and the broadcasts and sums are skipped."""
+    (`BlockContext.owners`, by N x K). The block reads each W_hat from a leaf tensor (`leaves`); the leaves
+    of one (owner, device) are slices of one flat buffer, and so are their gradients, so each step moves
+    one buffer per process, not one per linear (a MoE block has hundreds): `refresh` writes the owned W_hat
+    from their LinearStates into the leaves and broadcasts each buffer from its owner; after a micro-batch's
+    backward, `through_grid` sums each gradient buffer over the processes onto its owner (float32) and runs
+    the owned linears' grid backward, so V / min_scale / max_scale get the gradient of the loss over every
+    process's samples. Only owners hold LinearStates (V, its gradient, its best copy): the state is split
+    too. One process owns everything; the broadcasts and sums are skipped."""
 
     def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns):
         linears = ctx.linears
@@ -268,39 +269,63 @@ class Trainer:
         self.owner = ctx.owners(list(linears), cost=lambda n: linears[n].in_features * linears[n].out_features)
         rank = ctx.engine.rank
         self.states = {n: LinearState.from_weight(l.weight, ctx.schemes[n], config.enable_minmax_tuning) for n, l in linears.items() if self.owner[n] == rank}
-        self.leaves = {n: torch.zeros(l.out_features, l.in_features, dtype=out_dtype, device=l.weight.device, requires_grad=True) for n, l in linears.items()}
+        self.slices, sizes = {}, {}  # linear -> ((owner, device), start); (owner, device) -> elements
+        for name, l in linears.items():
+            key = (self.owner[name], l.weight.device)
+            self.slices[name] = (key, sizes.get(key, 0))
+            sizes[key] = sizes.get(key, 0) + l.out_features * l.in_features
+        order = sorted(sizes, key=lambda k: (k[0], str(k[1])))  # the same on every process: the collectives match
+        self.values = {k: torch.zeros(sizes[k], dtype=out_dtype, device=k[1]) for k in order}
+        self.grads = {k: torch.zeros(sizes[k], dtype=out_dtype, device=k[1]) for k in order}
+        self.leaves = {}
+        for name, ((owner, device), start) in self.slices.items():
+            l = linears[name]
+            n = l.out_features * l.in_features
+            # a leaf sharing the buffer's storage; its .grad a slice of the gradient buffer, which autograd
+            # then accumulates into in place
+            leaf = self.values[(owner, device)][start : start + n].view(l.out_features, l.in_features).detach().requires_grad_()
+            leaf.grad = self.grads[(owner, device)][start : start + n].view_as(leaf)
+            self.leaves[name] = leaf
         self.graphs: dict[str, torch.Tensor] = {}
 
     def params(self) -> list[torch.Tensor]:
         return [p for st in self.states.values() for p in st.params()]
 
     def refresh(self) -> None:
-        """W_hat of every linear into its leaf: computed (with its graph) by the owner, broadcast to the rest.
-        Linears in the block's order on every process: the collectives match."""
+        """W_hat of every linear into the leaves: computed (with its graph) by the owner, broadcast to the rest."""
         with torch.enable_grad():
             self.graphs = {n: st.weight_hat(self.out_dtype, self.fns) for n, st in self.states.items()}
         with torch.no_grad():
-            for name, leaf in self.leaves.items():
-                if name in self.graphs:
-                    leaf.copy_(self.graphs[name])
-                self.ctx.engine.broadcast_(leaf.detach(), self.owner[name])
+            for name, graph in self.graphs.items():
+                self.leaves[name].copy_(graph)
+            for (owner, _), buffer in self.values.items():
+                self.ctx.engine.broadcast_(buffer, owner)
 
     def through_grid(self, last: bool) -> None:
-        """After a micro-batch's backward: each leaf's gradient (this process's samples) summed onto its
-        owner, then through the owner's grid into V and the min/max factors (accumulating over micro-batches)."""
-        for name, leaf in self.leaves.items():
-            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            leaf.grad = None
-            if self.ctx.world_size > 1:
-                g = self.ctx.engine.reduce_to(g.float(), self.owner[name])
-            if name in self.graphs:
-                torch.autograd.backward(self.graphs[name], g.to(self.out_dtype), retain_graph=not last)
+        """After a micro-batch's backward: each gradient buffer (this process's samples) summed onto its owner,
+        then through the owned linears' grid into V and the min/max factors (accumulating over micro-batches)."""
+        if self.ctx.world_size > 1:
+            summed = {k: self.ctx.engine.reduce_to(g.float(), k[0]) for k, g in self.grads.items()}
+            grads = {n: self._slice(summed, n).to(self.out_dtype) for n in self.graphs}
+        else:
+            grads = {n: self.leaves[n].grad for n in self.graphs}
+        if self.graphs:
+            names = list(self.graphs)
+            torch.autograd.backward([self.graphs[n] for n in names], [grads[n] for n in names], retain_graph=not last)
+        for g in self.grads.values():
+            g.zero_()
         if last:
             self.graphs = {}
 
+    def _slice(self, buffers: dict, name: str) -> torch.Tensor:
+        key, start = self.slices[name]
+        return buffers[key][start : start + self.leaves[name].numel()].view_as(self.leaves[name])
+
     def clear(self) -> None:
-        for p in [*self.params(), *self.leaves.values()]:
+        for p in self.params():
             p.grad = None
+        for g in self.grads.values():
+            g.zero_()
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         """The step's loss averaged over the processes (each the mean over its share of the global batch):
