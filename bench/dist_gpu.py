@@ -1,14 +1,25 @@
-"""Data-parallel quantization on several GPUs: one process against `--nproc N` on a random-weight checkpoint with
-Llama-3-8B block shapes (`--blocks` of its 32), through the CLI (GPTQ and AutoRound), wall time, peak RSS per
-process and peak VRAM. Prints a table last and writes `dist-gpu-<date>.json` to --out.
+"""Several GPUs, one call: one process on one GPU, `--nproc N` data-parallel processes, and one process with the
+block spread over two GPUs (`--device_map 0,1` with a `--max_memory` that does not hold the block on the
+first), on random-weight checkpoints with Llama-3-8B shapes (and the data-parallel pair on Qwen3-30B-A3B
+shapes), through the CLI; GPTQ and AutoRound at auto-round's defaults (W4A16 g128 sym, 200 iterations,
+128 x 2048 samples, batch 8; eager, auto-round's default); auto-round 0.16.1's own `device_map="0,1"` beside
+them when it is importable.
 
-    python3 bench/dist_gpu.py --text .cache/austen.txt --blocks 4 --nproc 2 --out $OUT
+Checks first (the fused GPTQ column kernel against the CPU loop), then the runs in priority order, each
+only if the time budget still holds it; outputs are compared (split vs one GPU, N processes vs one GPU)
+before they are deleted. Per run: wall time (process start to exit), the run's own seconds, its block
+loop, peak RSS per process and peak VRAM per GPU (every process's, from the run log). The table is printed
+last; everything goes to `<out>/dist-gpu-<date>.json` and the runs' logs to `<out>/dist-gpu-<date>.log`.
+
+    python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --budget 430
+    python3 bench/dist_gpu.py --text .cache/austen.txt --tiny --device cpu --out /tmp/o   # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,66 +31,280 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_scale import write_random_checkpoint, write_tokenizer  # noqa: E402
 
+STARTED = time.time()
+AR_ROW = "llama autoround | auto-round device_map=0,1"
+
 
 def llama3_8b(blocks: int, tiny: bool = False):
     from transformers import LlamaConfig
 
-    sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=512) if tiny else dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336)
-    return LlamaConfig(**sizes, num_hidden_layers=blocks, num_attention_heads=32 if not tiny else 4, num_key_value_heads=8 if not tiny else 2,
-                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    sizes = dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2) if tiny else \
+        dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+    return LlamaConfig(**sizes, num_hidden_layers=blocks, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+                       architectures=["LlamaForCausalLM"])
 
 
-def run(ckpt: Path, out: Path, args: list[str], device: str = "cuda") -> dict:
+def view(ckpt: Path, target: Path, blocks: int) -> Path:
+    """The first `blocks` blocks of `ckpt` as a checkpoint of their own: its config and an index naming only
+    their tensors (and the non-block ones), over links to the same shard files."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = blocks
+    (target / "config.json").write_text(json.dumps(config))
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    keep = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < blocks}
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": index["metadata"], "weight_map": keep}))
+    for f in ckpt.iterdir():
+        if f.name not in ("config.json", "model.safetensors.index.json"):
+            (target / f.name).symlink_to(f)
+    return target
+
+
+def log_line(log: Path, text: str) -> None:
+    print(text, flush=True)
+    with open(log, "a") as f:
+        f.write(text + "\n")
+
+
+def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, timeout: float) -> dict:
+    """One `lowbit quantize` process (it re-launches itself with --nproc); its figures from its log."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ckpt), "--scheme", "W4A16", "--group_size", "128", "--sym",
-           "--format", "auto_round", "--output_dir", str(out), "--device", device, *args]
+           "--format", "auto_round", "--output_dir", str(out), *(["--device", device] if "--device_map" not in args else []), *args]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log_line(log, f"$ {' '.join(cmd[3:])}\n-> killed after {timeout:.0f} s (time budget)")
+        return {"error": f"killed after {timeout:.0f} s (time budget)"}
     wall = time.time() - t0
-    print(" ".join(cmd[3:]), f"-> exit {proc.returncode} in {wall:.1f} s", proc.stderr[-1500:], sep="\n", flush=True)
+    log_line(log, f"$ {' '.join(cmd[3:])}\n-> exit {proc.returncode} in {wall:.1f} s\n{proc.stderr[-2500:]}\n{proc.stdout[-1500:]}")
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300], "wall_s": round(wall, 1)}
-    log = json.loads((out / "lowbit_log.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": round(wall, 1), "seconds": log["seconds"], "peak_rss_gib": round(log["peak_rss_bytes"] / 2**30, 2),
-            "peak_vram_gib": {d: round(b / 2**30, 2) for d, b in log["peak_vram_bytes"].items()}}
+    s = json.loads((out / "lowbit_log.json").read_text())
+    ranks = s.get("ranks") or [{"rank": 0, "peak_rss_bytes": s["peak_rss_bytes"]}]
+    return {
+        "wall_s": round(wall, 1), "seconds": s["seconds"], "phases": s["phases"], "block_seconds": s["block_seconds"],
+        "peak_rss_gib": [round(r["peak_rss_bytes"] / 2**30, 2) for r in ranks],
+        "peak_vram_gib": {d: round(b / 2**30, 2) for d, b in s["peak_vram_bytes"].items() if b},
+        "collective_s": [r.get("collective_seconds") for r in s.get("ranks", [])], "placements": s["placements"],
+        "block_losses": s["block_losses"],
+    }
+
+
+def compare(a: Path, b: Path) -> dict:
+    """Packed words and scales of two auto_round exports: the share of int32 words that differ and the
+    largest relative scale difference (0 / 0.0: byte-identical tensors)."""
+    from safetensors import safe_open
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            st = safe_open(f, "pt")
+            out.update({k: (st, k) for k in st.keys() if k.endswith((".qweight", ".scales"))})
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    if ta.keys() != tb.keys():
+        return {"error": "different tensors"}
+    words = differ = 0
+    scale_rel = 0.0
+    for name in ta:
+        x, y = ta[name][0].get_tensor(name), tb[name][0].get_tensor(name)
+        if name.endswith(".qweight"):
+            words += x.numel()
+            differ += int((x != y).sum())
+        else:
+            scale_rel = max(scale_rel, float(((x.float() - y.float()).abs() / x.float().abs().clamp(min=1e-8)).max()))
+    return {"qweight_words_differing": round(differ / max(words, 1), 6), "max_scale_rel_diff": scale_rel}
+
+
+def check_gptq_kernel(device: str) -> dict:
+    """The fused GPTQ column kernel (CUDA) against the CPU loop on one random 1024 x 1024 layer."""
+    from lowbit.algorithms.gptq import gptq_quantize
+    from lowbit.config import Scheme
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return {"skipped": "no GPU"}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 1024, generator=g) @ (torch.randn(1024, 1024, generator=g) / 32 + torch.eye(1024))
+    h, w = 2 * x.t() @ x / 4096, torch.randn(1024, 1024, generator=g) * 0.02
+    out = {}
+    for act_order in (False, True):
+        cpu, loss_cpu = gptq_quantize(w, h, Scheme(4, 128, True), act_order=act_order)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gpu, loss_gpu = gptq_quantize(w.cuda(), h.cuda(), Scheme(4, 128, True), act_order=act_order)
+        torch.cuda.synchronize()
+        out[f"act_order={act_order}"] = {"codes_equal": round(float((gpu.codes.cpu() == cpu.codes).float().mean()), 5),
+                                         "loss_rel_diff": abs(loss_gpu - loss_cpu) / loss_cpu, "gpu_seconds": round(time.perf_counter() - t0, 3)}
+    return out
+
+
+AUTO_ROUND_CHILD = """
+import json, sys, time, torch, resource
+t0 = time.time()
+import auto_round
+from auto_round import AutoRound
+from transformers import AutoModelForCausalLM, AutoTokenizer
+sys.path.insert(0, {src!r})
+from lowbit.calib.corpora import load_text
+from lowbit.calib.samples import calibration_windows
+from lowbit.config import CalibConfig
+tok = AutoTokenizer.from_pretrained({ckpt!r})
+windows = calibration_windows(tok, load_text({text!r}), CalibConfig(nsamples={nsamples}, seqlen={seqlen}))
+model = AutoModelForCausalLM.from_pretrained({ckpt!r}, dtype=torch.bfloat16)
+ar = AutoRound(model, tok, bits=4, group_size=128, sym=True, iters={iters}, nsamples={nsamples}, seqlen={seqlen}, batch_size=8,
+               dataset=[w.unsqueeze(0) for w in windows], device_map={device_map!r})
+ar.quantize()
+print("RESULT", json.dumps({{"impl": "auto-round " + auto_round.__version__, "seconds": time.time() - t0,
+      "peak_vram_gib": {{f"cuda:{{i}}": round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())}},
+      "peak_rss_gib": [round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)]}}))
+"""
+
+
+def run_auto_round(ckpt: Path, args, device_map: str, log: Path, timeout: float) -> dict:
+    code = AUTO_ROUND_CHILD.format(src=str(Path(__file__).resolve().parents[1] / "src"), ckpt=str(ckpt), text=args.text, nsamples=args.nsamples,
+                                   seqlen=args.seqlen, iters=args.iters, device_map=device_map)
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log_line(log, f"auto-round device_map={device_map}: killed after {timeout:.0f} s (time budget)")
+        return {"error": f"killed after {timeout:.0f} s (time budget)"}
+    wall = time.time() - t0
+    log_line(log, f"auto-round device_map={device_map}: exit {proc.returncode} in {wall:.1f} s\n{proc.stderr[-2500:]}")
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300], "wall_s": round(wall, 1)}
+    return {"wall_s": round(wall, 1), **json.loads(line[7:])}
+
+
+def fmt_row(name: str, r: dict, base: dict | None) -> str:
+    if "error" in r:
+        return f"| {name} | error: {r['error']} |"
+    if "skipped" in r:
+        return f"| {name} | skipped: {r['skipped']} |"
+    loop = r.get("phases", {}).get("blocks")
+    steady = r.get("block_seconds", [])[1:]  # block 0 also pays the first-use costs
+    per_block = sorted(steady)[len(steady) // 2] if steady else None
+    speed = ""
+    if base and "error" not in base and r is not base and "phases" in base:
+        b_steady = sorted(base["block_seconds"][1:])[len(base["block_seconds"][1:]) // 2] if base["block_seconds"][1:] else None
+        speed = f"{base['wall_s'] / r['wall_s']:.2f}x / {base['phases']['blocks'] / loop:.2f}x" + (f" / {b_steady / per_block:.2f}x" if per_block and b_steady else "")
+    vram = ", ".join(f"{d} {v}" for d, v in r.get("peak_vram_gib", {}).items())
+    return (f"| {name} | {r['wall_s']:.1f} | {r.get('seconds', 0):.1f} | {loop if loop is None else round(loop, 1)} | "
+            f"{per_block if per_block is None else round(per_block, 2)} | {speed} | {' / '.join(str(x) for x in r['peak_rss_gib'])} | {vram} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--text", required=True)
-    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--gptq_blocks", type=int, default=6)
+    p.add_argument("--autoround_blocks", type=int, default=2)
+    p.add_argument("--moe_blocks", type=int, default=2, help="Qwen3-30B-A3B-shaped blocks (0: no MoE runs)")
+    p.add_argument("--moe_iters", type=int, default=50, help="AutoRound iterations on the MoE blocks")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--methods", default="gptq,autoround")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--split_max_memory", default="8GiB,120GiB", help="caps that spread the block over two GPUs")
+    p.add_argument("--budget", type=float, default=430, help="seconds for the whole call; runs that would not fit are skipped")
     p.add_argument("--workdir", default="/tmp/dist-gpu")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
     args = p.parse_args()
+    date = time.strftime("%Y-%m-%d")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log, result_file = out_dir / f"dist-gpu-{date}.log", out_dir / f"dist-gpu-{date}.json"
     work = Path(args.workdir)
-    ckpt = work / "llama3-8b-shapes"
-    shutil.rmtree(ckpt, ignore_errors=True)
-    nbytes = write_random_checkpoint(llama3_8b(args.blocks, args.tiny), ckpt)
-    write_tokenizer(ckpt, Path(args.text).read_text(encoding="utf-8"))
+    import transformers
+    import triton
+
+    env = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+           "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
+    results = {"env": env, "args": vars(args), "checks": {}, "rows": {}}
+
+    def save():
+        result_file.write_text(json.dumps(results, indent=2))
+
+    t0 = time.time()
+    from moe_scale import qwen3_30b_a3b
+
+    full = work / "llama3-8b-shapes"
+    shutil.rmtree(full, ignore_errors=True)
+    env["llama_checkpoint_gib"] = round(write_random_checkpoint(llama3_8b(max(args.gptq_blocks, args.autoround_blocks), args.tiny), full) / 2**30, 2)
+    write_tokenizer(full, Path(args.text).read_text(encoding="utf-8"))
+    ckpts = {("llama", "gptq"): view(full, work / "gptq-view", args.gptq_blocks), ("llama", "autoround"): view(full, work / "autoround-view", args.autoround_blocks)}
+    if args.moe_blocks:
+        moe = work / "qwen3-30b-a3b-shapes"
+        shutil.rmtree(moe, ignore_errors=True)
+        env["moe_checkpoint_gib"] = round(write_random_checkpoint(qwen3_30b_a3b(args.moe_blocks, args.tiny), moe) / 2**30, 2)
+        write_tokenizer(moe, Path(args.text).read_text(encoding="utf-8"))
+        ckpts[("qwen3-moe", "gptq")] = ckpts[("qwen3-moe", "autoround")] = moe
+    env["checkpoint_write_s"] = round(time.time() - t0, 1)
+    results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
+    save()
+
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text]
-    methods = {"gptq": ["--method", "gptq"], "autoround": ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile"]}
-    rows = {}
-    for m in args.methods.split(","):
-        for n in (1, args.nproc):
-            rows[f"{m} x{n}"] = run(ckpt, work / "out", methods[m] + calib + (["--nproc", str(n)] if n > 1 else []), args.device)
-    env = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [], "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "checkpoint_gib": round(nbytes / 2**30, 2), "blocks": args.blocks}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"dist-gpu-{time.strftime('%Y-%m-%d')}.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2))
-    print(f"\n{env}\n{'run':16} {'wall s':>7} {'quant s':>8} {'RSS GiB':>8}  VRAM GiB")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:16} ERROR {r['error']}")
-        else:
-            print(f"{name:16} {r['wall_s']:7.1f} {r['seconds']:8.1f} {r['peak_rss_gib']:8.2f}  {r['peak_vram_gib']}")
+    methods = {("llama", "gptq"): ["--method", "gptq"], ("qwen3-moe", "gptq"): ["--method", "gptq"],
+               ("llama", "autoround"): ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile"],
+               ("qwen3-moe", "autoround"): ["--method", "autoround", "--iters", str(args.moe_iters), "--disable_torch_compile"]}
+    one_device = "cuda:0" if args.device == "cuda" else "cpu"
+    procs = f"{args.nproc} processes"
+    ways = {  # how -> (extra args, expected wall as a multiple of the one-GPU run's; None: the first run)
+        "one GPU": ([], None),
+        procs: (["--nproc", str(args.nproc), *(["--device_map", ",".join(str(i) for i in range(args.nproc))] if args.device == "cuda" else [])], 0.9),
+        "block split over 2 GPUs": (["--device_map", "0,1" if args.device == "cuda" else "cpu,cpu", "--max_memory", args.split_max_memory if args.device == "cuda" else "1B,8GiB"], 1.3),
+    }
+    order = [("llama", "gptq", "one GPU"), ("llama", "gptq", procs), ("llama", "autoround", "one GPU"), ("llama", "autoround", procs),
+             ("llama", "gptq", "block split over 2 GPUs"), ("llama", "autoround", "block split over 2 GPUs")]
+    if args.moe_blocks:
+        order += [("qwen3-moe", "gptq", "one GPU"), ("qwen3-moe", "gptq", procs), ("qwen3-moe", "autoround", "one GPU"), ("qwen3-moe", "autoround", procs)]
+    outputs = {}
+    for model, method, how in order:
+        extra, factor = ways[how]
+        row = f"{model} {method} | {how}"
+        left = args.budget - (time.time() - STARTED)
+        base = results["rows"].get(f"{model} {method} | one GPU")
+        need = 60 if factor is None or base is None or "wall_s" not in base else factor * base["wall_s"] + 15
+        if left < need:
+            results["rows"][row] = {"skipped": f"{left:.0f} s left of the budget, about {need:.0f} s needed"}
+            continue
+        out = work / f"out-{model}-{method}-{how.split()[0]}"
+        results["rows"][row] = run_cli(ckpts[(model, method)], out, methods[(model, method)] + calib + extra, one_device, log, timeout=left - 5)
+        if (out / "lowbit_log.json").exists():
+            outputs[(model, method, how)] = out
+            if how != "one GPU" and (model, method, "one GPU") in outputs:
+                results["checks"][f"{model} {method}: {how} vs one GPU"] = compare(outputs[(model, method, "one GPU")], out)
+                shutil.rmtree(out, ignore_errors=True)
+        save()
+    left = args.budget - (time.time() - STARTED)
+    if args.device == "cuda" and torch.cuda.device_count() >= 2:
+        try:
+            import auto_round  # noqa: F401
+
+            ok = left > 120
+        except Exception as err:  # noqa: BLE001 - missing, or its dependencies do not import here
+            ok, results["rows"][AR_ROW] = False, {"skipped": f"auto-round not importable ({type(err).__name__}: {str(err)[:200]})"}
+        if ok:
+            results["rows"][AR_ROW] = run_auto_round(ckpts[("llama", "autoround")], args, "0,1", log, timeout=left - 5)
+        elif AR_ROW not in results["rows"]:
+            results["rows"][AR_ROW] = {"skipped": f"{left:.0f} s left of the budget"}
+    save()
+
+    print(f"\n{json.dumps(env)}\nchecks: {json.dumps(results['checks'])}")
+    print(f"\nLlama-3-8B shapes: GPTQ on {args.gptq_blocks} blocks, AutoRound ({args.iters} iterations) on {args.autoround_blocks}; Qwen3-30B-A3B shapes: "
+          f"{args.moe_blocks} blocks, AutoRound {args.moe_iters} iterations. {args.nsamples} x {args.seqlen}, batch 8, W4 g128 sym, AutoRound eager. "
+          "Speed-up vs one GPU: wall / block loop / median block after the first.")
+    print("| run | wall s | run s | block loop s | s per block | speed-up | peak RSS GiB (per process) | peak VRAM GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results["rows"].items():
+        print(fmt_row(name, r, results["rows"].get(f"{name.split(' | ')[0]} | one GPU")))
 
 
 if __name__ == "__main__":

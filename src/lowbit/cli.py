@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(q, "output_dir", default=None, help="output folder (default ./<model>-<scheme>)")
     _flag(q, "device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     _flag(q, "device_map", default=None, help="devices, auto-round's spellings: auto | 0,1 | cuda:0,cuda:1 | JSON dict; replaces --device")
+    _flag(q, "max_memory", default=None, help="most memory per --device_map entry, e.g. 20GiB,60GiB (default: what is free)")
     _flag(q, "nproc", type=int, default=1, help="data-parallel processes (re-launches through torchrun; one GPU each on CUDA)")
     _flag(q, "quant_lm_head", action="store_true", help="quantize lm_head too (kept in full precision by default)")
     _flag(q, "overwrite", action="store_true", help="replace an existing output folder")
@@ -146,6 +147,7 @@ def configs_from_args(args):
         formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
         device=args.device,
         device_map=args.device_map,
+        max_memory=args.max_memory,
         quant_lm_head=args.quant_lm_head,
         overwrite=args.overwrite,
     )

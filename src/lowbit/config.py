@@ -193,6 +193,15 @@ class MethodConfig:
         """What ran, for the exports' quantization_config and the run log."""
         return {}
 
+    # memory the method needs per linear, for placing a block (placement.py); bytes, N = out, K = in features
+    saves_activations: ClassVar[bool] = False  # runs a backward pass over the block (AutoRound)
+
+    def linear_memory(self, n: int, k: int, weight_bytes: int) -> tuple[int, int]:
+        """(held while the block is worked on: the weight and the method's state for it, the most its
+        temporaries need while this linear is processed; they are processed one at a time). Default (RTN):
+        the weight, and float32 copies of 1024-row chunks (quantize_weight)."""
+        return n * k * weight_bytes, 3 * 4 * min(n, 1024) * k
+
 
 @dataclass(frozen=True)
 class RtnConfig(MethodConfig):
@@ -268,6 +277,14 @@ class AutoRoundConfig(MethodConfig):
     def cache_on_cpu(self) -> bool:
         return self.low_gpu_mem
 
+    saves_activations: ClassVar[bool] = True
+
+    def linear_memory(self, n: int, k: int, weight_bytes: int) -> tuple[int, int]:
+        # per weight: its float32 group view (4), V, V's gradient and V's best copy (4 each), the fp16 codes
+        # and the clamp mask saved for the grid's backward (2 + 1), the 16-bit fake-quantized weight, the leaf
+        # copy the block reads and its gradient (2 each); then the export's 1024-row float32 chunks
+        return n * k * (weight_bytes + 25), 3 * 4 * min(n, 1024) * k
+
     def metadata(self) -> dict:
         return {"iters": self.iters, "lr": self.step_size, "minmax_lr": self.minmax_step_size, "enable_minmax_tuning": self.enable_minmax_tuning,
                 "enable_quanted_input": self.enable_quanted_input, "seed": self.seed}
@@ -305,6 +322,10 @@ class AwqConfig(MethodConfig):
         if self.search_samples is not None and self.search_samples < 1:
             raise LowbitError(f"search_samples={self.search_samples} must be >= 1", "pass None to score on every calibration window")
 
+    def linear_memory(self, n: int, k: int, weight_bytes: int) -> tuple[int, int]:
+        # the weight and its original kept during the scale search; float32 scaled / fake-quantized copies
+        return 2 * n * k * weight_bytes, 4 * 4 * n * k
+
     def metadata(self) -> dict:
         return {"n_grid": self.n_grid, "duo_scaling": self.duo_scaling, "apply_clip": self.apply_clip}
 
@@ -341,6 +362,11 @@ class GptqConfig(MethodConfig):
             raise LowbitError(f"block_size={self.block_size} must be >= 1", "pass --gptq_block_size 128")
         if self.act_order and not self.static_groups:
             raise LowbitError("act_order without static_groups needs a g_idx that lowbit's formats do not store", "keep static_groups=True with act_order")
+
+    def linear_memory(self, n: int, k: int, weight_bytes: int) -> tuple[int, int]:
+        # the weight and its Hessian [K, K] float32 (held until the stage is solved); the solve's float32 W,
+        # codes and errors [N, K] and H, its factor and the Cholesky temporaries [K, K]
+        return n * k * weight_bytes + 4 * k * k, 3 * 4 * n * k + 4 * 4 * k * k
 
     def metadata(self) -> dict:
         # act_order with static groups: codes stay in natural column order (no g_idx permutation is stored)
@@ -381,7 +407,10 @@ class RunConfig:
         device: "cpu", "cuda", "cuda:1", or "auto" (first GPU when present, else the CPU).
         device_map: auto-round's spellings of the devices to use: "auto" (every visible GPU), "0,1",
             "cuda:0,cuda:1", or a JSON dict of module -> device; replaces `device` when given. One process runs
-            blocks on the first; data-parallel processes (torchrun / --nproc) take one each (dist.py).
+            blocks on the first and spreads a block over the others when it does not fit there with the
+            method's state (placement.py); data-parallel processes (torchrun / --nproc) take one each (dist.py).
+        max_memory: the most memory each device may take, one size per `device_map` entry in its order (or one
+            for `device`), e.g. "20GiB,60GiB"; None: each device's free memory. Caps the placement's budgets.
         quant_lm_head: quantize lm_head too (kept in full precision by default).
         overwrite: replace an existing output folder.
         max_shard_bytes: flush an output shard once it holds this many bytes.
@@ -391,6 +420,7 @@ class RunConfig:
     formats: tuple[str, ...] = ("auto_round",)
     device: str = "auto"
     device_map: str | None = None
+    max_memory: str | None = None
     quant_lm_head: bool = False
     overwrite: bool = False
     max_shard_bytes: int = 512 * 1024**2
@@ -401,6 +431,10 @@ class RunConfig:
             from .dist import check_devices
 
             check_devices(self.devices)  # parses too: a bad spelling or a missing GPU fails here, in one line
+        if self.max_memory is not None:
+            sizes, entries = self.max_memory_bytes, len(self.devices or (self.device,))
+            if len(sizes) != entries:
+                raise LowbitError(f"--max_memory {self.max_memory!r} gives {len(sizes)} sizes for {entries} device(s)", "give one size per --device_map entry, in its order, e.g. --max_memory 20GiB,60GiB")
         object.__setattr__(self, "formats", tuple(FORMAT_ALIASES.get(f, f) for f in self.formats))
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
@@ -414,6 +448,12 @@ class RunConfig:
         from .dist import parse_device_map
 
         return None if self.device_map is None else parse_device_map(self.device_map)
+
+    @property
+    def max_memory_bytes(self) -> tuple[int, ...] | None:
+        from .placement import parse_size
+
+        return None if self.max_memory is None else tuple(parse_size(p) for p in self.max_memory.split(","))
 
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 
@@ -22,7 +23,9 @@ from .errors import LowbitError
 
 def parse_device_map(text: str) -> tuple[str, ...]:
     """auto-round's spellings -> the devices named, in order: 'auto', '0,1,2', 'cuda:0,cuda:1', 'cpu', or a
-    JSON dict of module name -> device (int = that GPU). 'auto' is every visible GPU, else the CPU."""
+    JSON dict of module name -> device (int = that GPU). 'auto' is every visible GPU, else the CPU. A GPU
+    listed twice is refused; 'cpu' may repeat (each entry is a slot with its own --max_memory: placement
+    over slots of one device, which is how the split path runs on a machine without GPUs)."""
     text = text.strip()
     if text == "auto":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -40,8 +43,12 @@ def parse_device_map(text: str) -> tuple[str, ...]:
     devices = []
     for item in items:
         name = device_name(item, text)
-        if name not in devices:
-            devices.append(name)
+        if name in devices:
+            if text.startswith("{"):  # a dict names a device once per module
+                continue
+            if name != "cpu":
+                raise LowbitError(f"--device_map {text!r} names {name} twice", "name each GPU once, e.g. --device_map 0,1")
+        devices.append(name)
     if not devices:
         raise LowbitError(f"--device_map {text!r} names no device", "pass auto, 0,1 or cuda:0,cuda:1")
     return tuple(devices)
@@ -96,14 +103,48 @@ class DistributedReducer:
         self.dist = dist
         self.device = device  # where collectives run: NCCL reduces CUDA tensors only
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.seconds = 0.0  # wall time inside collectives, waiting for the slowest process included
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of `t` over every process (a copy; `t` is unchanged), on t's device.
 
-        Every process must call it in the same order with the same shape."""
+        Every process must call it in the same order with the same shape. On CUDA the device is synchronized
+        around the all_reduce, so `seconds` counts the wait for the other processes, not this one's queued work."""
         out = t.detach().to(self.device, copy=True)
-        self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM)
+        self._timed(self.dist.all_reduce, out, op=self.dist.ReduceOp.SUM)
         return out.to(t.device)
+
+    def _timed(self, collective, t: torch.Tensor, **kwargs) -> None:
+        self._sync()
+        start = time.perf_counter()
+        collective(t, **kwargs)
+        self._sync()
+        self.seconds += time.perf_counter() - start
+
+    def broadcast_(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        """`owner`'s `t` on every process, in place (every process passes a tensor of the same shape)."""
+        buf = t if t.device == self.device else t.to(self.device)
+        self._timed(self.dist.broadcast, buf, src=owner)
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    def reduce_to(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        """The sum of `t` over every process, complete on `owner` only (half an all_reduce's traffic); the
+        others get `t` back unchanged in value but must not use it."""
+        buf = t.to(self.device, copy=True)
+        self._timed(self.dist.reduce, buf, dst=owner)
+        return buf.to(t.device)
+
+    def all_objects(self, obj) -> list:
+        """Every process's picklable `obj`, in rank order (the run summary's per-process figures)."""
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out
 
     def broadcast_object(self, obj):
         """Rank 0's picklable `obj` on every process (the resume state: every rank must see the same one)."""
@@ -112,18 +153,22 @@ class DistributedReducer:
         return box[0]
 
 def start(run_device: str, device_map: tuple[str, ...] | None):
-    """This process's (device, reducer): the device blocks run on, and None (one process: the engine keeps
+    """This process's (devices, reducer): the devices its blocks run on (the first holds the block's code and
+    inputs; placement.py may spread a block over the others), and None (one process: the engine keeps
     LocalReducer) or a DistributedReducer, initialising the process group when torchrun started us.
 
-    One process: the first device of the map (or --device). Several: rank r takes the map's r-th device
-    (CUDA: cuda:LOCAL_RANK when no map is given); more processes than devices is refused."""
+    One process: every device of the map (or --device). Several: rank r takes the map's r-th device alone
+    (CUDA: cuda:LOCAL_RANK when no map is given); more processes than devices is refused, and so is a
+    --device naming one GPU for several processes (each needs its own: --device_map lists them)."""
     world, _, local = env_world()
     devices = device_map or (run_device,)
     if world == 1:
-        return resolve_device(devices[0]), None
+        return tuple(resolve_device(d) for d in devices), None
     first = resolve_device(devices[0])
     if first.type == "cuda":
-        if device_map is None:  # --device cuda under torchrun: one GPU per process
+        if device_map is None:  # --device cuda / auto under torchrun: one GPU per process
+            if first.index is not None:
+                raise LowbitError(f"--device {run_device} names one GPU for {world} processes", f"pass --device_map with one GPU per process (e.g. --device_map {','.join(str(i) for i in range(world))}), or --device cuda")
             devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
         if local >= len(devices):
             per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -136,7 +181,7 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, DistributedReducer(device)
+    return (device,), DistributedReducer(device)
 
 
 def finish() -> None:

@@ -12,7 +12,8 @@ the samples from block to block; nothing else runs a block. It owns:
   moved to the device once per block), its per-sample arguments (concatenated per batch) and fresh
   state containers filled with the batch's own state;
 - batching: contiguous batches of `batch_size` samples, or any index list (AutoRound's random batches);
-- reduction: `reduce_sum` over statistics (and `counts` / `gather_rows`, built on it). Locally the
+- reduction: `reduce_sum` over statistics (and `counts` / `gather_rows`, built on it), `reduce_to` /
+  `from_rank` for work split by owner (GPTQ's solves, AutoRound's linears). Locally the
   identity; data-parallel processes (dist.py) plug in here with a reducer whose `sum` is torch.distributed's
   all_reduce, each process holding its contiguous share of the samples. Placing a block over several
   devices would plug in at `call` (the only place a block is invoked).
@@ -78,6 +79,12 @@ class LocalReducer:
     world_size, rank = 1, 0
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast_(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        return t
+
+    def reduce_to(self, t: torch.Tensor, owner: int) -> torch.Tensor:
         return t
 
 
@@ -209,12 +216,20 @@ class BlockEngine:
         return getattr(self.reducer, "rank", 0)
 
     def from_rank(self, owner: int, t: torch.Tensor | None, shape, dtype=torch.float32, device=None) -> torch.Tensor:
-        """`owner`'s tensor on every process (a broadcast as a sum: the others add zeros, so it is exact).
-        t: the owner's tensor (None elsewhere); shape / dtype / device: what every process allocates."""
+        """`owner`'s tensor on every process (a broadcast: exact). t: the owner's tensor (None elsewhere);
+        shape / dtype / device: what every other process allocates to receive it."""
         if self.world_size == 1:
             return t
-        buf = t.to(dtype) if self.rank == owner else torch.zeros(shape, dtype=dtype, device=device)
-        return self.reduce_sum(buf)
+        buf = t.to(dtype).contiguous() if self.rank == owner else torch.empty(shape, dtype=dtype, device=device)
+        return self.reducer.broadcast_(buf, owner)
+
+    def reduce_to(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        """The sum of `t` over the processes, complete on `owner` (one process: `t`)."""
+        return self.reducer.reduce_to(t, owner)
+
+    def broadcast_(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        """`owner`'s `t` into every process's `t` (same shape everywhere; one process: unchanged)."""
+        return self.reducer.broadcast_(t, owner)
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's rows x [m_p, K], concatenated in rank order: [sum_p m_p, K] on x's device.

@@ -137,11 +137,12 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     model = build_skeleton(config, dtype=dtype)
     tied = {f"{n}.weight" for n in ("lm_head",)} if getattr(config, "tie_word_embeddings", False) else set()
     fuse_spec = spec_for(config) if (on_gpu if fuse is None else fuse) else None
-    return fill_quantized(model, ckpt, qc, device_map, dtype, max_memory, cpu_cache_dequantized, fuse_spec, tied)
+    return fill_quantized(model, ckpt, qc, device_map, dtype, max_memory, cpu_cache_dequantized, fuse_spec, tied,
+                          on_gpu if grouped_experts is None else grouped_experts)
 
 
 def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.dtype, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
-                   fuse_spec=None, tied: set = frozenset()):
+                   fuse_spec=None, tied: set = frozenset(), grouped_experts: bool = False):
     """A meta `model` made runnable from a quantized checkpoint: linears with quantized tensors become
     QuantLinear, every tensor is streamed to the device `device_map` gives it (see `load`), and the model
     dispatched over several devices when the map names several. fuse_spec: fuse the linears of its scale
@@ -195,8 +196,6 @@ def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.d
         if isinstance(module, QuantLinear):
             module.post_load()  # the kernels' internal layout, built once on the layer's device
             module.cache_dequantized = module.qweight.device.type == "cpu" and cpu_cache_dequantized
-    if grouped_experts is None:
-        grouped_experts = on_gpu
     if grouped_experts:  # after post_load: the stacks take each expert's kernel layout
         group_experts(model)
     model.lowbit_quantization_config = qc

@@ -6,6 +6,7 @@ import resource
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,10 +56,38 @@ def release_freed_memory() -> None:
         pass
 
 
-def peak_vram_bytes() -> dict[str, int]:
+def peak_vram_bytes(device=None) -> dict[str, int]:
+    """Peak memory this process allocated on each visible GPU (or on `device` alone, if a CUDA device)."""
     if not torch.cuda.is_available():
         return {}
+    if device is not None:
+        device = torch.device(device)
+        return {str(device): torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
     return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+
+
+class Phases:
+    """Wall seconds per phase of a run ("scan", "capture", "blocks", ...), summed over repeated phases.
+
+    CUDA work is asynchronous: a phase ends by synchronizing this process's device, so its seconds include
+    the kernels it queued (without that the time would land in whichever later phase waits first)."""
+
+    def __init__(self, device=None):
+        self.seconds: dict[str, float] = {}
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device is not None and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def gib(n: int) -> str:
@@ -79,6 +108,10 @@ class RunSummary:
     scheme: str = ""
     block_losses: list[tuple[int, float, float]] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)  # checkpoint tensors that match no model tensor
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (report.Phases)
+    block_seconds: list[float] = field(default_factory=list)  # wall seconds of each block, in order
+    placements: dict[int, dict[str, str]] = field(default_factory=dict)  # block -> {linear: device} when a block was split
+    ranks: list[dict] = field(default_factory=list)  # data parallel: per process, its peak RSS / VRAM and collective seconds
     # mixture of experts: experts module -> routed calibration tokens per expert; expert -> tokens, for RTN fallbacks
     routed: dict[str, list[int]] = field(default_factory=dict)
     experts_rtn: dict[str, int] = field(default_factory=dict)
@@ -108,13 +141,22 @@ class RunSummary:
         for name, why in self.kept_fp.items():
             reasons.setdefault(why, []).append(name)
         kept = "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)}: {why})" for why, names in reasons.items())
-        return [
+        lines = [
             f"lowbit summary: {self.method} {self.scheme} -> {self.output_dir}",
             f"  time {self.seconds:.1f} s | peak RSS {gib(self.peak_rss)} (checkpoint {gib(self.checkpoint_bytes)}) | peak VRAM {vram}",
             f"  quantized {len(self.quantized)} linears | output {gib(self.output_bytes)}",
             f"  kept in full precision: {kept or 'nothing'}",
             *self.expert_lines(),
         ]
+        if self.phases:
+            lines.append("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()))
+        if self.placements:
+            devices = sorted({d for p in self.placements.values() for d in p.values()})
+            lines.append(f"  {len(self.placements)} blocks spread over {', '.join(devices)} (too big for one device with the method's state)")
+        for r in self.ranks:
+            rank_vram = ", ".join(f"{d} {gib(b)}" for d, b in r["peak_vram_bytes"].items()) or "no GPU"
+            lines.append(f"  rank {r['rank']}: peak RSS {gib(r['peak_rss_bytes'])}, peak VRAM {rank_vram}, in collectives {r['collective_seconds']:.1f} s")
+        return lines
 
     def to_dict(self) -> dict:
         return {
@@ -129,6 +171,10 @@ class RunSummary:
             "scheme": self.scheme,
             "block_losses": self.block_losses,
             "unmapped_checkpoint_tensors": self.unmapped,
+            "phases": {k: round(v, 2) for k, v in self.phases.items()},
+            "block_seconds": [round(v, 2) for v in self.block_seconds],
+            "placements": self.placements,
+            "ranks": self.ranks,
             "experts_routed_tokens": self.routed,
             "experts_rtn_fallback": self.experts_rtn,
             "experts_all_tokens": self.experts_all_tokens,

@@ -32,16 +32,17 @@ from .calib.samples import calibration_windows
 from .config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize_args, method_config
 from .dist import on_rank0, share, start
 from .engine import BlockEngine
+from .placement import Placer, attach, cache_bytes, describe, detach
 from .errors import LowbitError
 from .export import FORMAT_WRITERS, ShardWriter
-from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target
+from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target, release_output_lock
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
 from .model.names import NameMap, check_complete, map_names
 from .model.scan import check_all_finite
 from .model.skeleton import free_tensors, load_tensors, submodule
 from .model.tokenizer import load_tokenizer
 from .quant import QuantResult, quantize_weight
-from .report import RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
+from .report import Phases, RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
 PROGRESS = "lowbit_progress.json"
 LOG = "lowbit_log.json"
@@ -116,16 +117,32 @@ def save_progress(folder: Path, key: str, blocks_done: int, outputs: list, world
 
 
 def claim_output(target: Path, ckpt: Checkpoint, key_of, world: int) -> dict | None:
-    """Lock the output, scan the checkpoint, and return the progress of an interrupted run to resume (None:
-    start over, the partial folder of other settings removed)."""
+    """Lock the output and return the progress of an interrupted run to resume (None: start over, the
+    partial folder of other settings removed)."""
     partial = partial_path(target)
     lock = OutputLock.acquire(target)  # a second run on this output refuses here; atomic_folder releases it
-    lock.release_if_fails(check_all_finite, ckpt)  # NaN/inf in any tensor, streamed, before block 0
     state = lock.release_if_fails(load_progress, partial, key_of, world)  # refuses another world size, in one line
     if partial.exists() and state is None:
         shutil.rmtree(partial)  # a partial run of other settings: start over
     announce_resume(state, ckpt, partial)  # "resuming at block i of n"
     return state
+
+
+def scan_checkpoint(ckpt: Checkpoint, target: Path, reducer) -> None:
+    """NaN/inf in any tensor, streamed from the shards, before block 0; data-parallel processes scan a share
+    of the bytes each (none waits for rank 0 to read them all) and every process raises the first error
+    found. The output lock (rank 0's) is released on failure: the run ends before atomic_folder."""
+    rank, world = (reducer.rank, reducer.world_size) if reducer else (0, 1)
+    error = None
+    try:
+        check_all_finite(ckpt, rank, world)
+    except LowbitError as err:
+        error = err
+    errors = reducer.all_objects(error) if reducer else [error]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        release_output_lock(target)
+        raise first
 
 
 def set_dequantized(linears: dict, results: dict[str, QuantResult]) -> None:
@@ -185,10 +202,11 @@ def quantize(
         load_tokenizer(ckpt.path)  # text calibration needs it: refuse before any output
     # data-parallel processes (torchrun): a reducer for the engine, and rank 0 alone writes (the others
     # run the same block loop on their share of the samples and return after it)
-    device, reducer = start(run.device, run.devices)
+    devices, reducer = start(run.device, run.devices)
+    device = devices[0]  # the block's code and inputs run here; placement.py may put linears on the others
     world, writes = (reducer.world_size, reducer.rank == 0) if reducer else (1, True)
     dtype = compute_dtype(device, ckpt, needs_calib)
-    storage = torch.device("cpu") if device.type == "cpu" or method_cfg.cache_on_cpu else device
+    placer = Placer(devices, run.max_memory_bytes, method_cfg, dtype, calib.batch_size * calib.seqlen if needs_calib else 0)
     summary = RunSummary(method=method_cfg.name, scheme=f"W{scheme.bits}A16 g{scheme.group_size} {'sym' if scheme.sym else 'asym'}", output_dir=str(target), checkpoint_bytes=ckpt.total_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -196,7 +214,10 @@ def quantize(
     key_of = partial_args(fingerprint, str(ckpt.path), method_cfg, scheme, calib if needs_calib else None, run.formats, run.quant_lm_head, __version__)
     key = key_of(world)
     partial = partial_path(target)
-    state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
+    phases = Phases(device)
+    with phases("claim"):  # lock, NaN/inf scan, resume state
+        state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
+        scan_checkpoint(ckpt, target, reducer)
 
     with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
@@ -216,7 +237,15 @@ def quantize(
             done = state["blocks_done"]
         engine = stream = fp_stream = None
         if needs_calib:
-            plan = capture(skeleton, ckpt, names, spec, calib, device, dtype, storage, blocks, reducer)
+            # the calibration cache: beside the block on its device if both fit, else another GPU, else the CPU
+            chains = 3 if method_cfg.fp_targets else 2  # propagate builds the next chain while the old one lives
+            storage = device if device.type == "cpu" or not method_cfg.cache_on_cpu else torch.device("cpu")
+            if storage.type != "cpu":
+                hidden = ckpt.config.get_text_config().hidden_size
+                first_linears, _ = plan_linears(blocks[0], f"{spec.blocks}.0", spec, scheme, formats)
+                storage = placer.storage(cache_bytes(calib.nsamples // world + 1, calib.seqlen, hidden, dtype, chains), blocks[0], first_linears)
+            with phases("capture"):
+                plan = capture(skeleton, ckpt, names, spec, calib, device, dtype, storage, blocks, reducer)
             engine = BlockEngine(plan, device, storage, calib.batch_size, reducer)
             stream = engine.stream()
             # the fp model's own chain beside the quantized one (AutoRound's targets): twice the cache
@@ -224,12 +253,20 @@ def quantize(
 
         run_state: dict = {}  # the algorithm's own state across blocks (AutoRound's compiled code), owned by this run
         bar = tqdm(range(len(blocks)), desc=f"lowbit {method_cfg.name}", unit="block", disable=not (progress and writes))
+        loop_started = time.perf_counter()
         for i in bar:
+            block_started = time.perf_counter()
             prefix = f"{spec.blocks}.{i}"
-            block = load_module(skeleton, prefix, ckpt, names, device, dtype)
+            linears, kept = plan_linears(blocks[i], prefix, spec, scheme, formats)  # shapes only: the block is still on meta
+            placement = placer.place(blocks[i], linears)
+            if placement.split:
+                summary.placements[i] = {n: str(d) for n, d in placement.linears.items()}
+                if writes and summary.placements.get(i - 1) != summary.placements[i]:  # said once for a run of equal placements
+                    bar.write(f"block {i}: too big for {device} with {method_cfg.name}'s state; linears on {describe(placement)}")
+            block = load_module(skeleton, prefix, ckpt, names, placement.device_of(prefix), dtype)
+            attach(block, placement)
             for pname, p in block.named_parameters():
                 check_finite(f"{prefix}.{pname}", p)
-            linears, kept = plan_linears(block, prefix, spec, scheme, formats)
             summary.kept_fp.update(kept)
             summary.quantized.extend(f"{prefix}.{n}" for n in linears)
             targets = None
@@ -240,6 +277,7 @@ def quantize(
                 if stream is not None:
                     outputs[0].replay(block, prefix, linears, scheme)
                     stream = engine.propagate(block, i, stream)
+                detach(block, placement)
                 free_module(block)
                 continue
             # mixture of experts: routed tokens counted; experts the method cannot calibrate go to RTN
@@ -259,20 +297,29 @@ def quantize(
                 if method_cfg.quantized_inputs:
                     set_dequantized(linears, results)
                 stream = engine.propagate(block, i, stream)
-            for out in outputs if writes else ():
-                out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
-            if writes and any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
-                for out in outputs:
-                    out.writer.flush()
-                save_progress(folder, key, i + 1, outputs, world)
+            with phases("write"):
+                for out in outputs if writes else ():
+                    out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
+                if writes and any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
+                    for out in outputs:
+                        out.writer.flush()
+                    save_progress(folder, key, i + 1, outputs, world)
+            detach(block, placement)
             free_module(block)
             ckpt.close()  # unmap the shards: pages of finished blocks must not stay resident (and count in RSS)
             release_freed_memory()
+            phases.sync()
+            summary.block_seconds.append(time.perf_counter() - block_started)
         bar.close()
+        phases.seconds["blocks"] = time.perf_counter() - loop_started
+        if reducer is not None:  # every process's own figures, for rank 0's summary (each sees only its device)
+            summary.ranks = reducer.all_objects({"rank": reducer.rank, "peak_rss_bytes": rss.peak, "peak_vram_bytes": peak_vram_bytes(device),
+                                                 "collective_seconds": round(reducer.seconds, 2), "blocks_seconds": round(phases.seconds["blocks"], 2)})
         engine = stream = fp_stream = ctx = None  # release the calibration caches before the final writes
         if not writes:
             return summary
 
+        finish_started = time.perf_counter()
         kept_outside = outside_fp_linears(skeleton, spec, run.quant_lm_head)
         for name, why in kept_outside.items():
             summary.kept_fp.setdefault(name, why)
@@ -292,10 +339,17 @@ def quantize(
                          untie=run.quant_lm_head and tied_head(skeleton, spec))
             copy_side_files(ckpt.path, out.folder)
         (folder / PROGRESS).unlink(missing_ok=True)
+        phases.seconds["finish"] = time.perf_counter() - finish_started
+        summary.phases = phases.seconds
         summary.output_bytes = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
         summary.seconds = time.time() - started
         summary.peak_vram = peak_vram_bytes()
+        for r in summary.ranks:  # another process's GPU: its own peak (this process allocated nothing there)
+            for d, b in r["peak_vram_bytes"].items():
+                summary.peak_vram[d] = max(summary.peak_vram.get(d, 0), b)
         summary.peak_rss = rss.peak
+        if summary.ranks:
+            summary.ranks[0]["peak_rss_bytes"] = max(summary.ranks[0]["peak_rss_bytes"], rss.peak)
         (folder / LOG).write_text(json.dumps(summary.to_dict(), indent=2))
     summary.peak_rss = max(summary.peak_rss, rss.peak)
     return summary

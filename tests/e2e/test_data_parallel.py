@@ -77,16 +77,41 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
             if rank == 0:
                 torch.save(summary.block_losses, f"{root}/{method}.losses")
         runner.handler_for = real_handler
+        # NaN in a tensor of rank 1's half of the bytes: rank 1 finds it, both processes stop with its line
+        try:
+            quantize(f"{root}/nan-model", text_file, f"{root}/nan", "rtn")
+        except LowbitError as err:
+            torch.save(str(err), f"{root}/nan.rank{rank}")
+        # last (the process group is not usable after it): rank 0 dies writing block 1
         real = runner.block_tensors
         runner.block_tensors = dying_on(real, 2)  # dies writing block 1
         try:
             quantize(model, text_file, f"{root}/crashed", "gptq", max_shard_bytes=1)
-        except RuntimeError:
-            assert rank == 0  # only rank 0 writes, so only rank 0 meets the crash
+        except RuntimeError as err:
+            # only rank 0 writes, so only rank 0 meets the crash; rank 1 then loses its peer at the
+            # end-of-loop gather of the per-process figures
+            assert ("simulated crash" in str(err)) == (rank == 0), err
         runner.block_tensors = real
     else:
         quantize(model, text_file, f"{root}/crashed", "gptq", max_shard_bytes=1)
     torch.distributed.destroy_process_group()
+
+
+def nan_model(model, to):
+    """The model with one NaN in the tensor whose bytes lie last in the file: in the second process's share of
+    the NaN/inf scan (each process scans half of the bytes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.model.scan import float_tensors
+
+    shutil.copytree(model, to)
+    last = float_tensors(to / "model.safetensors")[-1][1]
+    tensors = load_file(to / "model.safetensors")
+    tensors[last].view(-1)[0] = float("nan")
+    save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
+    return last
 
 
 def spawn(model, text_file, root, phase: str) -> None:
@@ -108,6 +133,7 @@ def runs(tmp_path_factory):
     save_tiny_model_with_tokenizer(model, TEXT, hidden=64, intermediate=128, heads=2, kv_heads=1)
     two = root / "two"
     two.mkdir()
+    nan_model(model, two / "nan-model")
     spawn(model, text_file, two, "methods")
     one = root / "one"
     for method in METHODS:
@@ -145,7 +171,7 @@ def test_rtn_is_byte_identical(runs):
 
 def test_only_rank0_writes_and_nothing_is_left(runs):
     _, two = runs
-    finished = sorted(p.name for p in two.iterdir() if p.is_dir() and not p.name.startswith("crashed"))
+    finished = sorted(p.name for p in two.iterdir() if p.is_dir() and not p.name.startswith(("crashed", "nan")))
     assert finished == sorted(METHODS)
     assert not [p for p in two.glob("*.lowbit-*") if not p.name.startswith("crashed")]
     log = json.loads((two / "gptq" / "lowbit_log.json").read_text())
@@ -193,6 +219,15 @@ def test_sampled_autoround_agrees_loosely(runs):
     la, lb, fp = logits(one / "autoround_sampled"), logits(two / "autoround_sampled"), logits(one.parent / "m")
     assert torch.isfinite(lb).all()
     assert (lb - la).abs().max() < 2 * (la - fp).abs().max()
+
+
+def test_nan_found_by_the_second_process_stops_both(runs):
+    """The NaN/inf scan is split by bytes between the processes: a NaN only rank 1 reads is found there, and
+    both processes stop with its line (none waits in a collective); nothing is left behind."""
+    _, two = runs
+    messages = [torch.load(two / f"nan.rank{r}") for r in (0, 1)]
+    assert messages[0] == messages[1] and "contains NaN or inf" in messages[0]
+    assert not list(two.glob("nan*.lowbit-*")) and not (two / "nan").exists()
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path):

@@ -23,6 +23,7 @@ def two_gpus(monkeypatch):
     ("auto", ("cuda:0", "cuda:1")),
     ('{"model.layers.0": 0, "model.layers.1": 1, "lm_head": "cuda:1"}', ("cuda:0", "cuda:1")),
     ("cpu", ("cpu",)),
+    ("cpu,cpu", ("cpu", "cpu")),  # two slots of one device, each with its own --max_memory
 ])
 def test_spellings(two_gpus, text, devices):
     assert parse_device_map(text) == devices
@@ -36,6 +37,7 @@ def test_auto_without_gpus_is_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("text,message", [
     ("0,2", r"names cuda:2, which does not exist \(visible GPUs: cuda:0, cuda:1\)"),
+    ("0,cuda:0", r"names cuda:0 twice"),
     ("cuda:0,disk", r"'disk' is not a device"),
     ('{"model.layers.0": 0', r"is not valid JSON"),
     ("{}", r"empty or non-dict"),
@@ -89,3 +91,14 @@ def test_more_torchrun_processes_than_gpus(two_gpus, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(LowbitError, match=r"3 processes on this host but only 2 GPUs \(cuda:0, cuda:1\); pass --nproc 2"):
         start("auto", parse_device_map("auto"))
+
+
+def test_one_gpu_named_for_several_torchrun_processes(two_gpus, monkeypatch):
+    """--device cuda:1 under torchrun with two processes would put both on one GPU: refused, naming the fix."""
+    from lowbit.dist import start
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(LowbitError, match=r"--device cuda:1 names one GPU for 2 processes; pass --device_map with one GPU per process \(e.g. --device_map 0,1\)"):
+        start("cuda:1", None)

@@ -184,27 +184,33 @@ class LinearState:
 
 
 class FakeQuantLinear(torch.nn.Module):
-    """Stands in for an nn.Linear during training: y = x W_hat^T + b with W_hat from a LinearState."""
+    """Stands in for an nn.Linear during training: y = x W_hat^T + b, W_hat [N, K] a leaf tensor refreshed
+    before every step (`Trainer.refresh`); its gradient is carried through the grid afterwards
+    (`Trainer.through_grid`). The same leaf every step, so a compiled block sees one input, not a new constant."""
 
-    def __init__(self, linear: torch.nn.Linear, state: LinearState, out_dtype: torch.dtype, fns):
+    def __init__(self, linear: torch.nn.Linear, weight_hat: torch.Tensor):
         super().__init__()
         self.bias = linear.bias
-        self.state, self.out_dtype, self.fns = state, out_dtype, fns
+        self.weight_hat = weight_hat
 
     def forward(self, x):
-        w = self.state.weight_hat(self.out_dtype, self.fns)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(w.dtype))
+        """On the weight's device (a block spread over several: the input comes from the block's first
+        device and the output goes back there, differentiably)."""
+        w = self.weight_hat
+        y = F.linear(x.to(w.device), w, None if self.bias is None else self.bias.to(w.dtype))
+        return y.to(x.device)
 
 
 @contextmanager
-def fake_quant_swapped(block: torch.nn.Module, linears: dict, states: dict, out_dtype, fns):
-    """Swap each named linear for a FakeQuantLinear in its parent; always put the originals back."""
+def fake_quant_swapped(block: torch.nn.Module, linears: dict, weights: dict):
+    """Swap each named linear for a FakeQuantLinear reading weights[name] in its parent; always put the
+    originals back."""
     swapped = []
     try:
         for name, linear in linears.items():
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, attr, FakeQuantLinear(linear, states[name], out_dtype, fns))
+            setattr(parent, attr, FakeQuantLinear(linear, weights[name]))
             swapped.append((parent, attr, linear))
         yield
     finally:
@@ -243,19 +249,90 @@ def sign_sgd_step(groups: list[tuple[list[torch.Tensor], float, tuple[float, flo
                 p.grad = None
 
 
-def reduce_step(ctx: BlockContext, params: list[torch.Tensor], loss: torch.Tensor) -> float:
-    """The step's loss, and with data-parallel processes the mean over them of every gradient and of the
-    loss, in one all_reduce of the flattened gradients [sum numel + 1]: every process then takes the same
-    sign step and keeps the same best iteration, so their parameters stay identical."""
-    if ctx.world_size == 1:
-        return loss.item()  # one sync per step
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = ctx.reduce_sum(torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])) / ctx.world_size
-    start = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[start : start + g.numel()].view_as(g).to(g.dtype)
-        start += g.numel()
-    return flat[-1].item()
+class Trainer:
+    """The per-linear half of a step, split between data-parallel processes by owner.
+
+    Each linear's fake quantization (the grid's forward and backward over all N x K weights) and its sign
+    step do not shrink with the samples, so each process does them only for the linears it owns
+    (`BlockContext.owners`, by N x K). The block reads each W_hat from a leaf tensor (`leaves`); the leaves
+    of one (owner, device) are slices of one flat buffer, and so are their gradients, so each step moves
+    one buffer per process, not one per linear (a MoE block has hundreds): `refresh` writes the owned W_hat
+    from their LinearStates into the leaves and broadcasts each buffer from its owner; after a micro-batch's
+    backward, `through_grid` sums each gradient buffer over the processes onto its owner (float32) and runs
+    the owned linears' grid backward, so V / min_scale / max_scale get the gradient of the loss over every
+    process's samples. Only owners hold LinearStates (V, its gradient, its best copy): the state is split
+    too. One process owns everything; the broadcasts and sums are skipped."""
+
+    def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns):
+        linears = ctx.linears
+        self.ctx, self.out_dtype, self.fns = ctx, out_dtype, fns
+        self.owner = ctx.owners(list(linears), cost=lambda n: linears[n].in_features * linears[n].out_features)
+        rank = ctx.engine.rank
+        self.states = {n: LinearState.from_weight(l.weight, ctx.schemes[n], config.enable_minmax_tuning) for n, l in linears.items() if self.owner[n] == rank}
+        self.slices, sizes = {}, {}  # linear -> ((owner, device), start); (owner, device) -> elements
+        for name, l in linears.items():
+            key = (self.owner[name], l.weight.device)
+            self.slices[name] = (key, sizes.get(key, 0))
+            sizes[key] = sizes.get(key, 0) + l.out_features * l.in_features
+        order = sorted(sizes, key=lambda k: (k[0], str(k[1])))  # the same on every process: the collectives match
+        self.values = {k: torch.zeros(sizes[k], dtype=out_dtype, device=k[1]) for k in order}
+        self.grads = {k: torch.zeros(sizes[k], dtype=out_dtype, device=k[1]) for k in order}
+        self.leaves = {}
+        for name, ((owner, device), start) in self.slices.items():
+            l = linears[name]
+            n = l.out_features * l.in_features
+            # a leaf sharing the buffer's storage; its .grad a slice of the gradient buffer, which autograd
+            # then accumulates into in place
+            leaf = self.values[(owner, device)][start : start + n].view(l.out_features, l.in_features).detach().requires_grad_()
+            leaf.grad = self.grads[(owner, device)][start : start + n].view_as(leaf)
+            self.leaves[name] = leaf
+        self.graphs: dict[str, torch.Tensor] = {}
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for st in self.states.values() for p in st.params()]
+
+    def refresh(self) -> None:
+        """W_hat of every linear into the leaves: computed (with its graph) by the owner, broadcast to the rest."""
+        with torch.enable_grad():
+            self.graphs = {n: st.weight_hat(self.out_dtype, self.fns) for n, st in self.states.items()}
+        with torch.no_grad():
+            for name, graph in self.graphs.items():
+                self.leaves[name].copy_(graph)
+            for (owner, _), buffer in self.values.items():
+                self.ctx.engine.broadcast_(buffer, owner)
+
+    def through_grid(self, last: bool) -> None:
+        """After a micro-batch's backward: each gradient buffer (this process's samples) summed onto its owner,
+        then through the owned linears' grid into V and the min/max factors (accumulating over micro-batches)."""
+        if self.ctx.world_size > 1:
+            summed = {k: self.ctx.engine.reduce_to(g.float(), k[0]) for k, g in self.grads.items()}
+            grads = {n: self._slice(summed, n).to(self.out_dtype) for n in self.graphs}
+        else:
+            grads = {n: self.leaves[n].grad for n in self.graphs}
+        if self.graphs:
+            names = list(self.graphs)
+            torch.autograd.backward([self.graphs[n] for n in names], [grads[n] for n in names], retain_graph=not last)
+        for g in self.grads.values():
+            g.zero_()
+        if last:
+            self.graphs = {}
+
+    def _slice(self, buffers: dict, name: str) -> torch.Tensor:
+        key, start = self.slices[name]
+        return buffers[key][start : start + self.leaves[name].numel()].view_as(self.leaves[name])
+
+    def clear(self) -> None:
+        for p in self.params():
+            p.grad = None
+        for g in self.grads.values():
+            g.zero_()
+
+    def mean_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over the processes (each the mean over its share of the global batch):
+        every process keeps the same best iteration."""
+        if self.ctx.world_size == 1:
+            return loss.item()  # one sync per step
+        return (self.ctx.reduce_sum(loss.reshape(1).float()) / self.ctx.world_size).item()
 
 
 def block_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -390,9 +467,10 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     def gather_targets(indices: list[int]) -> torch.Tensor:
         return torch.cat([targets[i].to(device, non_blocking=True) for i in indices])
 
-    states = {name: LinearState.from_weight(l.weight, ctx.schemes[name], config.enable_minmax_tuning) for name, l in linears.items()}
     compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
     fns = compilers.grid_fns(config.compile, device)
+    trainer = Trainer(ctx, config, out_dtype, fns)
+    states = trainer.states  # the linears this process owns (all of them for one process)
     groups = []
     for name, st in states.items():
         lr, minmax_lr = step_sizes(config, st.scheme)
@@ -410,22 +488,27 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     def step_loss(run_block, indices: list[int]) -> torch.Tensor:
         """Forward and backward over one global batch (micro-batches of bs); returns its mean loss []."""
         total = torch.zeros((), device=device)
-        for start in range(0, global_bs, bs):
+        starts = range(0, global_bs, bs)
+        for j, start in enumerate(starts):
             idx = indices[start : start + bs]
             with autocast():
                 pred = ctx.forward(idx, block=run_block)
             # mean over the global batch: each micro-batch weighs by its share of the samples
             loss = block_loss(pred, gather_targets(idx)) * (len(idx) / global_bs)
             loss.backward()
+            trainer.through_grid(last=j == len(starts) - 1)
             total += loss.detach()
         return total
 
-    # a mixture-of-experts block runs each expert on the tokens routed to it: data-dependent shapes that
-    # recompile on every batch, so it trains eagerly (the grid functions stay compiled)
-    train_block = compilers.block(block, False if experts_modules(block) else config.compile, device)
-    with frozen(block), fake_quant_swapped(block, linears, states, out_dtype, fns), torch.enable_grad(), recompile_limit(64):
+    # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
+    # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
+    # recompile on every batch); the grid functions stay compiled
+    eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
+    train_block = block if eager else compilers.block(block, config.compile, device)
+    with frozen(block), fake_quant_swapped(block, linears, trainer.leaves), torch.enable_grad(), recompile_limit(64):
         for it in range(config.iters):
             indices = sampler.next()
+            trainer.refresh()
             if train_block is block or it > 0:
                 value = step_loss(train_block, indices)
             else:  # the first compiled step compiles forward and backward: fall back to eager if that fails
@@ -433,12 +516,11 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
                     value = step_loss(train_block, indices)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                     compilers.block_compile_failed(exc)
-                    for st in states.values():
-                        for p in st.params():
-                            p.grad = None
+                    trainer.clear()
+                    trainer.refresh()
                     train_block = block
                     value = step_loss(block, indices)
-            value = reduce_step(ctx, [p for st in states.values() for p in st.params()], value)
+            value = trainer.mean_loss(value)
             if first_loss is None:
                 first_loss = value
             if value < best_loss:  # these parameters produced this loss: keep them before stepping
@@ -449,9 +531,14 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             sign_sgd_step([(ps, linear_lr(lr, it, config.iters), bounds) for ps, lr, bounds in groups])
 
     results = {}
-    for name, linear in linears.items():
-        v, mn, mx = states[name].export(*best[name])
-        results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx, bias=linear.bias)
+    for name, linear in linears.items():  # each linear quantized by its owner, shared with the others
+        result = None
+        if name in states:
+            v, mn, mx = states[name].export(*best[name])
+            result = quantize_weight(linear.weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx)
+        result, _ = ctx.shared_result(trainer.owner[name], result, 0.0, linear)
+        result.bias = None if linear.bias is None else linear.bias.detach().clone()
+        results[name] = result
     ctx.losses = (first_loss, best_loss)
     if ctx.log:
         ctx.log(f"block {ctx.index}: loss {first_loss:.4g} -> {best_loss:.4g} (best at iter {best_iter}/{config.iters}), {time.time() - started:.1f}s")

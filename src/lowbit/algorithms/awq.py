@@ -80,8 +80,8 @@ def apply_scales(block: torch.nn.Module, scales: list[GroupScale], norm_offset: 
         if getattr(prev, "bias", None) is not None:
             prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
         for name in g.linears:
-            w = block.get_submodule(name).weight
-            w.data = (w.float() * s[None, :]).to(w.dtype)  # [N, K] * [1, K]
+            w = block.get_submodule(name).weight  # on its own device when the block is spread over several
+            w.data = (w.float() * s.to(w.device)[None, :]).to(w.dtype)  # [N, K] * [1, K]
 
 
 def clip_weight(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -220,7 +220,7 @@ def reduce(ctx: BlockContext, stats: Stats) -> None:
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     """Mean over output rows of |w| normalized by its group's max |w|, per input channel: [K]."""
-    w = torch.cat([x.float() for x in weights])  # [sum N, K]
+    w = torch.cat([x.float().to(weights[0].device) for x in weights])  # [sum N, K]
     k = w.shape[1]
     g = group_view(w.abs(), group_size)  # [N, G, gs]
     g = g / g.amax(-1, keepdim=True).clamp(min=1e-8)
@@ -265,8 +265,9 @@ def search_group(ctx: BlockContext, group, stats: Stats, config: AwqConfig) -> t
     try:
         for _, s in candidates:
             for n, w in originals.items():
-                # Q(W s) / s: the quantized weight as the unscaled input sees it, [N, K]
-                q = fake_quantize(w.float() * s[None, :], ctx.schemes[n]) / s[None, :]
+                # Q(W s) / s: the quantized weight as the unscaled input sees it, [N, K], on the weight's device
+                sw = s.to(w.device)
+                q = fake_quantize(w.float() * sw[None, :], ctx.schemes[n]) / sw[None, :]
                 ctx.block.get_submodule(n).weight.data = q.to(w.dtype)
             sums.append(sum(F.mse_loss(module_output(module, a, k, ctx.engine), t).item() for (a, k), t in zip(calls, targets)))
     finally:
@@ -289,8 +290,8 @@ def search_clips(ctx: BlockContext, samples: dict[str, torch.Tensor], n_grid: in
     clips = {}
     for name, linear in ctx.linears.items():
         scheme = ctx.schemes[name]
-        x = group_view(samples[name].to(ctx.device), scheme.group_size)  # [T, G, gs]
-        w_all = linear.weight.float()
+        w_all = linear.weight.float()  # on its own device when the block is spread over several
+        x = group_view(samples[name].to(w_all.device), scheme.group_size)  # [T, G, gs]
         maxima = []
         for start in range(0, w_all.shape[0], CLIP_ROWS):
             w = w_all[start : start + CLIP_ROWS]  # [n, K]

@@ -9,6 +9,7 @@ import torch
 from ..arch import ArchSpec
 from ..config import Scheme
 from ..engine import BlockEngine, Stream
+from ..quant import QuantResult
 
 
 @dataclass
@@ -74,3 +75,33 @@ class BlockContext:
     def world_size(self) -> int:
         """Data-parallel processes sharing the samples (each holds `n_samples` of its own)."""
         return self.engine.world_size if self.engine is not None else 1
+
+    # ------------------------------------------------------------ work split between data-parallel processes
+
+    def owners(self, keys: list, cost) -> dict:
+        """Which process does the work that does not shrink with the samples (GPTQ's solves, AutoRound's fake
+        quantization and sign steps), per key (a linear's name, a batch of linears): greedy by cost(key),
+        largest first, onto the least-loaded process; the same answer on every process (one process: all 0)."""
+        load = [0] * self.world_size
+        out = {}
+        for key in sorted(keys, key=lambda k: (-cost(k), str(k))):
+            rank = min(range(self.world_size), key=lambda r: (load[r], r))
+            out[key] = rank
+            load[rank] += cost(key)
+        return out
+
+    def shared_result(self, owner: int, result: QuantResult | None, value: float, linear: torch.nn.Linear) -> tuple[QuantResult, float]:
+        """The owner's QuantResult of `linear` (and a float of its, e.g. a loss) on every process, broadcast
+        exactly: codes uint8 [N, K], then scale, zero [N, G] and the value as one float32 buffer."""
+        if self.world_size == 1:
+            return result, value
+        scheme = self.schemes[next(n for n, l in self.linears.items() if l is linear)]
+        n, k = linear.out_features, linear.in_features
+        g, device = scheme.groups(k), linear.weight.device
+        mine = codes = None
+        if result is not None:
+            codes = result.codes
+            mine = torch.cat([result.scale.float().flatten(), result.zero.float().flatten(), torch.tensor([value], device=result.scale.device)])
+        codes = self.engine.from_rank(owner, codes, (n, k), dtype=torch.uint8, device=device)
+        flat = self.engine.from_rank(owner, mine, (2 * n * g + 1,), device=device)
+        return QuantResult(scheme, codes, flat[: n * g].view(n, g), flat[n * g : -1].view(n, g).to(torch.uint8)), float(flat[-1])

@@ -4,7 +4,10 @@ For a linear with weight W [N, K] and calibration inputs X [n, K], GPTQ minimise
 column by column: column j is rounded, and its error, divided by the diagonal of the inverse Hessian, is
 spread over the columns not yet rounded through row j of the upper Cholesky factor U of H^-1, where
 H = 2 X^T X / n. Updates are applied lazily: inside a block of `block_size` columns immediately, to the
-columns after the block once per block (one matmul instead of one rank-1 update per column).
+columns after the block once per block (one matmul instead of one rank-1 update per column). Inside a
+lazy block the columns are solved in segments (cut where a group starts) by `solve_columns`: a torch loop
+on the CPU, one fused Triton launch per segment on CUDA, where a loop of small launches per column would
+make the solve, not the calibration data, the cost of a block (and the part data parallelism cannot split).
 
 The grid is lowbit's: when the column loop enters a group, its (scale, zero) come from `compute_qparams`
 on that group's *current* columns (already corrected by the errors of the columns before it, including
@@ -84,6 +87,41 @@ def gptq_quantize(
     return result, loss
 
 
+def solve_columns(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round S columns one after another, each column's error spread over the columns after it, for B
+    linears at once.
+
+    w [B, N, S] the columns (not modified), u [B, S, S] the upper Cholesky factor of H^-1 restricted to them,
+    s / z [B, N, S] each column's scale and zero. Returns (codes q [B, N, S], scaled errors e [B, N, S]),
+    float32: q_i = clamp(round(x_i / s_i) + z_i), e_i = (x_i - s_i (q_i - z_i)) / u_ii, then W[..., j >= i] -=
+    e_i u_ij. On CUDA one fused Triton launch (kernels/triton/gptq.py: the loop is launch-bound there); this
+    loop is its reference and the CPU path."""
+    if w.is_cuda:
+        from ..kernels.triton.gptq import gptq_columns
+
+        return gptq_columns(w, u, s, z, maxq)
+    wt = torch.empty(w.shape[0], w.shape[2], w.shape[1], dtype=w.dtype, device=w.device).copy_(w.transpose(1, 2))  # [B, S, N]
+    st, zt = s.transpose(1, 2), z.transpose(1, 2)
+    qt, et = torch.empty_like(wt), torch.empty_like(wt)
+    for i in range(wt.shape[1]):
+        x, si, zi = wt[:, i], st[:, i], zt[:, i]  # [B, N]
+        torch.round(x / si, out=qt[:, i]).add_(zi).clamp_(0, maxq)  # primitives.quantize_codes' formula, one column
+        torch.div(x - si * (qt[:, i] - zi), u[:, i, i, None], out=et[:, i])
+        wt[:, i:] -= u[:, i, i:, None] * et[:, None, i]  # rank-1 update of the remaining columns, [B, S - i, N]
+    return qt.transpose(1, 2), et.transpose(1, 2)
+
+
+SEGMENT = 128  # columns solved by one solve_columns call at most (the fused kernel's register tile)
+
+
+def segments(i1: int, i2: int, gs: int, natural: bool) -> list[tuple[int, int]]:
+    """[a, b) column ranges of the lazy block [i1, i2): cut where a group starts (natural order: its
+    scale and zero are computed there, from the columns as updated so far) and every SEGMENT columns."""
+    cuts = {c for c in range(i1 + 1, i2) if (natural and c % gs == 0) or (c - i1) % SEGMENT == 0}
+    cuts = [i1, *sorted(cuts), i2]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 @torch.no_grad()
 def gptq_quantize_many(
     w: torch.Tensor,
@@ -97,10 +135,9 @@ def gptq_quantize_many(
     mixture-of-experts block). The column loop runs once for all B (its kernels batched), so 128 experts
     cost about what one linear costs; each linear's arithmetic is the single-linear algorithm's."""
     W = w.detach().float().clone()  # [B, N, K], updated in place as errors are spread
-    H = h.detach().float().clone()  # [B, K, K]
+    H = h.detach().float().to(W.device).clone()  # [B, K, K]
     nb, n_rows, k = W.shape
     gs = scheme.group_size_for(k)
-    batch = torch.arange(nb, device=W.device)
     dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [B, K]
     H.diagonal(dim1=-2, dim2=-1)[dead] = 1
     W.masked_fill_(dead[:, None, :], 0)
@@ -114,36 +151,37 @@ def gptq_quantize_many(
         W = W.gather(2, perm[:, None, :].expand(nb, n_rows, k))
         H = H.gather(1, perm[:, :, None].expand(nb, k, k)).gather(2, perm[:, None, :].expand(nb, k, k))
     U = torch.stack([inverse_hessian_factor(H[b], damp_percent) for b in range(nb)])  # [B, K, K] upper
-    groups = perm // gs  # [B, K] each visited column's group
+    groups = perm // gs  # [B, K] each visited column's group (no host sync inside the loop)
 
     codes = torch.zeros_like(W)  # [B, N, K] in visiting order
     losses = torch.zeros(nb, n_rows, device=W.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, :, i1:i2].clone()  # [B, N, Bs] this lazy block, updated column by column
+        W1 = W[:, :, i1:i2].clone()  # [B, N, Bs] this lazy block, updated segment by segment
         err1 = torch.zeros_like(W1)  # [B, N, Bs] scaled errors, for the lazy update of the columns after i2
         U1 = U[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not act_order and col % gs == 0:
-                # entering a group: its current columns are W1[..., i:] inside the block plus the columns
-                # past i2 with this block's pending update (errors of columns i1..col-1) applied
-                end = min(col + gs, k)
-                current = W1[:, :, i : end - i1]
+        for a, b in segments(i1, i2, gs, natural=not act_order):
+            sa, sb = a - i1, b - i1  # the segment inside the lazy block
+            if not act_order and a % gs == 0:
+                # entering a group: its current columns are W1[..., sa:] inside the block plus the columns
+                # past i2 with this block's pending update (errors of columns i1..a-1) applied
+                end = min(a + gs, k)
+                current = W1[:, :, sa : end - i1]
                 if end > i2:
-                    pending = W[:, :, i2:end] - err1[:, :, :i] @ U[:, i1:col, i2:end]
+                    pending = W[:, :, i2:end] - err1[:, :, :sa] @ U[:, i1:a, i2:end]
                     current = torch.cat([current, pending], dim=2)
                 s, z = compute_qparams(current.reshape(nb * n_rows, -1), scheme)  # one (possibly partial) group
-                scale[:, :, col // gs], zero[:, :, col // gs] = s.view(nb, n_rows), z.view(nb, n_rows)
-            g = groups[:, col]  # [B]
-            s, z = scale[batch, :, g], zero[batch, :, g]  # [B, N]
-            x = W1[:, :, i]
-            q = ((x / s).round() + z).clamp(0, scheme.maxq)  # primitives.quantize_codes' formula, one column
-            codes[:, :, col] = q
-            e = (x - s * (q - z)) / U1[:, i, i, None]
-            losses += e.pow(2) / 2
-            W1[:, :, i:] -= e[:, :, None] @ U1[:, i : i + 1, i:]  # rank-1 update of this block's remaining columns
-            err1[:, :, i] = e
+                scale[:, :, a // gs], zero[:, :, a // gs] = s.view(nb, n_rows), z.view(nb, n_rows)
+            if act_order:  # each column's static group, [B, N, b - a]
+                g = groups[:, None, a:b].expand(nb, n_rows, b - a)
+                s_cols, z_cols = scale.gather(2, g), zero.gather(2, g)
+            else:  # one group for the whole segment: broadcast (column stride 0)
+                s_cols, z_cols = scale[:, :, a // gs, None].expand(nb, n_rows, b - a), zero[:, :, a // gs, None].expand(nb, n_rows, b - a)
+            q, e = solve_columns(W1[:, :, sa:sb], U1[:, sa:sb, sa:sb], s_cols, z_cols, scheme.maxq)
+            codes[:, :, a:b], err1[:, :, sa:sb] = q, e
+            losses += e.pow(2).sum(-1) / 2
+            if b < i2:  # the rest of this lazy block sees the segment's errors
+                W1[:, :, sb:] -= e @ U1[:, sa:sb, sb:]
         W[:, :, i2:] -= err1 @ U[:, i1:i2, i2:]  # the lazy batch update
     codes = codes.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(nb, n_rows, k))  # back to natural column order
     results = [QuantResult(scheme, codes[b].to(torch.uint8), scale[b], zero[b].to(torch.uint8)) for b in range(nb)]
@@ -160,10 +198,12 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def sequential_stages(ctx: BlockContext) -> list[list[str]]:
+def sequential_stages(ctx: BlockContext, shared: dict[str, str] | None = None) -> list[list[str]]:
     """The block's linears in forward order, consecutive ones reading the same input tensor grouped.
 
     Found by running the block once on one sample with hooks; linears the forward never calls come last.
+    shared: filled with linear -> the first linear that read the very same input tensor (q/k/v, gate/up,
+    and with every token through every expert all experts' gate/up): one Hessian serves them all.
     """
     calls: list[tuple[str, torch.Tensor]] = []  # the tensors are kept alive so identity checks hold
 
@@ -180,6 +220,9 @@ def sequential_stages(ctx: BlockContext) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
+    if shared is not None:
+        for i, (name, x) in enumerate(calls):
+            shared[name] = next(n for n, y in calls[: i + 1] if y is x)
     stages: list[list[str]] = []
     for i, (name, x) in enumerate(calls):
         if i and x is calls[i - 1][1]:
@@ -214,24 +257,33 @@ def merge_experts(stages: list[list[str]]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def stage_hessians(ctx: BlockContext, names: list[str]) -> dict[str, tuple[torch.Tensor | None, int]]:
-    """H and row count per linear over all cached inputs; each forward stops after the stage's last linear."""
-    acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in names}
+def stage_hessians(ctx: BlockContext, names: list[str], shared: dict[str, str] | None = None) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """H and row count per linear over all cached inputs; each forward stops after the stage's last linear.
+
+    shared (sequential_stages): a linear that reads the same tensor as an earlier one of the stage takes its
+    Hessian (computed and reduced once). Each H is accumulated on its linear's own device (a block placed
+    over several devices)."""
+    shared = shared or {}
+    source = {n: shared.get(n, n) if shared.get(n, n) in names else n for n in names}
+    hooked = [n for n in names if source[n] == n]
+    acc: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in hooked}
     pending = set()
 
     def hook(name):
+        device = ctx.linears[name].weight.device
+
         def fn(module, args):
-            acc[name] = accumulate_hessian(*acc[name], args[0])
+            acc[name] = accumulate_hessian(*acc[name], args[0].to(device))
             pending.discard(name)
             if not pending:
                 raise _Stop
 
         return fn
 
-    handles = [ctx.linears[n].register_forward_pre_hook(hook(n)) for n in names]
+    handles = [ctx.linears[n].register_forward_pre_hook(hook(n)) for n in hooked]
     try:
         for indices in ctx.batches():
-            pending.update(names)
+            pending.update(hooked)
             try:
                 ctx.forward(indices)
             except _Stop:
@@ -239,15 +291,17 @@ def stage_hessians(ctx: BlockContext, names: list[str]) -> dict[str, tuple[torch
     finally:
         for h in handles:
             h.remove()
-    return {name: reduce_hessian(ctx, ctx.linears[name].in_features, h, n) for name, (h, n) in acc.items()}
+    reduced = {name: reduce_hessian(ctx, ctx.linears[name], h, n) for name, (h, n) in acc.items()}
+    return {name: reduced[source[name]] for name in names}
 
 
-def reduce_hessian(ctx: BlockContext, k: int, h: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
+def reduce_hessian(ctx: BlockContext, linear: torch.nn.Linear, h: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
     """The mean Hessian over every process's rows: sum_p n_p H_p / sum_p n_p (one process: unchanged)."""
     if ctx.world_size == 1:
         return h, n
-    total = ctx.reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=ctx.device))  # rows: exact past 2^24
-    weighted = ctx.reduce_sum(h * n if h is not None else torch.zeros(k, k, device=ctx.device))
+    device, k = linear.weight.device, linear.in_features
+    total = ctx.reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device))  # rows: exact past 2^24
+    weighted = ctx.reduce_sum(h * n if h is not None else torch.zeros(k, k, device=device))
     return (weighted / total if total > 0 else None), int(total.item())
 
 
@@ -259,41 +313,10 @@ def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[li
         if hessians[name][0] is None:
             continue
         linear = ctx.linears[name]
-        key = (_role(name), linear.out_features, linear.in_features, ctx.schemes[name]) if _role(name) != name else (name,)
+        # same role, shape, scheme and device (a block spread over several devices places experts apart)
+        key = (_role(name), linear.out_features, linear.in_features, ctx.schemes[name], linear.weight.device) if _role(name) != name else (name,)
         groups.setdefault(key, []).append(name)
     return [g[i : i + SOLVE_BATCH] for g in groups.values() for i in range(0, len(g), SOLVE_BATCH)]
-
-
-def owners(ctx: BlockContext, groups: list[list[str]]) -> list[int]:
-    """Which process solves each batch of linears: the solve (the loop over K columns) does not shrink with
-    the samples, so data-parallel processes split the batches instead of all solving all of them. Greedy by
-    cost (~ B (N K + K^2)), largest first, onto the least-loaded rank; the same answer on every process."""
-    def cost(group):
-        linear = ctx.linears[group[0]]
-        return len(group) * linear.in_features * (linear.in_features + linear.out_features)
-
-    load = [0] * ctx.world_size
-    out = [0] * len(groups)
-    for i in sorted(range(len(groups)), key=lambda i: (-cost(groups[i]), groups[i][0])):
-        rank = min(range(ctx.world_size), key=lambda r: (load[r], r))
-        out[i] = rank
-        load[rank] += cost(groups[i])
-    return out
-
-
-def shared_result(ctx: BlockContext, owner: int, result: QuantResult | None, loss: float, scheme: Scheme, n: int, k: int) -> tuple[QuantResult, float]:
-    """The owner's QuantResult on every process: codes [N, K], scale and zero [N, G] and the loss, sent as one
-    float32 buffer (small integers and the fp32 scales are exact through a sum with zeros)."""
-    if ctx.world_size == 1:
-        return result, loss
-    g = scheme.groups(k)
-    mine = None
-    if result is not None:
-        mine = torch.cat([result.codes.float().flatten(), result.scale.float().flatten(), result.zero.float().flatten(),
-                          torch.tensor([loss], device=result.codes.device)])
-    flat = ctx.engine.from_rank(owner, mine, (n * k + 2 * n * g + 1,), device=ctx.device)
-    codes, scale, zero = flat[: n * k].view(n, k), flat[n * k : n * k + n * g].view(n, g), flat[n * k + n * g : -1].view(n, g)
-    return QuantResult(scheme, codes.to(torch.uint8), scale, zero.to(torch.uint8)), float(flat[-1])
 
 
 def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[str, QuantResult]:
@@ -302,23 +325,29 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
         return {n: quantize_weight(l.weight.data, ctx.schemes[n], bias=l.bias) for n, l in ctx.linears.items()}
     started = time.time()
     ctx.block.eval()
-    stages = sequential_stages(ctx) if config.true_sequential else [list(ctx.linears)]
+    shared: dict[str, str] = {}
+    stages = sequential_stages(ctx, shared)
+    if not config.true_sequential:
+        stages = [list(ctx.linears)]
     results, total = {}, 0.0
     for names in stages:
-        hessians = stage_hessians(ctx, names)
+        hessians = stage_hessians(ctx, names, shared)
         for name in names:
             if hessians[name][0] is None:  # never called: nothing to be faithful to
                 linear = ctx.linears[name]
                 results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], bias=linear.bias)
         groups = solve_groups(ctx, names, hessians)
-        for group, owner in zip(groups, owners(ctx, groups)):
+        # the solve (the loop over K columns) does not shrink with the samples: processes split the batches
+        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: len(g) * ctx.linears[g[0]].in_features * (ctx.linears[g[0]].in_features + ctx.linears[g[0]].out_features))
+        for group in groups:
+            owner = solver[tuple(group)]
             linears = [ctx.linears[n] for n in group]
             mine, losses = [None] * len(group), [0.0] * len(group)
             if owner == ctx.engine.rank:
                 mine, losses = gptq_quantize_many(torch.stack([l.weight for l in linears]), torch.stack([hessians[n][0] for n in group]),
                                                   ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
             for name, linear, result, loss in zip(group, linears, mine, losses):
-                result, loss = shared_result(ctx, owner, result, loss, ctx.schemes[name], linear.out_features, linear.in_features)
+                result, loss = ctx.shared_result(owner, result, loss, linear)
                 result.bias = None if linear.bias is None else linear.bias.detach().clone()
                 results[name], total = result, total + loss
                 # later stages must see this linear quantized (their inputs are recomputed through it)

@@ -43,17 +43,30 @@ def _finite(chunk: torch.Tensor) -> bool:
     return bool(torch.isfinite(chunk).all())
 
 
-def first_nonfinite(file: Path) -> str | None:
-    """Name of the first floating-point tensor of `file` holding a NaN or inf, or None."""
-    buffer = bytearray(CHUNK_BYTES)
+def float_tensors(file: Path) -> list[tuple[Path, str, torch.dtype, int, int]]:
+    """(file, name, dtype, first byte, end byte) of each floating-point tensor of `file`, in file order."""
     with open(file, "rb", buffering=0) as f:
         table, data_start = read_header(f)
-        for name, info in sorted(table.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # file order: sequential reads
-            dtype = FLOAT_DTYPES.get(info["dtype"])
-            if dtype is None:
-                continue
+    out = []
+    for name, info in sorted(table.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # file order: sequential reads
+        dtype = FLOAT_DTYPES.get(info["dtype"])
+        if dtype is not None:
             begin, end = info["data_offsets"]
-            f.seek(data_start + begin)
+            out.append((file, name, dtype, data_start + begin, data_start + end))
+    return out
+
+
+def first_nonfinite_in(tensors: list[tuple[Path, str, torch.dtype, int, int]]) -> str | None:
+    """Name of the first of these tensors holding a NaN or inf, or None; each read in chunks of CHUNK_BYTES."""
+    buffer = bytearray(CHUNK_BYTES)
+    f, current = None, None
+    try:
+        for file, name, dtype, begin, end in tensors:
+            if file != current:
+                if f is not None:
+                    f.close()
+                f, current = open(file, "rb", buffering=0), file
+            f.seek(begin)
             remaining = end - begin
             while remaining:
                 view = memoryview(buffer)[: min(remaining, CHUNK_BYTES)]
@@ -66,15 +79,37 @@ def first_nonfinite(file: Path) -> str | None:
                 if not _finite(chunk):
                     return name
                 remaining -= got
+    finally:
+        if f is not None:
+            f.close()
     return None
 
 
-def check_all_finite(ckpt) -> None:
-    """Fail with one line on the first tensor of the checkpoint (a `Checkpoint`) that holds NaN or inf."""
-    for file in sorted(set(ckpt.index.values())):
-        name = first_nonfinite(file)
-        if name is not None:
-            raise LowbitError(
-                f"weight {name} contains NaN or inf (in {file.name})",
-                "fix or re-export the checkpoint; non-finite weights cannot be quantized",
-            )
+def first_nonfinite(file: Path) -> str | None:
+    """Name of the first floating-point tensor of `file` holding a NaN or inf, or None."""
+    return first_nonfinite_in(float_tensors(file))
+
+
+def share_by_bytes(tensors: list, rank: int, world: int) -> list:
+    """Process `rank`'s contiguous part of the tensors (file order kept), parts of about equal bytes."""
+    total = sum(end - begin for *_, begin, end in tensors)
+    out, seen = [], 0
+    for t in tensors:
+        middle = seen + (t[4] - t[3]) / 2  # a tensor goes to the process whose byte range holds its middle
+        if min(int(middle * world / max(total, 1)), world - 1) == rank:
+            out.append(t)
+        seen += t[4] - t[3]
+    return out
+
+
+def check_all_finite(ckpt, rank: int = 0, world: int = 1) -> None:
+    """Fail with one line on the first tensor of the checkpoint (a `Checkpoint`) that holds NaN or inf.
+    Data-parallel processes each scan their share of the bytes (rank, world)."""
+    tensors = [t for file in sorted(set(ckpt.index.values())) for t in float_tensors(file)]
+    bad = first_nonfinite_in(share_by_bytes(tensors, rank, world))
+    if bad is not None:
+        file = next(t[0] for t in tensors if t[1] == bad)
+        raise LowbitError(
+            f"weight {bad} contains NaN or inf (in {file.name})",
+            "fix or re-export the checkpoint; non-finite weights cannot be quantized",
+        )

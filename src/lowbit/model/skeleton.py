@@ -54,8 +54,11 @@ def load_tensors(model, full_names, ckpt: Checkpoint, names, device, dtype: torc
     `names` (model/names.py) maps model names to checkpoint keys. Buffers that the checkpoint holds are
     loaded even though the skeleton built them real (Gemma 4's per-layer `layer_scalar` is a persistent
     buffer initialised to 1 whose trained value lives in the checkpoint); computed ones (rotary tables)
-    are not in it and stay as built."""
+    are not in it and stay as built. `device` may be a function of the full name (a block placed over
+    several devices: placement.Placement.device_of)."""
+    where = device if callable(device) else (lambda _: device)
     for full, tensor in full_names:
+        device = where(full)
         if not names.has(full):
             if tensor.device.type == "meta":
                 raise LowbitError(f"tensor {full} is missing from the checkpoint at {ckpt.path}", "the checkpoint is incomplete or for another architecture")
