@@ -22,13 +22,11 @@ if [ ! -x "$UV_HOME/bin/uv" ]; then
 fi
 UV="$UV_HOME/bin/uv"
 
-pip_setting() {  # the value pip uses for a setting (environment first, then its config files), or nothing
-    "${PYTHON:-python3}" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" | head -n 1
-}
-export_from_pip() {  # export_from_pip UV_VARIABLE pip-setting: unless the variable is set already
+PIP_SETTINGS=$("${PYTHON:-python3}" -m pip config list 2>/dev/null || true)  # key='value' lines, environment first
+export_from_pip() {  # export_from_pip UV_VARIABLE pip-setting: pip's value, unless the variable is set already
     local value
     [ -n "${!1:-}" ] && return
-    value=$(pip_setting "$2")
+    value=$(sed -n "s/^[^.]*\.$2='\(.*\)'\$/\1/p" <<<"$PIP_SETTINGS" | head -n 1)
     if [ -n "$value" ]; then export "$1=$value"; fi
 }
 export_from_pip UV_INDEX_URL index-url
@@ -37,6 +35,9 @@ export_from_pip UV_FIND_LINKS find-links
 export_from_pip UV_CONSTRAINT constraint
 export_from_pip SSL_CERT_FILE cert
 export UV_INDEX_STRATEGY="${UV_INDEX_STRATEGY:-unsafe-best-match}"  # pip's rule: best version over all indexes
+# Byte-compile what is installed, as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else ever would, and
+# every import of torch / transformers would compile them again
+export UV_COMPILE_BYTECODE=1
 
 uv_install() {  # uv_install PYTHON ARGS...: first from uv's cache alone (no network: a warm cache installs in
     # seconds, and sdists built once are not rebuilt), else from the indexes
