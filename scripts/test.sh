@@ -3,6 +3,9 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh --durations=20 -k smollm2`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# uv installs without bytecode (compiling all of torch would cost more than it saves): Python writes it on first
+# import, so that each test process does not compile torch and transformers again (even where this is set)
+unset PYTHONDONTWRITEBYTECODE
 # GPTQModel's env for the GPTQ/AWQ interop tests (its own torch) is built beside the project's: they share nothing
 peers_log=$(mktemp)
 bash scripts/setup-peers.sh >"$peers_log" 2>&1 &
@@ -16,4 +19,6 @@ fi
 rm -f "$peers_log"
 . .venv/bin/activate
 export TRITON_INTERPRET=1  # kernels run in Triton's interpreter on the CPU
-python -m pytest -q -rs "$@"
+# two processes, one per core (pytest-xdist; conftest.py gives each its share of threads); the tests of one
+# xdist_group (those sharing a module's or session's expensive outputs) run in the same process
+python -m pytest -q -rs -n 2 --dist loadgroup "$@"

@@ -35,9 +35,6 @@ export_from_pip UV_FIND_LINKS find-links
 export_from_pip UV_CONSTRAINT constraint
 export_from_pip SSL_CERT_FILE cert
 export UV_INDEX_STRATEGY="${UV_INDEX_STRATEGY:-unsafe-best-match}"  # pip's rule: best version over all indexes
-# Byte-compile what is installed, as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else ever would, and
-# every import of torch / transformers would compile them again
-export UV_COMPILE_BYTECODE=1
 
 uv_install() {  # uv_install PYTHON ARGS...: first from uv's cache alone (no network: a warm cache installs in
     # seconds, and sdists built once are not rebuilt), else from the indexes
