@@ -19,6 +19,6 @@ fi
 rm -f "$peers_log"
 . .venv/bin/activate
 export TRITON_INTERPRET=1  # kernels run in Triton's interpreter on the CPU
-# two processes, one per core (pytest-xdist; conftest.py gives each its share of threads); the tests of one
-# xdist_group (those sharing a module's or session's expensive outputs) run in the same process
-python -m pytest -q -rs -n 2 --dist loadgroup "$@"
+# two processes, one per core (pytest-xdist; conftest.py gives each its share of threads); each module runs whole in
+# one of them, so that a module's fixtures (tiny models, data-parallel runs, SmolLM2 exports) are made once
+python -m pytest -q -rs -n 2 --dist loadscope "$@"

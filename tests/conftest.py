@@ -79,9 +79,8 @@ def save_tiny_model_with_tokenizer(path, text: str, **sizes):
 
 @pytest.fixture(scope="session")
 def smollm2_rtn(tmp_path_factory):
-    """RTN exports of the real default model, each made once per session (pytest process) and read by every test
-    that needs that scheme: smollm2_rtn(bits, group_size, sym) -> (folder, summary). The tests sharing one are in
-    the xdist group "smollm2", so that `-n 2` runs them in one process."""
+    """RTN exports of the real default model, each made once per session (per pytest-xdist process) and read by
+    every test that needs that scheme: smollm2_rtn(bits, group_size, sym) -> (folder, summary)."""
     import lowbit
 
     made = {}

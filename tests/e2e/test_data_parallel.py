@@ -19,8 +19,6 @@ import lowbit
 from lowbit.errors import LowbitError
 from tests.conftest import dying_on, save_tiny_model_with_tokenizer
 
-pytestmark = pytest.mark.xdist_group("data_parallel")  # one process makes the module's runs (pytest -n 2 --dist loadgroup)
-
 # seeded random words: windows that differ (a repeated sentence gives every process the same statistics, and
 # processes that never reduce would still agree)
 WORDS = "the a man woman house garden fortune letter walked said wrote read ran quickly slowly old young near far under over and but".split()

@@ -13,7 +13,7 @@ from lowbit.calib.corpora import load_text
 from lowbit.eval import generate, perplexity
 from tests.reference import reference_rtn_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
+pytestmark = pytest.mark.slow
 AUTO_ROUND_RTN_PPL = 33.02
 SAME_WINDOWS = 8  # windows on which ours and the independent reference are compared (the anchor takes all 40)
 

@@ -43,7 +43,6 @@ def test_transformers_integration_matches_our_loader(tmp_path, sym, bits, group_
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smollm2")
 def test_smollm2_g64_loads_through_transformers(smollm2_cli_g64):
     out, run = smollm2_cli_g64  # `lowbit quantize default` W4 g64 asym auto_round
     assert run.returncode == 0, run.stderr
@@ -56,7 +55,6 @@ def test_smollm2_g64_loads_through_transformers(smollm2_cli_g64):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smollm2")
 @pytest.mark.parametrize("sym", [False, True])
 def test_smollm2_partial_group_through_auto_round_quantlinear(smollm2_rtn, sym):
     from safetensors import safe_open
