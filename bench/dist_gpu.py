@@ -9,7 +9,7 @@ Checks first (the fused GPTQ column kernel against the CPU loop), then the runs 
 only if the time budget still holds it; outputs are compared (split vs one GPU, N processes vs one GPU)
 before they are deleted. Per run: wall time (process start to exit), the run's own seconds, its block
 loop, peak RSS per process and peak VRAM per GPU (every process's, from the run log). The table is printed
-last; everything goes to `<out>/dist-gpu-<date>.json` and the runs' logs to `<out>/dist-gpu-<date>.log`.
+last; everything goes to `<out>/dist-gpu-<date>-<HHMM>.json` and the runs' logs to `<out>/dist-gpu-<date>-<HHMM>.log`.
 
     python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --budget 430
     python3 bench/dist_gpu.py --text .cache/austen.txt --tiny --device cpu --out /tmp/o   # CPU smoke test
@@ -216,7 +216,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
     args = p.parse_args()
-    date = time.strftime("%Y-%m-%d")
+    date = time.strftime("%Y-%m-%d-%H%M", time.gmtime())  # several runs a day keep their own files
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log, result_file = out_dir / f"dist-gpu-{date}.log", out_dir / f"dist-gpu-{date}.json"

@@ -163,7 +163,12 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
     world, _, local = env_world()
     devices = device_map or (run_device,)
     if world == 1:
-        return tuple(resolve_device(d) for d in devices), None
+        resolved = tuple(resolve_device(d) for d in devices)
+        if resolved[0].type == "cuda":
+            # current device = the block's; this also initialises CUDA, which torch's per-device memory
+            # statistics need before they accept an explicit index such as cuda:0
+            torch.cuda.set_device(resolved[0])
+        return resolved, None
     first = resolve_device(devices[0])
     if first.type == "cuda":
         if device_map is None:  # --device cuda / auto under torchrun: one GPU per process

@@ -15,8 +15,9 @@ the samples from block to block; nothing else runs a block. It owns:
 - reduction: `reduce_sum` over statistics (and `counts` / `gather_rows`, built on it), `reduce_to` /
   `from_rank` for work split by owner (GPTQ's solves, AutoRound's linears). Locally the
   identity; data-parallel processes (dist.py) plug in here with a reducer whose `sum` is torch.distributed's
-  all_reduce, each process holding its contiguous share of the samples. Placing a block over several
-  devices would plug in at `call` (the only place a block is invoked).
+  all_reduce, each process holding its contiguous share of the samples. A block spread over several
+  devices (placement.py) is placed when the runner loads it: its code, inputs and outputs stay on this
+  engine's device, so `call` (the only place a block is invoked) is the same either way.
 The contract, tested for every registered architecture (tests/arch): propagating the samples through the
 blocks one by one reproduces the full model's forward, at every batch size.
 """

@@ -102,3 +102,15 @@ def test_one_gpu_named_for_several_torchrun_processes(two_gpus, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(LowbitError, match=r"--device cuda:1 names one GPU for 2 processes; pass --device_map with one GPU per process \(e.g. --device_map 0,1\)"):
         start("cuda:1", None)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--device_map", "cpu,cpu", "--max_memory", "1GiB"], "gives 1 sizes for 2 device(s)"),
+    (["--device", "cpu", "--max_memory", "lots"], "'lots' is not a size"),
+])
+def test_bad_placement_flags_on_the_cli(tmp_path, capsys, flags, message):
+    """One line, exit 2, before any work: nothing is written."""
+    code = main(["quantize", "default", *flags, "--output_dir", str(tmp_path / "q")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
+    assert list(tmp_path.iterdir()) == []
