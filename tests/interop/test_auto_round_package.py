@@ -43,9 +43,9 @@ def test_transformers_integration_matches_our_loader(tmp_path, sym, bits, group_
 
 
 @pytest.mark.slow
-def test_smollm2_g64_loads_through_transformers(tmp_path):
-    out = tmp_path / "smol-g64"
-    lowbit.quantize("default", "rtn", lowbit.Scheme(4, 64, False), run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=False)
+def test_smollm2_g64_loads_through_transformers(smollm2_cli_g64):
+    out, run = smollm2_cli_g64  # `lowbit quantize default` W4 g64 asym auto_round
+    assert run.returncode == 0, run.stderr
     x = torch.randint(0, 49152, (1, 64))
     ours = lowbit.load(out)(x).logits
     ref = transformers_load(out)(x).logits.float()
@@ -56,13 +56,12 @@ def test_smollm2_g64_loads_through_transformers(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sym", [False, True])
-def test_smollm2_partial_group_through_auto_round_quantlinear(tmp_path, sym):
+def test_smollm2_partial_group_through_auto_round_quantlinear(smollm2_rtn, sym):
     from safetensors import safe_open
 
     qlinear_module = "qlinear_torch_zp" if sym else "qlinear_torch"
     module = pytest.importorskip(f"auto_round_extension.torch.{qlinear_module}")
-    out = tmp_path / "smol-g128"
-    lowbit.quantize("default", "rtn", lowbit.Scheme(4, 128, sym), run=lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=False)
+    out, _ = smollm2_rtn(4, 128, sym)
     ours = lowbit.load(out)
     # K=576: 4 full groups + a 64-wide one; down_proj K=1536: 12 full groups
     for name in ("model.layers.3.self_attn.q_proj", "model.layers.7.self_attn.k_proj", "model.layers.12.self_attn.o_proj", "model.layers.29.mlp.down_proj"):

@@ -53,6 +53,12 @@ class _Prefixed:
     def get(self, name: str):
         return self.names.get(f"{self.prefix}.{name}")
 
+    def has(self, name: str) -> bool:
+        return self.names.has(f"{self.prefix}.{name}")
+
+    def read(self, ckpt, name: str):
+        return self.names.read(ckpt, f"{self.prefix}.{name}")
+
 
 def load_block(block: torch.nn.Module, prefix: str, ckpt, names, device, dtype) -> torch.nn.Module:
     load_tensors(block, list(block.named_parameters()) + list(block.named_buffers()), ckpt, _Prefixed(names, prefix), device, dtype)

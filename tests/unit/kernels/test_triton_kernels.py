@@ -82,7 +82,8 @@ CONFIGS = {
     "dequant_cublas": None,
     # split unpack: block_k * bits / 32 >= 16 on the GPU (tl.dot's smallest depth), so block_k = 512 / bits
     "split_unpack_small_groups": "split",
-    # the FMA GEMV (gemv.py) with 4 M-rows per program (13 row blocks), chunks cut to the 32-wide groups
+    # the FMA GEMV (gemv.py) with 4 M-rows per program (3 row blocks at M = 9, the last with one row), chunks
+    # cut to the 32-wide groups
     "gemv": Config(4, 32, 128, split_k=2, gemv=True),
     # magic-number code conversion in the split-K dot path (scale after the dot, zero folded into the codes)
     "splitk_magic": Config(16, 32, 32, split_k=3, magic=True),
@@ -92,7 +93,9 @@ CONFIGS = {
 @pytest.mark.parametrize("path", list(CONFIGS))
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quant_matmul_paths(device, path, bits):
-    m, n, k, gs = 50, 48, 224, 32  # 4 M-tiles of 16, N and K off the tiles, 7 groups
+    # 4 M-tiles of 16, N and K off the tiles, 7 groups; the GEMV path, the slowest by far under the interpreter,
+    # takes 9 rows (its row blocks are 4 rows)
+    m, n, k, gs = 9 if path == "gemv" else 50, 48, 224, 32
     codes, zeros, scales, gs, w_t = random_layer(n, k, bits, gs, False, seed=bits * 7 + len(path))
     p = gptq_packed(codes, zeros, scales, bits, gs, 0, device)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
