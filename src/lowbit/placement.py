@@ -27,7 +27,6 @@ import torch
 
 from .errors import LowbitError
 
-GIB = 1024**3
 UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TB": 1000**4, "TIB": 1024**4}
 HEADROOM = 0.9  # of a device's free memory: the allocator's fragmentation and the estimates' roughness
 
@@ -238,10 +237,6 @@ def describe(placement: Placement) -> str:
 def cache_bytes(nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype, chains: int) -> int:
     """The calibration cache: hidden states [n, T, H] per chain (AutoRound keeps the fp chain beside)."""
     return nsamples * seqlen * hidden * torch.empty((), dtype=dtype).element_size() * chains
-
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
 
 
 class Placer:

@@ -28,11 +28,13 @@ def inputs(n: int, b: int, seed: int, per_column: bool, device: str, linears: in
     return [t.to(device) for t in (w, u, s, z)], maxq
 
 
-@pytest.mark.parametrize("n,b,per_column", [(37, 50, True), (16, 128, False), (70, 1, True), (5, 128, True)])
-def test_fused_columns_match_the_torch_loop(device, n, b, per_column):
+# rows not a multiple of the programs' 16, a full 128-column tile, one column; broadcast and per-column grids;
+# several linears at once (small: each case runs in Triton's interpreter in CI)
+@pytest.mark.parametrize("n,b,per_column,linears", [(20, 128, False, 1), (37, 24, True, 2), (7, 1, True, 1)])
+def test_fused_columns_match_the_torch_loop(device, n, b, per_column, linears):
     from lowbit.kernels.triton.gptq import gptq_columns
 
-    (w, u, s, z), maxq = inputs(n, b, seed=n * b, per_column=per_column, device=device)
+    (w, u, s, z), maxq = inputs(n, b, seed=n * b, per_column=per_column, device=device, linears=linears)
     w0 = w.clone()
     q, e = gptq_columns(w, u, s, z, maxq)
     ref_q, ref_e = solve_columns(w.cpu(), u.cpu(), s.cpu(), z.cpu(), maxq)
@@ -43,9 +45,9 @@ def test_fused_columns_match_the_torch_loop(device, n, b, per_column):
     assert (q.cpu() == ref_q).float().mean() >= 0.999
     assert q.min() >= 0 and q.max() <= maxq
     torch.testing.assert_close(e.cpu(), ref_e, rtol=1e-4, atol=1e-5)
-    # each linear alone gives its rows of the batched result (the linears do not mix)
-    q1, _ = gptq_columns(w[1:2], u[1:2], s[1:2], z[1:2], maxq)
-    assert torch.equal(q1[0], q[1])
+    if linears > 1:  # each linear alone gives its part of the batched result (the linears do not mix)
+        q1, _ = gptq_columns(w[1:2], u[1:2], s[1:2], z[1:2], maxq)
+        assert torch.equal(q1[0], q[1])
 
 
 @pytest.mark.gpu
