@@ -181,6 +181,23 @@ def run_auto_round(ckpt: Path, args, device_map: str, log: Path, timeout: float)
     return {"wall_s": round(wall, 1), **json.loads(line[7:])}
 
 
+def auto_round_row(results: dict, ckpt: Path, args, log: Path) -> None:
+    """auto-round's own `device_map="0,1"` on the Llama AutoRound checkpoint, when its package imports here."""
+    left = args.budget - (time.time() - STARTED)
+    if args.device != "cuda" or torch.cuda.device_count() < 2:
+        return
+    try:
+        import auto_round  # noqa: F401
+
+        ok = left > 120
+    except Exception as err:  # noqa: BLE001 - missing, or its dependencies do not import here
+        ok, results["rows"][AR_ROW] = False, {"skipped": f"auto-round not importable ({type(err).__name__}: {str(err)[:200]})"}
+    if ok:
+        results["rows"][AR_ROW] = run_auto_round(ckpt, args, "0,1", log, timeout=left - 5)
+    elif AR_ROW not in results["rows"]:
+        results["rows"][AR_ROW] = {"skipped": f"{left:.0f} s left of the budget"}
+
+
 def fmt_row(name: str, r: dict, base: dict | None) -> str:
     if "error" in r:
         return f"| {name} | error: {r['error']} |"
@@ -261,12 +278,20 @@ def main() -> None:
         procs: (["--nproc", str(args.nproc), *(["--device_map", ",".join(str(i) for i in range(args.nproc))] if args.device == "cuda" else [])], 0.9),
         "block split over 2 GPUs": (["--device_map", "0,1" if args.device == "cuda" else "cpu,cpu", "--max_memory", args.split_max_memory if args.device == "cuda" else "1B,8GiB"], 1.3),
     }
-    order = [("llama", "gptq", "one GPU"), ("llama", "gptq", procs), ("llama", "autoround", "one GPU"), ("llama", "autoround", procs),
-             ("llama", "gptq", "block split over 2 GPUs"), ("llama", "autoround", "block split over 2 GPUs")]
+    # priority order: the data-parallel pairs (the speed-up), one block split, auto-round beside them, the slow MoE AutoRound pair
+    order = [("llama", "gptq", "one GPU"), ("llama", "gptq", procs), ("llama", "autoround", "one GPU"), ("llama", "autoround", procs)]
     if args.moe_blocks:
-        order += [("qwen3-moe", "gptq", "one GPU"), ("qwen3-moe", "gptq", procs), ("qwen3-moe", "autoround", "one GPU"), ("qwen3-moe", "autoround", procs)]
+        order += [("qwen3-moe", "gptq", "one GPU"), ("qwen3-moe", "gptq", procs)]
+    order += [("llama", "gptq", "block split over 2 GPUs"), ("llama", "autoround", "auto-round")]
+    if args.moe_blocks:
+        order += [("qwen3-moe", "autoround", "one GPU"), ("qwen3-moe", "autoround", procs)]
+    order += [("llama", "autoround", "block split over 2 GPUs")]
     outputs = {}
     for model, method, how in order:
+        if how == "auto-round":
+            auto_round_row(results, ckpts[(model, method)], args, log)
+            save()
+            continue
         extra, factor = ways[how]
         row = f"{model} {method} | {how}"
         left = args.budget - (time.time() - STARTED)
@@ -283,18 +308,6 @@ def main() -> None:
                 results["checks"][f"{model} {method}: {how} vs one GPU"] = compare(outputs[(model, method, "one GPU")], out)
                 shutil.rmtree(out, ignore_errors=True)
         save()
-    left = args.budget - (time.time() - STARTED)
-    if args.device == "cuda" and torch.cuda.device_count() >= 2:
-        try:
-            import auto_round  # noqa: F401
-
-            ok = left > 120
-        except Exception as err:  # noqa: BLE001 - missing, or its dependencies do not import here
-            ok, results["rows"][AR_ROW] = False, {"skipped": f"auto-round not importable ({type(err).__name__}: {str(err)[:200]})"}
-        if ok:
-            results["rows"][AR_ROW] = run_auto_round(ckpts[("llama", "autoround")], args, "0,1", log, timeout=left - 5)
-        elif AR_ROW not in results["rows"]:
-            results["rows"][AR_ROW] = {"skipped": f"{left:.0f} s left of the budget"}
     save()
 
     print(f"\n{json.dumps(env)}\nchecks: {json.dumps(results['checks'])}")
