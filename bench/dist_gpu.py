@@ -33,6 +33,7 @@ from vlm_scale import write_random_checkpoint, write_tokenizer  # noqa: E402
 
 STARTED = time.time()
 AR_ROW = "llama autoround | auto-round device_map=0,1"
+FULL_DEPTH = {"llama": 32, "qwen3-moe": 48}  # Llama-3-8B, Qwen3-30B-A3B
 
 
 def llama3_8b(blocks: int, tiny: bool = False):
@@ -210,6 +211,13 @@ def fmt_row(name: str, r: dict, base: dict | None) -> str:
     if base and "error" not in base and r is not base and "phases" in base:
         b_steady = sorted(base["block_seconds"][1:])[len(base["block_seconds"][1:]) // 2] if base["block_seconds"][1:] else None
         speed = f"{base['wall_s'] / r['wall_s']:.2f}x / {base['phases']['blocks'] / loop:.2f}x" + (f" / {b_steady / per_block:.2f}x" if per_block and b_steady else "")
+        if per_block and b_steady:  # projected to the real depth: everything outside the block loop + the loop's first block + the rest at the median
+            depth = FULL_DEPTH[name.split()[0]]
+
+            def full(x, med):
+                return x["wall_s"] - x["phases"]["blocks"] + x["block_seconds"][0] + (depth - 1) * med
+
+            speed += f" / {full(base, b_steady) / full(r, per_block):.2f}x"
     vram = ", ".join(f"{d} {v}" for d, v in r.get("peak_vram_gib", {}).items())
     return (f"| {name} | {r['wall_s']:.1f} | {r.get('seconds', 0):.1f} | {loop if loop is None else round(loop, 1)} | "
             f"{per_block if per_block is None else round(per_block, 2)} | {speed} | {' / '.join(str(x) for x in r['peak_rss_gib'])} | {vram} |")
@@ -232,6 +240,8 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
+    p.add_argument("--compile", action="store_true", help="AutoRound with lowbit's default on CUDA (compiled block and grid), not eager")
+    p.add_argument("--only", default="", help="comma list of runs to keep, e.g. 'llama gptq,qwen3-moe gptq' (default: all)")
     args = p.parse_args()
     date = time.strftime("%Y-%m-%d-%H%M", time.gmtime())  # several runs a day keep their own files
     out_dir = Path(args.out)
@@ -267,10 +277,11 @@ def main() -> None:
     results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
     save()
 
+    eager = [] if args.compile else ["--disable_torch_compile"]
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text]
     methods = {("llama", "gptq"): ["--method", "gptq"], ("qwen3-moe", "gptq"): ["--method", "gptq"],
-               ("llama", "autoround"): ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile"],
-               ("qwen3-moe", "autoround"): ["--method", "autoround", "--iters", str(args.moe_iters), "--disable_torch_compile"]}
+               ("llama", "autoround"): ["--method", "autoround", "--iters", str(args.iters), *eager],
+               ("qwen3-moe", "autoround"): ["--method", "autoround", "--iters", str(args.moe_iters), *eager]}
     one_device = "cuda:0" if args.device == "cuda" else "cpu"
     procs = f"{args.nproc} processes"
     ways = {  # how -> (extra args, expected wall as a multiple of the one-GPU run's; None: the first run)
@@ -286,6 +297,8 @@ def main() -> None:
     if args.moe_blocks:
         order += [("qwen3-moe", "autoround", "one GPU"), ("qwen3-moe", "autoround", procs)]
     order += [("llama", "autoround", "block split over 2 GPUs")]
+    if args.only:
+        order = [o for o in order if f"{o[0]} {o[1]}" in args.only.split(",")]
     outputs = {}
     for model, method, how in order:
         if how == "auto-round":
@@ -312,8 +325,9 @@ def main() -> None:
 
     print(f"\n{json.dumps(env)}\nchecks: {json.dumps(results['checks'])}")
     print(f"\nLlama-3-8B shapes: GPTQ on {args.gptq_blocks} blocks, AutoRound ({args.iters} iterations) on {args.autoround_blocks}; Qwen3-30B-A3B shapes: "
-          f"{args.moe_blocks} blocks, AutoRound {args.moe_iters} iterations. {args.nsamples} x {args.seqlen}, batch 8, W4 g128 sym, AutoRound eager. "
-          "Speed-up vs one GPU: wall / block loop / median block after the first.")
+          f"{args.moe_blocks} blocks, AutoRound {args.moe_iters} iterations. {args.nsamples} x {args.seqlen}, batch 8, W4 g128 sym, AutoRound {'compiled' if args.compile else 'eager'}. "
+          "Speed-up vs one GPU: wall / block loop / median block after the first / projected to the real depth (32 or 48 blocks: "
+          "the run outside its block loop + its first block + the rest at the median; a projection, not a measurement).")
     print("| run | wall s | run s | block loop s | s per block | speed-up | peak RSS GiB (per process) | peak VRAM GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results["rows"].items():

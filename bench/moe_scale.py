@@ -31,7 +31,10 @@ def qwen3_30b_a3b(blocks: int, tiny: bool = False):
 
     kw = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
               num_hidden_layers=blocks, num_attention_heads=32, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, norm_topk_prob=True)
-    if tiny:
+    if tiny == "small":  # a CPU-sized study of the expert statistics: real head shapes, fewer / narrower experts
+        kw.update(vocab_size=8192, hidden_size=1024, moe_intermediate_size=384, num_experts=32, num_experts_per_tok=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=128)
+    elif tiny:
         kw.update(vocab_size=8192, hidden_size=256, moe_intermediate_size=128, num_experts=16, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     config = Qwen3MoeConfig(**kw)
     config.architectures = ["Qwen3MoeForCausalLM"]
@@ -84,12 +87,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--methods", default="rtn,autoround,gptq")
+    p.add_argument("--methods", default="rtn,autoround,gptq",
+                   help="comma list; gptq@N: GPTQ with --moe_unrouted_tokens N (e.g. gptq@inf: every token alike)")
     p.add_argument("--error_block", type=int, default=1)
     p.add_argument("--error_tokens", type=int, default=4096)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--small", action="store_true", help="hidden 1024, 32 experts of 384, top 4: the expert-statistics study on a CPU")
     args = p.parse_args()
     work = Path(args.workdir)
     text = Path(args.text).read_text(encoding="utf-8")
@@ -100,7 +105,7 @@ def main() -> None:
     work.mkdir(parents=True)
     calib_file.write_text(text[:cut])
     t0 = time.time()
-    nbytes = write_random_checkpoint(qwen3_30b_a3b(args.blocks, args.tiny), ckpt)
+    nbytes = write_random_checkpoint(qwen3_30b_a3b(args.blocks, "small" if args.small else args.tiny), ckpt)
     write_tokenizer(ckpt, text)
     print(f"wrote {nbytes / 2**30:.1f} GiB in {time.time() - t0:.0f} s", flush=True)
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", str(calib_file)]
@@ -108,8 +113,9 @@ def main() -> None:
              "gptq": ["--method", "gptq", *calib]}
     rows, outs = {}, {}
     for method in args.methods.split(","):
-        outs[method] = work / f"out-{method}"
-        rows[method] = quantize(ckpt, outs[method], extra[method], args.device, keep=True)
+        outs[method] = work / f"out-{method.replace('@', '-')}"
+        base, _, unrouted = method.partition("@")
+        rows[method] = quantize(ckpt, outs[method], extra[base] + (["--moe_unrouted_tokens", unrouted] if unrouted else []), args.device, keep=True)
         print(method, rows[method], flush=True)
     ok = {m: o for m, o in outs.items() if "error" not in rows[m]}
     errors = expert_errors(ckpt, ok, held_out, args.error_block, args.device, args.error_tokens) if "rtn" in ok else {}

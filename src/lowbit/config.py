@@ -142,6 +142,10 @@ class CalibConfig:
             every token (AutoRound learns from the block output, which unrouted experts do not reach; any
             method with moe_all_experts off), is quantized with RTN and listed in the summary. With
             moe_all_experts off, an expert routed no token at all stops the run.
+        moe_unrouted_tokens: with moe_all_experts, how many routed tokens the tokens not routed to an expert
+            count as, together, in its statistics (each routed token counts 1): the statistics follow what
+            the expert serves, the rest fills the directions its own tokens leave unseen. float("inf"):
+            every token alike (llm-compressor's weighting).
     """
 
     dataset: str = "austen"
@@ -152,11 +156,14 @@ class CalibConfig:
     images: str | None = None
     moe_all_experts: bool = True
     moe_min_tokens: int = 16
+    moe_unrouted_tokens: float = 256.0
 
     def __post_init__(self):
         check_types(self)
         if self.moe_min_tokens < 0:
             raise LowbitError(f"moe_min_tokens={self.moe_min_tokens} must be >= 0", "pass --moe_min_tokens N with N >= 0")
+        if not self.moe_unrouted_tokens >= 0:
+            raise LowbitError(f"moe_unrouted_tokens={self.moe_unrouted_tokens} must be >= 0", "pass --moe_unrouted_tokens N with N >= 0 (inf: every token alike)")
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) <= 0:
                 raise LowbitError(f"{name}={getattr(self, name)} must be positive", f"pass --{name} N with N >= 1")

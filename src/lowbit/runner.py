@@ -286,7 +286,7 @@ def quantize(
             calibrated = {n: l for n, l in linears.items() if n not in fallback}
             ctx = BlockContext(index=i, block=block, linears=calibrated, schemes={n: scheme for n in calibrated}, spec=spec, device=device,
                                engine=engine, stream=stream, targets=targets, log=bar.write if writes else None, run_state=run_state)
-            with tokens_to_every_expert(block, experts is not None and experts.all_tokens):
+            with tokens_to_every_expert(block, experts):
                 results = block_fn(ctx, method_cfg)
             results.update({n: quantize_weight(l.weight.data, scheme, bias=l.bias) for n, l in fallback.items()})
             if experts is not None:

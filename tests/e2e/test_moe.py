@@ -20,7 +20,7 @@ from safetensors import safe_open
 import lowbit
 from lowbit.arch import spec_for
 from lowbit.arch.experts import experts_modules
-from lowbit.calib.experts import count_routed, plan_experts, tokens_to_every_expert
+from lowbit.calib.experts import ExpertPlan, count_routed, plan_experts, tokens_to_every_expert
 from lowbit.config import AutoRoundConfig, AwqConfig, CalibConfig, GptqConfig, RunConfig, Scheme
 from lowbit.errors import LowbitError
 from lowbit.model import Checkpoint, build_skeleton
@@ -155,7 +155,9 @@ def test_every_token_through_every_expert_changes_statistics_not_outputs(tmp_pat
     rows = {}
     hooks = [getattr(experts, str(e)).gate_proj.register_forward_pre_hook(lambda m, a, e=e: rows.__setitem__(e, rows.get(e, 0) + a[0].shape[0]))
              for e in range(8)]
-    routed = count_routed(engine, block, 0, stream)["mlp.experts"]
+    routed, tokens = count_routed(engine, block, 0, stream)
+    routed = routed["mlp.experts"]
+    assert tokens == {"mlp.experts": 3 * 20}
     # independent count: the router's own top-k over the block's post-attention inputs
     top = []
     handle = block.mlp.gate.register_forward_hook(lambda m, a, out: top.append(out[2] if isinstance(out, tuple) else out))
@@ -165,10 +167,20 @@ def test_every_token_through_every_expert_changes_statistics_not_outputs(tmp_pat
     assert routed == torch.bincount(torch.cat([t.flatten() for t in top]), minlength=8).tolist()
     assert {e: rows.get(e, 0) for e in range(8)} == {e: 2 * c for e, c in enumerate(routed)}  # count_routed's pass + the call above
     rows.clear()
-    with torch.no_grad(), tokens_to_every_expert(block, True):
+    weights = {e: [] for e in range(8)}  # the row weights each expert's linears see, per call
+    seen = [getattr(experts, str(e)).down_proj.register_forward_pre_hook(lambda m, a, e=e: weights[e].append(getattr(experts, str(e)).row_weight.clone()))
+            for e in range(8)]
+    with torch.no_grad(), tokens_to_every_expert(block, ExpertPlan(all_tokens=True, tokens={"mlp.experts": 60}, unrouted_tokens=6.0)):
         got_out = torch.cat([engine.call(block, 0, stream, idx) for idx in engine.batches(3)])
     assert rows == {e: 3 * 20 for e in range(8)}
     torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    # routed rows (the router's own top-k of the same calls) weigh 1 + 6/60, the others 6/60 (together 6 tokens' worth)
+    for e in range(8):
+        want = [0.1 + (t == e).any(-1).float() for t in top]
+        assert len(weights[e]) == len(want) and all(torch.allclose(g, w) for g, w in zip(weights[e], want))
+    assert all(getattr(experts, str(e)).row_weight is None for e in range(8))
+    for h in seen:
+        h.remove()
     for h in hooks:
         h.remove()
     assert not experts.lowbit_all_tokens  # the switch lives on the module, for one block, and is reset

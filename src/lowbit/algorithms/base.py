@@ -90,13 +90,14 @@ class BlockContext:
             load[rank] += cost(key)
         return out
 
-    def shared_result(self, owner: int, result: QuantResult | None, value: float, linear: torch.nn.Linear) -> tuple[QuantResult, float]:
+    def shared_result(self, owner: int, result: QuantResult | None, value: float, linear: torch.nn.Linear, rows: int | None = None) -> tuple[QuantResult, float]:
         """The owner's QuantResult of `linear` (and a float of its, e.g. a loss) on every process, broadcast
-        exactly: codes uint8 [N, K], then scale, zero [N, G] and the value as one float32 buffer."""
+        exactly: codes uint8 [N, K], then scale, zero [N, G] and the value as one float32 buffer. rows: the
+        result holds that many of the linear's output rows (a share, `row_share`), not all N."""
         if self.world_size == 1:
             return result, value
         scheme = self.schemes[next(n for n, l in self.linears.items() if l is linear)]
-        n, k = linear.out_features, linear.in_features
+        n, k = linear.out_features if rows is None else rows, linear.in_features
         g, device = scheme.groups(k), linear.weight.device
         mine = codes = None
         if result is not None:
@@ -105,3 +106,22 @@ class BlockContext:
         codes = self.engine.from_rank(owner, codes, (n, k), dtype=torch.uint8, device=device)
         flat = self.engine.from_rank(owner, mine, (2 * n * g + 1,), device=device)
         return QuantResult(scheme, codes, flat[: n * g].view(n, g), flat[n * g : -1].view(n, g).to(torch.uint8)), float(flat[-1])
+
+    def row_share(self, n: int, rank: int | None = None) -> slice:
+        """A process's contiguous share of n output rows (this process's by default): for work whose rows are
+        independent (GPTQ solves each row of W against the same H) when there are too few pieces to deal out."""
+        if self.world_size == 1:
+            return slice(0, n)
+        w, r = self.world_size, self.engine.rank if rank is None else rank
+        return slice(n * r // w, n * (r + 1) // w)
+
+    def joined_rows(self, result: QuantResult, value: float, linear: torch.nn.Linear) -> tuple[QuantResult, float]:
+        """Every process's row share of `linear`'s QuantResult (this process's is `result`), joined in row
+        order on every process, and the sum of their values (e.g. losses). One process: unchanged."""
+        if self.world_size == 1:
+            return result, value
+        parts = []
+        for r in range(self.world_size):
+            share = self.row_share(linear.out_features, r)
+            parts.append(self.shared_result(r, result if r == self.engine.rank else None, value, linear, rows=share.stop - share.start))
+        return QuantResult(result.scheme, *(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("codes", "scale", "zero"))), sum(v for _, v in parts)

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from ..arch.experts import row_weight
 from ..config import GptqConfig, Scheme
 from ..quant import QuantResult, quantize_weight
 from ..quant.primitives import compute_qparams
@@ -41,17 +42,23 @@ MAX_DAMP_TRIES = 5  # dampening x10 per retry when H + damp I is still not posit
 # ---------------------------------------------------------------- the math, as pure functions
 
 
-def accumulate_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def accumulate_hessian(h: torch.Tensor | None, n: float, x: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Fold inputs x [..., K] into the running mean H = 2 X^T X / n over all rows seen. Returns (H [K, K], n).
 
+    weight [rows] (an expert's routed rows while every token runs through every expert, arch/experts.py):
+    the weighted mean 2 X^T diag(w) X / sum(w), n then the sum of the weights.
     Scaling the old sum by n / (n + m) before adding keeps H an average (no overflow in long runs).
     """
     x = x.reshape(-1, x.shape[-1]).float()  # [m, K]
-    m = x.shape[0]
+    m = x.shape[0] if weight is None else float(weight.sum())
     if h is None:
         h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    if m == 0:
+        return h, n
     h.mul_(n / (n + m))
     x = x * math.sqrt(2 / (n + m))
+    if weight is not None:
+        x = x * weight.to(x.device, torch.float32).sqrt()[:, None]
     h.addmm_(x.t(), x)
     return h, n + m
 
@@ -190,6 +197,7 @@ def gptq_quantize_many(
 
 # ---------------------------------------------------------------- the block
 
+DEAL_OUT_PER_PROCESS = 4  # solve batches per process above which they are dealt out whole (greedy by cost within ~1/4 of a batch)
 SOLVE_BATCH = 32  # experts solved together: 32 x (W [N, K] + H, U [K, K]) fp32, ~1.3 GB at K = 2048, N = 1536
 
 
@@ -271,9 +279,10 @@ def stage_hessians(ctx: BlockContext, names: list[str], shared: dict[str, str] |
 
     def hook(name):
         device = ctx.linears[name].weight.device
+        weight = row_weight(ctx.block, name)  # an expert's routed rows, while every token runs through every expert
 
         def fn(module, args):
-            acc[name] = accumulate_hessian(*acc[name], args[0].to(device))
+            acc[name] = accumulate_hessian(*acc[name], args[0].to(device), weight())
             pending.discard(name)
             if not pending:
                 raise _Stop
@@ -302,7 +311,7 @@ def reduce_hessian(ctx: BlockContext, linear: torch.nn.Linear, h: torch.Tensor |
     device, k = linear.weight.device, linear.in_features
     total = ctx.reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device))  # rows: exact past 2^24
     weighted = ctx.reduce_sum(h * n if h is not None else torch.zeros(k, k, device=device))
-    return (weighted / total if total > 0 else None), int(total.item())
+    return (weighted / total if total > 0 else None), float(total.item())
 
 
 def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[list[str]]:
@@ -337,17 +346,22 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
                 linear = ctx.linears[name]
                 results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], bias=linear.bias)
         groups = solve_groups(ctx, names, hessians)
-        # the solve (the loop over K columns) does not shrink with the samples: processes split the batches
-        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: len(g) * ctx.linears[g[0]].in_features * (ctx.linears[g[0]].in_features + ctx.linears[g[0]].out_features))
+        # the solve (the loop over K columns) does not shrink with the samples: data-parallel processes split
+        # it. Many batches (a MoE stage): dealt out whole by cost; few (a dense stage: q/k/v, o, gate/up,
+        # down): every process solves its share of each linear's rows (rows are independent given H), so no
+        # process waits while another solves down_proj alone.
+        whole = len(groups) >= DEAL_OUT_PER_PROCESS * ctx.world_size
+        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: len(g) * ctx.linears[g[0]].in_features * (ctx.linears[g[0]].in_features + ctx.linears[g[0]].out_features)) if whole else {}
         for group in groups:
-            owner = solver[tuple(group)]
+            owner = solver.get(tuple(group))
             linears = [ctx.linears[n] for n in group]
+            rows = slice(None) if whole else ctx.row_share(linears[0].out_features)
             mine, losses = [None] * len(group), [0.0] * len(group)
-            if owner == ctx.engine.rank:
-                mine, losses = gptq_quantize_many(torch.stack([l.weight for l in linears]), torch.stack([hessians[n][0] for n in group]),
+            if not whole or owner == ctx.engine.rank:
+                mine, losses = gptq_quantize_many(torch.stack([l.weight[rows] for l in linears]), torch.stack([hessians[n][0] for n in group]),
                                                   ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
             for name, linear, result, loss in zip(group, linears, mine, losses):
-                result, loss = ctx.shared_result(owner, result, loss, linear)
+                result, loss = ctx.shared_result(owner, result, loss, linear) if whole else ctx.joined_rows(result, loss, linear)
                 result.bias = None if linear.bias is None else linear.bias.detach().clone()
                 results[name], total = result, total + loss
                 # later stages must see this linear quantized (their inputs are recomputed through it)

@@ -23,6 +23,7 @@ Calibration switches live on the module (set by the runner around one block, nev
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +88,24 @@ class ExpertLayout:
 
 
 class Expert(torch.nn.Module):
-    """One expert's projections as nn.Linear children (created on whatever device is current: meta in a skeleton)."""
+    """One expert's projections as nn.Linear children (created on whatever device is current: meta in a skeleton).
+
+    row_weight: while every token runs through every expert, the weight of each row of the input its linears
+    are being called on, [T] fp32 (1 + w for the rows routed to this expert, w for the others): statistics that
+    read the linears' inputs (GPTQ's Hessians) weight their rows by it. None otherwise."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], bias: bool, dtype: torch.dtype):
         super().__init__()
         for name, (out_features, in_features) in shapes.items():
             self.add_module(name, torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
+        self.row_weight: torch.Tensor | None = None
+
+
+def row_weight(block: torch.nn.Module, linear: str) -> Callable[[], torch.Tensor | None]:
+    """For a linear of the block (block-relative name): a function giving its current input's row weights
+    (an expert's linear while every token runs through every expert, see Expert) or None."""
+    parent = block.get_submodule(linear.rpartition(".")[0]) if "." in linear else block
+    return (lambda: parent.row_weight) if isinstance(parent, Expert) else (lambda: None)
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:
@@ -171,6 +184,7 @@ def unfuse_experts(model: torch.nn.Module) -> dict[str, ExpertLayout]:
                 module.add_module(str(i), Expert(shapes, layout.bias, dtype))
         module.lowbit_layout = layout
         module.lowbit_all_tokens = False
+        module.lowbit_unrouted_weight = None  # with lowbit_all_tokens: the row weight of unrouted tokens (None: all alike)
         module.lowbit_routed = None  # a [E] int64 tensor while the runner counts
         layouts[name] = layout
     set_implementation(model)
@@ -232,7 +246,8 @@ def fused_sources(layout: ExpertLayout, prefix: str) -> dict[str, tuple[str, "Fu
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]: each expert's linears on its tokens,
     weighted by the router and summed (fp32 accumulation). With `lowbit_all_tokens` every expert runs on every
-    token (its linears' hooks see them all) and only the routed rows are kept."""
+    token (its linears' hooks see them all, with `Expert.row_weight` naming the routed rows) and only the
+    routed rows are kept."""
     grouped = getattr(self, "lowbit_grouped", None)  # kernels/moe.py: all experts in one launch per projection
     if grouped is not None and not self.lowbit_all_tokens and self.lowbit_routed is None and grouped.applies(self, hidden_states):
         return grouped(self, hidden_states, top_k_index, top_k_weights)
@@ -248,9 +263,13 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         token, slot = torch.where(top_k_index == e)
         expert = getattr(self, str(e))
         x = hidden_states if self.lowbit_all_tokens else hidden_states[token]
+        if self.lowbit_all_tokens and self.lowbit_unrouted_weight is not None:  # statistics: routed rows 1 + w, the others w
+            expert.row_weight = torch.full((x.shape[0],), self.lowbit_unrouted_weight, dtype=torch.float32, device=x.device).index_add_(
+                0, token, torch.ones(len(token), device=x.device))
         first = layout.join([getattr(expert, n)(x) for n in layout.names[layout.first]])
         h = self._apply_gate(first) if layout.first == "gate_up_proj" else self.act_fn(first)
         y = getattr(expert, layout.down)(h)
+        expert.row_weight = None
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         if self.lowbit_all_tokens:

@@ -4,8 +4,11 @@ Before a MoE block is calibrated, one pass over the samples counts the tokens th
 expert (`lowbit_routed` on the unfused experts modules, arch/experts.py; summed over data-parallel
 processes). Then:
 - methods whose statistics are each linear's inputs (GPTQ, AWQ) with `moe_all_experts` on (the default) run
-  every token through every expert while the block is calibrated: every expert is calibrated on every
-  token; the block's output still keeps only the routed result;
+  every token through every expert while the block is calibrated, so no expert starves; the block's output
+  still keeps only the routed result. An expert's rows are weighted (`Expert.row_weight`): its routed tokens
+  1 each, the others together as much as `moe_unrouted_tokens` routed ones, so the statistics follow the
+  tokens the expert serves and the rest only fills the directions those tokens leave unseen (GPTQ's Hessian
+  of an expert over all tokens alike fits tokens it never sees; measured in docs/moe.md);
 - otherwise an expert routed fewer than `moe_min_tokens` tokens is quantized with RTN (AutoRound learns from
   the block's output, which an expert without tokens does not reach) and listed in the summary with its
   count; with `moe_all_experts` turned off, an expert routed no token at all stops the run with one line.
@@ -13,6 +16,7 @@ processes). Then:
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,22 +35,37 @@ class ExpertPlan:
     routed: dict[str, list[int]] = field(default_factory=dict)
     fallback: dict[str, int] = field(default_factory=dict)
     all_tokens: bool = False
+    tokens: dict[str, int] = field(default_factory=dict)  # experts module -> calibration tokens it was called on
+    unrouted_tokens: float = 0.0
 
     def falls_back(self, linear: str) -> bool:
         return any(linear.startswith(expert + ".") for expert in self.fallback)
 
 
 @torch.no_grad()
-def count_routed(engine, block: torch.nn.Module, index: int, stream) -> dict[str, list[int]]:
-    """Routed tokens per expert of every experts module in the block, over every sample (and process)."""
+def count_routed(engine, block: torch.nn.Module, index: int, stream) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Routed tokens per expert of every experts module in the block, and the tokens each module was called
+    on, over every sample (and process)."""
     modules = experts_modules(block)
+    seen = {n: 0 for n in modules}
+
+    def count(name):
+        def fn(module, args, kwargs):
+            seen[name] += (args[0] if args else kwargs["hidden_states"]).shape[0]  # hidden_states [T, H]
+        return fn
+
+    handles = [m.register_forward_pre_hook(count(n), with_kwargs=True) for n, m in modules.items()]
     for m in modules.values():
         m.lowbit_routed = torch.zeros(m.lowbit_layout.num_experts, dtype=torch.int64, device=engine.device)
     try:
         for indices in engine.batches(len(stream.hidden)):
             engine.call(block, index, stream, indices)
-        return {n: [int(c) for c in engine.reduce_sum(m.lowbit_routed.double()).tolist()] for n, m in modules.items()}
+        routed = {n: [int(c) for c in engine.reduce_sum(m.lowbit_routed.double()).tolist()] for n, m in modules.items()}
+        tokens = engine.reduce_sum(torch.tensor([float(seen[n]) for n in modules], dtype=torch.float64, device=engine.device)).tolist()
+        return routed, {n: int(t) for n, t in zip(modules, tokens)}
     finally:
+        for h in handles:
+            h.remove()
         for m in modules.values():
             m.lowbit_routed = None
 
@@ -55,7 +74,9 @@ def plan_experts(engine, block: torch.nn.Module, index: int, stream, prefix: str
     """The plan for one block (None: the block has no experts)."""
     if not experts_modules(block):
         return None
-    plan = ExpertPlan(routed=count_routed(engine, block, index, stream), all_tokens=calib.moe_all_experts and method_cfg.reads_linear_inputs)
+    routed, tokens = count_routed(engine, block, index, stream)
+    plan = ExpertPlan(routed=routed, all_tokens=calib.moe_all_experts and method_cfg.reads_linear_inputs, tokens=tokens,
+                      unrouted_tokens=calib.moe_unrouted_tokens)
     if plan.all_tokens:
         return plan
     for name, counts in plan.routed.items():
@@ -71,13 +92,16 @@ def plan_experts(engine, block: torch.nn.Module, index: int, stream, prefix: str
 
 
 @contextmanager
-def tokens_to_every_expert(block: torch.nn.Module, on: bool):
-    """While on: every token goes through every expert of the block (outputs unchanged)."""
-    modules = experts_modules(block).values() if on else ()
-    for m in modules:
+def tokens_to_every_expert(block: torch.nn.Module, plan: ExpertPlan | None):
+    """With a plan whose all_tokens is on: every token goes through every expert of the block (outputs
+    unchanged), the tokens not routed to an expert weighted so that together they count as
+    `plan.unrouted_tokens` routed ones."""
+    modules = experts_modules(block) if plan is not None and plan.all_tokens else {}
+    for name, m in modules.items():
         m.lowbit_all_tokens = True
+        m.lowbit_unrouted_weight = None if math.isinf(plan.unrouted_tokens) else plan.unrouted_tokens / max(plan.tokens.get(name, 0), 1)
     try:
         yield
     finally:
-        for m in modules:
-            m.lowbit_all_tokens = False
+        for m in modules.values():
+            m.lowbit_all_tokens, m.lowbit_unrouted_weight = False, None

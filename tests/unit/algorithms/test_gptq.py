@@ -66,6 +66,20 @@ def test_hessian_accumulates_to_two_xtx_over_n():
     torch.testing.assert_close(h, 2 * flat.t() @ flat / 21)
 
 
+def test_weighted_hessian_is_the_weighted_mean_over_every_call():
+    """Row weights (an expert's routed rows while every token runs through it): 2 sum w x x^T / sum w in
+    float64 over all calls, zero-weight rows contributing nothing, n the weight total."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 7, 5, generator=g, dtype=torch.float64), torch.rand(3, 7, generator=g, dtype=torch.float64)
+    w[1, :4] = 0
+    h, n = None, 0.0
+    for chunk, wc in zip(x, w):
+        h, n = accumulate_hessian(h, n, chunk.float(), wc.float())
+    flat, wf = x.reshape(-1, 5), w.reshape(-1)
+    assert abs(n - float(wf.sum())) < 1e-5
+    torch.testing.assert_close(h.double(), 2 * (flat.t() * wf) @ flat / wf.sum(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("block_size", [128, 3])  # 3: groups of 4 straddle lazy blocks (pending updates)
 def test_matches_straightforward_reference_on_a_tiny_layer(block_size):
     torch.manual_seed(0)
