@@ -2,19 +2,24 @@
 W4 g128 sym, one MoE layer's experts side by side at several token counts:
 
 - grouped W4: `GroupedExperts` (kernels/moe.py), one launch per projection for all experts, from a CUDA graph
-  (as in generate's compiled decode), and eager;
+  (as in generate's compiled decode), and eager; the default launch (K split at decode sizes, by the device's
+  kernel table rule "moe_split") beside the single-pass kernel (split_k = 1, the kernel before the K split);
 - loop W4: the same experts as separate QuantLinears through lowbit's per-expert loop (eager: it syncs);
 - bf16 grouped_mm / batched_mm: transformers' own experts implementations with the dequantized weights in
   bf16 (the fp model), from a CUDA graph; batched_mm gathers one weight copy per pair, so only small batches.
 
-Correctness first: every implementation's output against the loop's (same weights), relative L2 error.
+Correctness first: every implementation's output against the loop's (same weights), relative L2 error, and
+the grouped paths also against transformers' eager experts loop on the dequantized weights in fp32.
 Timing: lowbit's Timer (CUDA events, median, 256 MiB written before each call to flush L2).
 --sweep also times grouped-kernel launch configs per projection; --generate measures tokens/s of a random-weight
 Qwen3-MoE model (few layers, real widths) through transformers generate (static cache, compiled), W4 vs bf16.
 
-    PYTHONPATH=src python bench/moe_kernel.py [--tokens 1 8 64 2048] [--sweep] [--generate] [--layers 4] [--time-limit S]
+    PYTHONPATH=src python bench/moe_kernel.py [--tokens 1 2 4 8 64 2048] [--sweep] [--generate] [--layers 4] [--time-limit S]
+    TRITON_INTERPRET=1 PYTHONPATH=src python bench/moe_kernel.py --device cpu --tokens 1 2 --hidden 512 --inter 64 --experts 8 --top-k 2
+        (CPU smoke test: the correctness checks only)
 
-Writes bench/results/moe-kernel-<date>.json (and $OUT) after each measurement; prints the tables last.
+Writes bench/results/moe-kernel[-<tag>]-<date>.json (and $OUT) after each measurement (not in the CPU smoke
+test); prints the tables last.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, environment, write_json  # noqa: E402
+from common import Timer, environment  # noqa: E402
+from common import write_json as _write_json  # noqa: E402
 from decode import tokens_per_s  # noqa: E402 - the same generate timing as the dense decode bench
 
 from lowbit.arch.experts import experts_forward, unfuse_experts  # noqa: E402
@@ -108,6 +114,8 @@ def layer_bench(args, results: dict) -> None:
         holder.experts = Qwen3MoeExperts(copy.deepcopy(config)).to(dtype)
     (q,) = quantize_experts_random(holder, args.group, device=dev)
     dequantized_into(fp, q)
+    fp32 = copy.deepcopy(fp).float()  # the independent reference: transformers' eager loop, fp32, same weights
+    fp32.config._experts_implementation = "eager"
     timing = dev == "cuda" and not args.check_only
     if timing:
         torch.cuda.empty_cache()
@@ -118,8 +126,15 @@ def layer_bench(args, results: dict) -> None:
         x = torch.randn(tokens, config.hidden_size, device=dev, generator=torch.Generator(device=dev).manual_seed(tokens)).to(dtype)
         idx, w = routing(tokens, config.num_experts, config.num_experts_per_tok, dtype, seed=tokens, device=dev)
 
-        def grouped():
+        def grouped():  # the default launch: K split at decode sizes (the device's table rule)
             return experts_forward(q, x, idx, w)
+
+        def single_pass():  # the kernel before the K split: each program walks all of K
+            q.lowbit_grouped.split_k = 1
+            try:
+                return experts_forward(q, x, idx, w)
+            finally:
+                q.lowbit_grouped.split_k = 0
 
         def loop():
             q.lowbit_grouped, g = None, q.lowbit_grouped
@@ -134,32 +149,56 @@ def layer_bench(args, results: dict) -> None:
                 return fp(x, idx, w)
             return run
 
-        row = {"pairs": tokens * config.num_experts_per_tok, "block_m": tmoe.block_m_for(tokens * config.num_experts_per_tok, config.num_experts)}
+        pairs = tokens * config.num_experts_per_tok
+        row = {"pairs": pairs, "block_m": tmoe.block_m_for(pairs, config.num_experts), **splits(q, pairs, torch.device(dev))}
         with torch.no_grad():
             ref = loop()
-            row["err_grouped_vs_loop"] = rel(grouped(), ref)
+            ref32 = fp32(x.float(), idx, w.float())
+            out, out1 = grouped(), single_pass()
+            row["err_grouped_vs_loop"] = rel(out, ref)
+            row["err_single_pass_vs_loop"] = rel(out1, ref)
+            row["err_grouped_vs_fp32"] = rel(out, ref32)
+            row["err_single_pass_vs_fp32"] = rel(out1, ref32)
             row["err_grouped_mm_vs_loop"] = rel(fp_impl("grouped_mm")(), ref)
             gathered = tokens * config.num_experts_per_tok * 3 * config.hidden_size * config.moe_intermediate_size * 2  # bytes
             if gathered < 8 * 2**30:
                 row["err_batched_mm_vs_loop"] = rel(fp_impl("batched_mm")(), ref)
-            print(f"T={tokens}: rel. error vs loop: grouped {row['err_grouped_vs_loop']:.2e}, bf16 grouped_mm {row['err_grouped_mm_vs_loop']:.2e}", flush=True)
-            assert row["err_grouped_vs_loop"] < 2e-2, row
+            print(f"T={tokens}: K splits (gate/up, down) {row['split_first']}/{row['split_down']}; rel. error vs loop: grouped "
+                  f"{row['err_grouped_vs_loop']:.2e}, single-pass {row['err_single_pass_vs_loop']:.2e}, bf16 grouped_mm "
+                  f"{row['err_grouped_mm_vs_loop']:.2e}; vs fp32 eager: grouped {row['err_grouped_vs_fp32']:.2e}, single-pass "
+                  f"{row['err_single_pass_vs_fp32']:.2e}", flush=True)
+            for key in ("err_grouped_vs_loop", "err_single_pass_vs_loop", "err_grouped_vs_fp32", "err_single_pass_vs_fp32"):
+                assert row[key] < 2e-2, (key, row)
         if not timing:
             table[str(tokens)] = row
             continue
         with torch.no_grad():
             row["grouped_graph_us"] = timer(grouped)
+            row["single_pass_graph_us"] = timer(single_pass)
             row["grouped_eager_us"] = timer(grouped, graph=False)
             row["loop_eager_us"] = timer(loop, graph=False)
             row["grouped_mm_graph_us"] = timer(fp_impl("grouped_mm"))
             if gathered < 8 * 2**30:
                 row["batched_mm_graph_us"] = timer(fp_impl("batched_mm"))
         table[str(tokens)] = row
-        write_json("moe-kernel", results)
+        save(results)
         print(f"T={tokens}: {row}", flush=True)
         swept.append((x, idx, w, tokens))
     for x, idx, w, tokens in swept if args.sweep else ():  # after the table: what matters most comes back first
         sweep(q, x, idx, w, tokens, timer, results)
+
+
+def splits(q, pairs: int, device: torch.device) -> dict:
+    """The K splits the default launch takes for gate/up and down at this many pairs (shapes only)."""
+    grouped: GroupedExperts = q.lowbit_grouped
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    block_m = tmoe.block_m_for(pairs, grouped.num_experts)
+    out = {}
+    for proj in ("first", "down"):
+        _, parts, n_part, k = grouped.stacked(q, proj).shape
+        out[f"split_{proj}"] = tmoe.pick(block_m, parts, n_part, pairs, grouped.num_experts, sms, k=k,
+                                         split_rule=tmoe.split_rule(device)).split_k
+    return out
 
 
 def candidates(block_m: int):
@@ -184,16 +223,21 @@ def sweep(q, x, idx, w, tokens: int, timer: Timer, results: dict) -> None:
         s, b = tmoe.align(idx, grouped.num_experts, bm)
         for proj, (w_, inp, top_k, weights) in {"first": (first, x, idx.shape[1], None), "down": (down, h, 1, w.reshape(-1))}.items():
             n_part = w_.shape[2]
-            default = tmoe.pick(bm, w_.shape[1], n_part, pairs, grouped.num_experts, torch.cuda.get_device_properties(0).multi_processor_count)
-            for cfg in candidates(bm) + ([default] if bm == default_bm else []):
+            k = w_.shape[3]
+            default = tmoe.pick(bm, w_.shape[1], n_part, pairs, grouped.num_experts, torch.cuda.get_device_properties(0).multi_processor_count,
+                                k=k, split_rule=tmoe.split_rule(inp.device))
+            # decode sizes: K splits (the data for the table's "moe_split" rule) at the narrower column tiles
+            split_cfgs = [tmoe.MoeConfig(bm, bn, 128, split_k=sk) for bn in (16, 32, 64) for sk in (1, 2, 4, 8, 16)] if tokens <= 8 else []
+            for cfg in candidates(bm) + split_cfgs + ([default] if bm == default_bm else []):
                 if n_part % cfg.block_n:
                     continue
-                key = f"{proj} bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} u4{int(cfg.unpack4)}" + (" (default)" if cfg == default and bm == default_bm else "")
+                key = (f"{proj} bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} u4{int(cfg.unpack4)} k{cfg.split_k}"
+                       + (" (default)" if cfg == default and bm == default_bm else ""))
                 try:
                     out[key] = timer(lambda: tmoe.grouped_matmul(inp, s, b, w_, top_k, bm, weights=weights, config=cfg))
                 except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run (shared memory): say so, go on
                     out[key] = f"failed: {type(exc).__name__}"
-        write_json("moe-kernel", results)
+        save(results)
     for proj in ("first", "down"):
         timed = {k: v for k, v in out.items() if k.startswith(proj) and isinstance(v, float)}
         best = min(timed, key=timed.get)
@@ -237,11 +281,18 @@ def generate_bench(args, results: dict) -> None:
             counters.clear()
             out[f"{kind}_b{batch}"] = tps = tokens_per_s(model, batch, args.new_tokens)
             out[f"{kind}_b{batch}_graph_breaks"] = sum(counters["graph_break"].values())
-            write_json("moe-kernel", results)
+            save(results)
             print(f"generate {kind} batch {batch}: {tps:.1f} tokens/s, graph breaks {out[f'{kind}_b{batch}_graph_breaks']}", flush=True)
 
 
 # ---------------------------------------------------------------- main
+
+
+def save(results: dict) -> None:
+    """bench/results/moe-kernel[-tag]-<date>.json (and $OUT); nothing from the CPU smoke test, which would
+    overwrite a GPU run's file of the same day."""
+    if results["device"] == "cuda":
+        _write_json("moe-kernel" + (f"-{results['tag']}" if results["tag"] else ""), results)
 
 
 class _TimeUp(Exception):
@@ -253,17 +304,21 @@ def _time_up(signum, frame):
 
 
 def print_tables(results: dict) -> None:
-    layer = {t: r for t, r in results.get("layer", {}).items() if "grouped_graph_us" in r}
+    layer = results.get("layer", {})
     if layer:
-        print("\nOne MoE layer's experts, Qwen3-30B-A3B shapes (H 2048, I 768, 128 experts, top-8), W4 g128 sym, "
-              f"{results['dtype']}, median us (speed-up of grouped W4 over each):")
-        print("| tokens | pairs | grouped W4 (graph) | grouped W4 eager | loop W4 eager | bf16 grouped_mm (graph) | bf16 batched_mm (graph) | err grouped vs loop |")
-        print("|---|---|---|---|---|---|---|---|")
+        shape = results.get("shape", {})
+        print(f"\nOne MoE layer's experts (H {shape.get('hidden')}, I {shape.get('inter')}, {shape.get('experts')} experts, top-{shape.get('top_k')}), "
+              f"W4 g{results['group']} sym, {results['dtype']}, median us; in brackets each time over the grouped W4 default's "
+              "(the decode path: K split by the table's rule; single-pass: split_k = 1, the kernel before it):")
+        print("| tokens | pairs | K splits gate-up/down | grouped W4 (graph) | single-pass W4 (graph) | bf16 grouped_mm (graph) | grouped W4 eager "
+              "| loop W4 eager | bf16 batched_mm (graph) | err vs fp32: grouped / single-pass | err vs loop |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for t, r in layer.items():
             g = r.get("grouped_graph_us")
-            cell = lambda key: f"{r[key]:.1f} ({r[key] / g:.2f}x)" if key in r and g else "n/a"  # noqa: E731
-            print(f"| {t} | {r['pairs']} | {g:.1f} | {cell('grouped_eager_us')} | {cell('loop_eager_us')} | {cell('grouped_mm_graph_us')} | "
-                  f"{cell('batched_mm_graph_us')} | {r['err_grouped_vs_loop']:.1e} |")
+            cell = lambda key: (f"{r[key]:.1f} ({r[key] / g:.2f}x)" if g else f"{r[key]:.1f}") if key in r else "n/a"  # noqa: E731
+            print(f"| {t} | {r['pairs']} | {r['split_first']}/{r['split_down']} | {f'{g:.1f}' if g else 'n/a'} | {cell('single_pass_graph_us')} | "
+                  f"{cell('grouped_mm_graph_us')} | {cell('grouped_eager_us')} | {cell('loop_eager_us')} | {cell('batched_mm_graph_us')} | "
+                  f"{r['err_grouped_vs_fp32']:.1e} / {r['err_single_pass_vs_fp32']:.1e} | {r['err_grouped_vs_loop']:.1e} |")
     gen = results.get("generate", {})
     if any(isinstance(v, float) for v in gen.values()):
         print(f"\ngenerate, random-weight Qwen3-MoE with {gen['layers']} layers (real widths), static cache + compile, {gen['new_tokens']} new tokens:")
@@ -274,7 +329,7 @@ def print_tables(results: dict) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 2048])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 64, 2048])
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--sweep", action="store_true", help="also time grouped-kernel launch configs per projection")
@@ -290,11 +345,17 @@ def main():
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the checks under TRITON_INTERPRET=1 (no timing)")
     ap.add_argument("--check-only", action="store_true", help="correctness only, no timing")
     ap.add_argument("--time-limit", type=int, default=0, help="seconds; stop there, keep what was measured")
+    ap.add_argument("--tag", default="", help="results file bench/results/moe-kernel-<tag>-<date>.json")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/moe_kernel.py times on a CUDA GPU and found none; for the correctness checks alone on the CPU: "
+                 "TRITON_INTERPRET=1 ... --device cpu --tokens 1 2 --hidden 512 --inter 64 --experts 8 --top-k 2")
     if args.time_limit:
         signal.signal(signal.SIGALRM, _time_up)
         signal.alarm(args.time_limit)
     results = {"env": environment() if args.device == "cuda" else {}, "dtype": args.dtype, "group": args.group,
+               "shape": {"hidden": args.hidden, "inter": args.inter, "experts": args.experts, "top_k": args.top_k},
+               "device": args.device, "tag": args.tag,
                "command": "PYTHONPATH=src python3 bench/moe_kernel.py " + " ".join(sys.argv[1:])}
     t0 = time.perf_counter()
     try:
@@ -306,7 +367,7 @@ def main():
         print(f"time limit reached after {time.perf_counter() - t0:.0f} s; keeping what was measured")
         results["stopped"] = "time limit"
     results["seconds"] = time.perf_counter() - t0
-    write_json("moe-kernel", results)
+    save(results)
     print_tables(results)
 
 

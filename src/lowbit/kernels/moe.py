@@ -98,6 +98,7 @@ class GroupedExperts:
         self.interleave = self.gated and not layout.concatenated
         self.bits = flat[0].bits
         self.group_first, self.group_down = flat[0].group_size, down[0][0].group_size
+        self.split_k = 0  # K splits per tile: 0 the device's kernel table rule (few tokens: split), 1 none (benches)
 
     def stacked(self, module: torch.nn.Module, proj: str) -> Stacked:
         qweight, scales, zeros, bias = (getattr(module, f"lowbit_{proj}_{b}") for b in _BUFFERS)
@@ -116,12 +117,13 @@ class GroupedExperts:
         block_m = block_m_for(tokens * top_k, self.num_experts)
         sorted_ids, block_expert = ops.moe_align(top_k_index, self.num_experts, block_m)
         h = ops.moe_quant_matmul(x, sorted_ids, block_expert, first.qweight, first.scales, first.zeros, first.bias, None,
-                                 top_k, self.bits, first.group_size, self.interleave, block_m)  # [S, P * I], layout.join's order
+                                 top_k, self.bits, first.group_size, self.interleave, block_m, self.split_k)  # [S, P * I], layout.join's order
         h = module._apply_gate(h) if self.gated else module.act_fn(h)  # [S, I]
         weights = top_k_weights.reshape(-1)  # [S], pair p = t * top_k + slot
         post_norm = getattr(module, "has_post_expert_norm", False)
         y = ops.moe_quant_matmul(h.contiguous(), sorted_ids, block_expert, down.qweight, down.scales, down.zeros, down.bias,
-                                 None if post_norm else weights.contiguous(), 1, self.bits, down.group_size, False, block_m)  # [S, H]
+                                 None if post_norm else weights.contiguous(), 1, self.bits, down.group_size, False, block_m,
+                                 self.split_k)  # [S, H]
         if post_norm:  # the norm sees the unweighted expert output, as in the loop
             y = module.post_expert_norm(y) * weights[:, None].to(y.dtype)
         return y.view(tokens, top_k, -1).sum(dim=1)  # fp32 accumulation inside the reduction, x's dtype out

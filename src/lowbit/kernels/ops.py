@@ -5,7 +5,7 @@ op per quantized linear instead of tracing into Triton's launcher.
     torch.ops.lowbit.dequantize(qweight, scales, zeros, bits, group_size, dtype) -> W^T [K, N]
     torch.ops.lowbit.moe_align(top_k_index [T, k], num_experts, block_m) -> (sorted_ids, block_expert)
     torch.ops.lowbit.moe_quant_matmul(x, sorted_ids, block_expert, qweight, scales, zeros, bias?, weights?,
-                                      top_k, bits, group_size, interleave, block_m) -> [T * top_k, P * NP]
+                                      top_k, bits, group_size, interleave, block_m, split_k=0) -> [T * top_k, P * NP]
 
 They take the internal layouts of repack.py (zeros unpacked, fp16 [G, N]; `Stacked` for the MoE ops, whose
 sizes depend on shapes alone, never on the routing, so CUDA graphs replay them). Their fake implementations
@@ -67,11 +67,14 @@ def _(top_k_index, num_experts, block_m):
 def moe_quant_matmul(
     x: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, weights: torch.Tensor | None, top_k: int, bits: int, group_size: int, interleave: bool, block_m: int,
+    split_k: int = 0,
 ) -> torch.Tensor:
+    """split_k: K splits per tile; 0 = the device's kernel table rule (triton/moe.py: `split_rule`), 1 = none."""
     w = Stacked(qweight, scales, zeros, bias, bits, group_size)
-    return _moe.grouped_matmul(x, sorted_ids, block_expert, w, top_k, block_m, weights=weights, interleave=interleave)
+    return _moe.grouped_matmul(x, sorted_ids, block_expert, w, top_k, block_m, weights=weights, interleave=interleave,
+                               split_k=split_k or None)
 
 
 @moe_quant_matmul.register_fake
-def _(x, sorted_ids, block_expert, qweight, scales, zeros, bias, weights, top_k, bits, group_size, interleave, block_m):
+def _(x, sorted_ids, block_expert, qweight, scales, zeros, bias, weights, top_k, bits, group_size, interleave, block_m, split_k=0):
     return x.new_empty(x.shape[0] * top_k, qweight.shape[1] * qweight.shape[3])

@@ -108,6 +108,8 @@ def test_user_table_takes_precedence(tmp_path, monkeypatch):
     ({**VALID, "rows": [{"m": [1, None], "class": "any", "try": [{"kernel": "unpack4", "split_k": 3}]}]}, "unpack4.split_k = 3 is not valid"),
     ({**VALID, "rows": [{"m": [1, None], "class": "any", "try": [{"kernel": "gemv", "slab_n": 2048}]}]}, "not ['slab_n']"),
     ({**VALID, "classes": {"big": {"min_k": -1}}}, "min_k must be an integer >= 0"),
+    ({**VALID, "moe_split": {"max_split": 8}}, '"moe_split" must be an object with per_sm or split_k'),
+    ({**VALID, "moe_split": {"per_sm": 8, "max_split": 6}}, '"moe_split".max_split = 6 is not valid'),
 ])
 def test_malformed_user_table_one_line(tmp_path, text, names):
     path = _write(tmp_path / "t.json", text)

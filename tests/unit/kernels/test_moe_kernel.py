@@ -18,13 +18,17 @@ moe = pytest.importorskip("lowbit.kernels.triton.moe")
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative error, as for the dense kernels
 
 
-def random_stacked(experts: int, parts: int, n_part: int, k: int, bits: int, group_size: int, bias: bool, seed: int, device):
-    """A Stacked projection with random codes and its float64 W_e^T [E, K, P*NP] (parts side by side, [gate; up])."""
+def random_stacked(experts: int, parts: int, n_part: int, k: int, bits: int, group_size: int, bias: bool, seed: int, device,
+                   sym: bool = False):
+    """A Stacked projection with random codes and its float64 W_e^T [E, K, P*NP] (parts side by side, [gate; up]);
+    sym: every zero point 2^(bits-1), else random."""
     gen = torch.Generator().manual_seed(seed)
     gs = k if group_size == -1 else group_size
     g = -(-k // gs)
     codes = torch.randint(0, 2**bits, (experts, parts, k, n_part), generator=gen)
     zeros = torch.randint(0, 2**bits, (experts, parts, g, n_part), generator=gen)
+    if sym:
+        zeros.fill_(2 ** (bits - 1))
     scales = (torch.rand(experts, parts, g, n_part, generator=gen) * 0.05 + 0.005).half()
     group = torch.arange(k) // gs
     w_t = (codes.double() - zeros.double()[:, :, group]) * scales.double()[:, :, group]  # [E, P, K, NP]
@@ -142,6 +146,104 @@ def test_pick_chooses_the_h200_sweeps_best_tiles():
         assert moe.pick(block_m, 1, 2048, pairs, 128, sm_count=132).block_n in down
 
 
+# ---------------------------------------------------------------- K split (decode sizes): splitk.py's reductions
+
+# (name, parts, interleave, bias, first projection?, top_k, tokens, bits, group, sym, K, NP, dtype, block_m,
+#  split_k, in_kernel_reduce, experts used): K / 128 chunks shared by split_k programs per tile; uneven where
+#  split_k does not divide them (5 chunks over 2: 3 + 2, over 3: 2 + 2 + 1; 3 over 2: 2 + 1); more splits
+#  than chunks give one chunk each. The routings use 1-2 of 5 experts, so the others get no token.
+SPLIT_CASES = {
+    "w4_g128_asym_gate_up_unpack4_5_chunks_over_2": (2, False, False, True, 2, 3, 4, 128, False, 640, 32, torch.float16, 16, 2, True, [1, 3]),
+    "w4_g128_sym_down_weighted_5_chunks_over_3_buffer": (1, False, False, False, 2, 4, 4, 128, True, 640, 32, torch.float16, 16, 3, False, [0, 3]),
+    "w8_per_channel_down_weighted_bias_4_over_4": (1, False, True, False, 1, 5, 8, -1, False, 512, 16, torch.float16, 16, 4, True, [2]),
+    "w2_g64_sym_gate_up_interleaved_bias_bf16_3_over_2": (2, True, True, True, 2, 3, 2, 64, True, 384, 16, torch.bfloat16, 32, 2, True, [0, 4]),
+    "w4_g32_asym_down_weighted_bf16_2_chunks_over_8": (1, False, False, False, 2, 3, 4, 32, False, 256, 32, torch.bfloat16, 16, 8, True, [1, 2]),
+    "w8_g64_sym_gate_up_block64_3_over_3_buffer": (2, False, False, True, 1, 4, 8, 64, True, 384, 16, torch.float16, 64, 3, False, [4]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_grouped_matmul_split_k(device, case):
+    """The split-K launch against the float64 reference: every row written (NaN-poisoned out), bias and router
+    weight applied once, sentinel rows zero, the persistent workspace and counters back at zero afterwards and
+    nothing past this launch's [S, N] rows touched (the rest of the workspace poisoned)."""
+    from lowbit.kernels.triton import splitk
+
+    (parts, interleave, bias, first, top_k, tokens, bits, group, sym, k, n_part, dtype, block_m, split, ikr, used) = SPLIT_CASES[case]
+    experts = 5
+    w, w_t, b = random_stacked(experts, parts, n_part, k, bits, group, bias, seed=len(case), device=device, sym=sym)
+    index, weights = routing(tokens, top_k, experts, used, seed=tokens + 7, sentinel=not first)
+    rows = tokens if first else tokens * top_k
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    pair_weights = None if first else weights.reshape(-1).to(dtype)
+    sorted_ids, block_expert = moe.align(index.to(device), experts, block_m)
+    s, n = tokens * top_k, parts * n_part
+    ws, counters = splitk.workspace(torch.device(device), s * n + 64, block_expert.numel() * n)
+    ws[s * n:] = float("nan")  # past this launch's rows: must stay untouched
+    try:
+        out = torch.full((s, n), float("nan"), dtype=dtype, device=device)
+        cfg = moe.MoeConfig(block_m, 16, 128, split_k=split, in_kernel_reduce=ikr)
+        moe.grouped_matmul(x.to(device), sorted_ids, block_expert, w, top_k if first else 1, block_m,
+                           weights=None if pair_weights is None else pair_weights.to(device), interleave=interleave, out=out, config=cfg)
+        assert torch.isfinite(out).all(), "a row was not written"
+        assert (ws[: s * n] == 0).all() and (counters == 0).all(), "the workspace was not left at zero"
+        assert ws[s * n:].isnan().all(), "the launch wrote past its rows"
+    finally:
+        ws.zero_()
+        counters.zero_()
+    ref = reference(x, index, w_t, b, pair_weights, top_k if first else 1, interleave)
+    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], err
+    if not first:
+        sentinel = (index.reshape(-1) >= experts).nonzero().flatten()
+        assert (out[sentinel.item()] == 0).all()
+    unsplit = moe.grouped_matmul(x.to(device), sorted_ids, block_expert, w, top_k if first else 1, block_m,
+                                 weights=None if pair_weights is None else pair_weights.to(device), interleave=interleave,
+                                 config=moe.MoeConfig(block_m, 16, 128))
+    assert ((out.double() - unsplit.double()).norm() / ref.norm()).item() < TOL[dtype]  # the same sums, another order
+
+
+def test_split_k_default_rule_on_cpu(device):
+    """grouped_matmul without a config splits by the table's rule (4 SMs on the CPU: a deep layer splits) and
+    split_k=1 gives the single-pass kernel; both match the reference."""
+    experts, top_k, tokens, k, n_part = 4, 2, 1, 1024, 16
+    w, w_t, _ = random_stacked(experts, 1, n_part, k, 4, 128, False, seed=11, device=device)
+    assert moe.pick(16, 1, n_part, tokens * top_k, experts, 4, k=k, split_rule=moe.split_rule(torch.device(device))).split_k > 1
+    index, _ = routing(tokens, top_k, experts, [0, 2], seed=5)
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(3)).half()
+    sorted_ids, block_expert = moe.align(index.to(device), experts, 16)
+    ref = reference(x, index, w_t, None, None, top_k, False)
+    for split_k in (None, 1):
+        out = moe.grouped_matmul(x.to(device), sorted_ids, block_expert, w, top_k, 16, split_k=split_k)
+        assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+
+
+def test_pick_splits_k_only_at_decode_sizes():
+    """Qwen3-30B-A3B experts (128, top-8; gate/up K 2048 = 16 chunks, down K 768 = 6) under the default table's
+    rule on 132 SMs: 1 token splits both projections, 64 and 2048 tokens not at all; the SM count is an input
+    (fewer SMs: fewer splits), the rule comes from the table, and more splits than chunks never happen."""
+    rule = moe.split_rule(torch.device("cpu"))
+    assert rule == table_default_rule()
+
+    def split(tokens, proj, sms=132, rule=rule):
+        parts, n_part, k = (2, 768, 2048) if proj == "first" else (1, 2048, 768)
+        pairs = tokens * 8
+        return moe.pick(moe.block_m_for(pairs, 128), parts, n_part, pairs, 128, sms, k=k, split_rule=rule).split_k
+
+    assert split(1, "first") == 4 and split(1, "down") == 2
+    assert split(2, "first") == 2
+    assert split(64, "first") == split(64, "down") == split(2048, "first") == split(2048, "down") == 1
+    assert split(1, "first", sms=66) == 2
+    assert split(1, "first", rule={"split_k": 64, "min_chunks": 1}) == 16  # capped at the chunks
+    assert moe.pick(16, 2, 768, 8, 128, 132).split_k == 1  # k unknown: no split
+
+
+def table_default_rule():
+    from lowbit.kernels.triton import table
+
+    return table.default_table().moe_split
+
+
 def test_empty_routing(device):
     """No tokens: nothing launched, empty outputs (a padded batch can give a layer zero rows)."""
     w, _, _ = random_stacked(3, 1, 16, 128, 4, 128, False, seed=0, device=device)
@@ -164,6 +266,7 @@ def test_custom_ops_schema_and_fake(device):
     sorted_ids, block_expert = ops.moe_align(index, 4, 16)
     args = (x, sorted_ids, block_expert, w.qweight, w.scales, w.zeros, None, weights.reshape(-1).half().to(device), 2, 4, 128, True, 16)
     torch.library.opcheck(ops.moe_quant_matmul, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.moe_quant_matmul, (*args, 2), test_utils=("test_schema", "test_faketensor"))  # split_k given
 
 
 # ---------------------------------------------------------------- GPU: real widths, graphs, a second device
@@ -214,6 +317,42 @@ def test_gpu_cuda_graph_replays_new_routing():
         index.copy_(new)
         graph.replay()
         ref = reference(x.cpu(), new, w_t, None, None, top_k, False)
+        assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("workspace_ready", [True, False])
+def test_gpu_split_k_in_cuda_graph(workspace_ready):
+    """The K split captured in a CUDA graph and replayed with new routings: with the workspace already large
+    enough the splits meet inside the launch; with none yet (capture cannot allocate it) the launch falls back
+    to the zeroed fp32 buffer, captured too."""
+    from lowbit.kernels.triton import splitk
+
+    experts, top_k, k, n_part, tokens = 8, 2, 1024, 64, 2
+    w, w_t, _ = random_stacked(experts, 1, n_part, k, 4, 128, False, seed=9, device="cuda")
+    x = torch.randn(tokens * top_k, k, generator=torch.Generator().manual_seed(0)).half().cuda()
+    index = torch.zeros(tokens, top_k, dtype=torch.long, device="cuda")
+    weights = torch.rand(tokens * top_k, generator=torch.Generator().manual_seed(1)).half().cuda()
+    dev = torch.device("cuda", torch.cuda.current_device())
+
+    def step():
+        s, b = moe.align(index, experts, 16)
+        return moe.grouped_matmul(x, s, b, w, 1, 16, weights=weights, split_k=4)
+
+    index.copy_(routing(tokens, top_k, experts, [0, 1], seed=1)[0])
+    step()  # compiles the kernels (and grows the workspace) outside the capture
+    torch.cuda.synchronize()
+    if not workspace_ready:
+        splitk._retired.append(splitk._workspaces.pop(dev))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    assert (dev in splitk._workspaces) == workspace_ready
+    for seed, used in ((2, [3, 4, 5]), (3, list(range(experts)))):
+        new, _ = routing(tokens, top_k, experts, used, seed=seed)
+        index.copy_(new)
+        graph.replay()
+        ref = reference(x.cpu(), new, w_t, None, weights.cpu(), 1, False)
         assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
 
 

@@ -21,6 +21,16 @@ find the hit experts. Here a layer is two launches of the matmul plus one of `al
    row p. BN divides NP, so a column tile lies in one part (gate or up) and its words are contiguous; part p's
    columns land at p*NP + c, or at c*P + p for interleaved layouts (gpt-oss), which is how the model's
    `_apply_gate` expects the fused gate/up output.
+3. Decode sizes (K split): at 1 token the 8 hit experts give 8 blocks, a few hundred (block, column tile)
+   programs each walking all of K: most SMs idle, the weights read far below the bandwidth. `pick` then splits
+   K's chunks over SPLIT_K programs per tile (grid axis 1), by the rule of the device's kernel table
+   ("moe_split", table.py's `k_split`, the SM count an input; the dense kernels' mechanism), and the partials
+   meet as in splitk.py: fp32 atomic adds into its persistent workspace ([S, P*NP], rows by pair) with the tile's
+   last program casting into out (one launch), or, while a CUDA graph is captured and the workspace would have
+   to grow, into a zeroed fp32 buffer cast afterwards. The bias rides on split 0's partial; the router weight
+   scales every partial (linear, so the sum is scaled once). Sentinel rows are stored by split 0, and blocks
+   past the used ones exit on every split before touching a counter, so each tile's ticket counts exactly
+   its splits. The split depends on shapes only (the pairs a uniform routing fills), never on the routing.
 
 Inner loops (fp32 accumulation everywhere):
 * UNPACK4 (4 bits, a group per 128-deep chunk, BLOCK_M <= 32): unpack4.py turns each pair of word rows into the
@@ -40,9 +50,11 @@ import triton
 import triton.language as tl
 
 from ..repack import Stacked
-from . import device_guard, interpreting
+from . import device_guard, interpreting, splitk
+from . import table as _table
 from .dequant import _unpack_tile
-from .matmul import _dot, _mac, _sm_count, load_chunk
+from .matmul import _device_name, _dot, _mac, _sm_count, load_chunk
+from .splitk import finish_tile
 from .unpack4 import unpack4_dot_operands
 
 # ---------------------------------------------------------------- align: pairs sorted by expert, padded to blocks
@@ -118,22 +130,25 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[to
 @triton.jit
 def _moe_kernel(
     # pointers: x [rows, K]; the Stacked projection: qweight [E, P, K*BITS/32, NP], scales / zeros [E, P, G, NP],
-    # bias [E, P, NP]; router weights [S]; out [S, P*NP]; align's sorted_ids [n_blocks*BM] and block_expert
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, weight_ptr, out_ptr, sorted_ptr, block_expert_ptr,
-    # sizes
-    S, E, K, NP, G, n_blocks,
+    # bias [E, P, NP]; router weights [S]; out [S, P*NP] (the zeroed fp32 buffer with REDUCE == ATOMIC_BUFFER);
+    # align's sorted_ids [n_blocks*BM] and block_expert; fp32 split-K workspace [S, P*NP] and per-tile counters
+    # (splitk.py; used with REDUCE == IN_KERNEL only)
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, weight_ptr, out_ptr, sorted_ptr, block_expert_ptr, ws_ptr, counter_ptr,
+    # sizes; K's chunks split in runs of chunks_per_split over n_splits programs (axis 1)
+    S, E, K, NP, G, n_blocks, chunks_per_split, n_splits,
     # strides of the row dimension (last dimensions are contiguous)
     stride_xm, stride_om,
     # meta-parameters
     TOP_K: tl.constexpr, PARTS: tl.constexpr, INTERLEAVE: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, GROUP_PER_CHUNK: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
-    MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
+    MAGIC: tl.constexpr, UNPACK4: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS  # codes per int32 word
     R: tl.constexpr = BLOCK_K // VALS  # packed rows per chunk
     # block-fastest order: the blocks of one expert (consecutive) read the same weight tile while it is in L2
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # the output tile (block, column tile); also its split-K counter
+    pid_k = tl.program_id(1)  # which run of K's chunks
     pid_b = pid % n_blocks
     pid_n = pid // n_blocks
     expert = tl.load(block_expert_ptr + pid_b)
@@ -151,8 +166,9 @@ def _moe_kernel(
         offs_o = part * NP + offs_c
     out_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_o[None, :]
     omask = row_ok[:, None] & n_ok[None, :]
-    if expert == E:  # sentinel pairs: no expert here, a zero row (the loop adds nothing for them)
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=omask)
+    if expert == E:  # sentinel pairs: no expert here, a zero row (the loop adds nothing for them), stored by split 0
+        if pid_k == 0:
+            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=omask)
         return
 
     which = expert.to(tl.int64) * PARTS + part  # this tile's [e, p] slice of the stacked buffers
@@ -161,7 +177,8 @@ def _moe_kernel(
     z_base = zeros_ptr + which * G * NP
     x_rows = x_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_xm  # [BM, 1] (masked where pair == S)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, tl.cdiv(K, BLOCK_K)):
+    c_start = pid_k * chunks_per_split
+    for c in range(c_start, tl.minimum(c_start + chunks_per_split, tl.cdiv(K, BLOCK_K))):
         # words [R, BN] (k past K reads x = 0 and codes = 0), the chunk's scale and zero [BN] if it lies in one group
         words, s, z = load_chunk(qw_base, s_base, z_base, c, offs_c, n_ok, NP, K, BITS, GROUP_SIZE, GROUP_PER_CHUNK, BLOCK_N, BLOCK_K)
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x . (q - z) or x . q of this chunk
@@ -184,11 +201,19 @@ def _moe_kernel(
                 acc += d * s[None, :]
             elif SCALE_AFTER_DOT:
                 acc += (d - xs[:, None] * z[None, :]) * s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + which * NP + offs_c, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_WEIGHT:
+    if HAS_BIAS:  # added once, by the partial of the first split
+        b = tl.load(bias_ptr + which * NP + offs_c, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+    if HAS_WEIGHT:  # linear: each partial scaled by the router weight sums to the scaled total
         acc *= tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    if REDUCE == 0:  # splitk.STORE
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    elif REDUCE == 1:  # splitk.ATOMIC_BUFFER: out is a zeroed fp32 [S, P*NP] the splits add into
+        tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
+    else:  # splitk.IN_KERNEL: the workspace has out's shape, contiguous; the tile's last split writes out
+        ws_ptrs = ws_ptr + pair[:, None].to(tl.int64) * (PARTS * NP) + offs_o[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=omask, sem="relaxed")
+        finish_tile(ws_ptrs, out_ptrs, omask, counter_ptr + pid, n_splits)
 
 
 @dataclass(frozen=True)
@@ -202,6 +227,8 @@ class MoeConfig:
     num_stages: int = 3
     unpack4: bool = True  # 4 bits, a group per chunk, block_m <= 32: unpack4.py's operands, one dot per code position
     magic: bool = True  # a group per chunk otherwise: zero folded into 16-bit operands (matmul.py's MAGIC)
+    split_k: int = 1  # programs sharing one tile's chunks (fewer if K has fewer chunks; no split is left empty)
+    in_kernel_reduce: bool = True  # K splits meet inside the launch (splitk.py), else in a zeroed fp32 buffer + a cast
 
 
 def block_m_for(pairs: int, experts: int) -> int:
@@ -226,9 +253,12 @@ def expected_blocks(pairs: int, experts: int, block_m: int) -> int:
 PROGRAMS_PER_SM = 8
 
 
-def pick(block_m: int, parts: int, n_part: int, pairs: int, experts: int, sm_count: int = 132) -> MoeConfig:
-    """The launch for one projection of P parts of NP columns over `pairs` pairs: 128-deep chunks, column tiles
-    as above."""
+def pick(block_m: int, parts: int, n_part: int, pairs: int, experts: int, sm_count: int = 132, k: int = 0,
+         split_rule: dict | None = None) -> MoeConfig:
+    """The launch for one projection of P parts of NP columns and depth K over `pairs` pairs: 128-deep chunks,
+    column tiles as above, and K split by `split_rule` (a kernel table's "moe_split", table.py: `k_split` on the
+    tiles a uniform routing fills; None: the default table's) so that decode sizes, whose few blocks leave most
+    SMs idle, still have enough programs in flight. k = 0: no split."""
     fits = [b for b in (128, 64, 32, 16) if n_part % b == 0]
     if not fits:
         raise ValueError(f"the grouped MoE kernel needs a part width divisible by 16, got {n_part}")
@@ -236,7 +266,18 @@ def pick(block_m: int, parts: int, n_part: int, pairs: int, experts: int, sm_cou
     block_n = next((b for b in fits if b >= 32 and blocks * parts * (n_part // b) >= PROGRAMS_PER_SM * sm_count), None)
     if block_n is None:
         block_n = 32 if 32 in fits else fits[-1]
-    return MoeConfig(block_m, block_n, 128, num_warps=4, num_stages=3 if block_m <= 32 else 2)
+    rule = split_rule if split_rule is not None else _table.default_table().moe_split
+    split = _table.k_split(rule, blocks * parts * (n_part // block_n), triton.cdiv(k, 128), sm_count)
+    return MoeConfig(block_m, block_n, 128, num_warps=4, num_stages=3 if block_m <= 32 else 2, split_k=split,
+                     in_kernel_reduce=rule.get("in_kernel_reduce", True))
+
+
+def split_rule(device: torch.device, split_k: int | None = None) -> dict:
+    """The K-split rule for launches on `device`: its kernel table's "moe_split" (the default table's if it has
+    none); split_k given: exactly that many splits (fewer where K has fewer chunks)."""
+    if split_k is not None:
+        return {"split_k": max(1, split_k), "min_chunks": 1}
+    return _table.for_device(_device_name(device)).moe_split or _table.default_table().moe_split
 
 
 def supports(n_part: int, bits: int) -> bool:
@@ -247,10 +288,13 @@ def supports(n_part: int, bits: int) -> bool:
 def grouped_matmul(
     x: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, w: Stacked, top_k: int, block_m: int,
     weights: torch.Tensor | None = None, interleave: bool = False, out: torch.Tensor | None = None, config: MoeConfig | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """out [S, P*NP]: row p = x[p // top_k] @ W_e^T (+ bias_e) (* weights[p]) for the expert e that `align` gave
     pair p; zero rows for sentinel pairs. x [T, K] in fp16 / bf16 (S = T * top_k), weights [S] or None.
-    out: optional [S, P*NP] tensor of x's dtype to write into (tests poison it first)."""
+    out: optional [S, P*NP] tensor of x's dtype to write into (tests poison it first).
+    config: the launch (default `pick` with the device's split rule); split_k: with config None, that many K
+    splits instead of the rule's (1: the single-pass kernel)."""
     e, parts, n_part, k = w.shape
     n = parts * n_part
     if x.dim() != 2 or x.shape[1] != k:
@@ -279,24 +323,38 @@ def grouped_matmul(
         raise ValueError(f"out must be a [{s}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
     if s == 0 or n_blocks == 0:
         return out
-    cfg = config or pick(block_m, parts, n_part, s, e, _sm_count(x.device))
+    cfg = config or pick(block_m, parts, n_part, s, e, _sm_count(x.device), k=k, split_rule=split_rule(x.device, split_k))
     if cfg.block_m != block_m or n_part % cfg.block_n:
         raise ValueError(f"config {cfg} does not fit block_m {block_m} and part width {n_part}")
+    chunks = triton.cdiv(k, cfg.block_k)
+    per_split = triton.cdiv(chunks, max(1, cfg.split_k))
+    split = triton.cdiv(chunks, per_split)  # no empty splits; the last may hold fewer chunks
+    tiles = n_blocks * (n // cfg.block_n)
+    # With a K split the partial sums meet in splitk.py's persistent workspace and each tile's last program
+    # writes `out`; otherwise (the config says so, or a CUDA graph is being captured and the workspace would
+    # have to grow) in a zeroed fp32 buffer, cast into `out` after the launch. Only shapes decide: no host sync.
+    reduce, target, ws, counters = splitk.STORE, out, out, out
+    if split > 1:
+        pair = splitk.workspace(x.device, s * n, tiles) if cfg.in_kernel_reduce else None
+        if pair is None:
+            reduce, target = splitk.ATOMIC_BUFFER, torch.zeros(s, n, dtype=torch.float32, device=x.device)
+        else:
+            reduce, (ws, counters) = splitk.IN_KERNEL, pair
     group_per_chunk = w.group_size >= k or w.group_size % cfg.block_k == 0
     dot_f32 = interpreting() and x.dtype == torch.bfloat16
     magic = cfg.magic and group_per_chunk and not dot_f32 and (x.dtype == torch.float16 or w.bits <= 4)
     unpack4 = cfg.unpack4 and w.bits == 4 and group_per_chunk and cfg.block_m <= 32 and cfg.block_k % 128 == 0
-    grid = (n_blocks * (n // cfg.block_n),)
+    grid = (tiles, split)
     with device_guard(w.qweight):
         _moe_kernel[grid](
-            x, w.qweight, w.scales, w.zeros, w.bias if w.bias is not None else x, weights if weights is not None else x, out,
-            sorted_ids, block_expert,
-            s, e, k, n_part, groups, n_blocks,
-            x.stride(0), out.stride(0),
+            x, w.qweight, w.scales, w.zeros, w.bias if w.bias is not None else x, weights if weights is not None else x, target,
+            sorted_ids, block_expert, ws, counters,
+            s, e, k, n_part, groups, n_blocks, per_split, split,
+            x.stride(0), target.stride(0),
             TOP_K=top_k, PARTS=parts, INTERLEAVE=interleave and parts > 1, BITS=w.bits, GROUP_SIZE=w.group_size,
             HAS_BIAS=w.bias is not None, HAS_WEIGHT=weights is not None, GROUP_PER_CHUNK=group_per_chunk, SCALE_AFTER_DOT=group_per_chunk,
-            MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), DOT_F32=dot_f32,
+            MAGIC=magic, UNPACK4=unpack4, ASM=not interpreting(), DOT_F32=dot_f32, REDUCE=reduce,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return out
+    return out.copy_(target) if reduce == splitk.ATOMIC_BUFFER else out

@@ -15,6 +15,9 @@ by `lowbit tune-kernels` on the user's own GPU, which takes precedence), found b
                              whose M range and class hold; in it, the first entry whose kernel can read the
                              layer (bits, groups, K) is built into a Config (or a dequantize + cuBLAS plan)
     in_kernel_reduce_max_m   entries that do not say: K splits meet inside the launch up to this M
+    moe_split                the grouped MoE kernel's K-split rule (triton/moe.py: `pick`), the split keys of an
+                             entry (per_sm or split_k, min_chunks, max_split, ...) and in_kernel_reduce; a table
+                             without one takes the default table's
 
 An entry names a kernel of `KERNELS` and overrides its defaults (tile sizes, warps, stages, stream_k,
 in_kernel_reduce, and the K-split rule: a fixed `split_k` halved until each split keeps `min_chunks`, or the
@@ -161,6 +164,7 @@ class Table:
         self.rows = data["rows"]
         self.ikr_max_m = data.get("in_kernel_reduce_max_m", 8)
         self._near = {name: c["near"] for name, c in self.classes.items() if "near" in c}
+        self.moe_split = data.get("moe_split")
 
     def _nearest(self, k: int, n: int) -> str | None:
         dist = lambda kn: (math.log2(k / kn[0])) ** 2 + (math.log2(n / kn[1])) ** 2  # noqa: E731
@@ -199,7 +203,7 @@ def _validate(data, source: str) -> None:
 
     if not isinstance(data, dict):
         bad("the top level must be a JSON object")
-    unknown = set(data) - {"schema", "devices", "default", "note", "measured", "in_kernel_reduce_max_m", "classes", "rows"}
+    unknown = set(data) - {"schema", "devices", "default", "note", "measured", "in_kernel_reduce_max_m", "classes", "rows", "moe_split"}
     if unknown:
         bad(f"unknown keys {sorted(unknown)}")
     if data.get("schema") != SCHEMA:
@@ -218,6 +222,13 @@ def _validate(data, source: str) -> None:
         for key in ("min_col_tiles_per_sm", "near"):
             if key in c and not (isinstance(c[key], list) and len(c[key]) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in c[key])):
                 bad(f"class {name!r}: {key} must be a pair of positive numbers")
+    if "moe_split" in data:
+        rule, keys = data["moe_split"], _SPLIT | {"in_kernel_reduce"}
+        if not isinstance(rule, dict) or set(rule) - keys or not {"per_sm", "split_k"} & set(rule):
+            bad(f'"moe_split" must be an object with per_sm or split_k, keys among {sorted(keys)}, got {rule!r}')
+        for key, value in rule.items():
+            if not _value_ok(key, value, {}):
+                bad(f'"moe_split".{key} = {value!r} is not valid (splits are powers of two)')
     rows = data.get("rows")
     if not isinstance(rows, list) or not rows:
         bad('"rows" must be a non-empty list')
@@ -244,21 +255,24 @@ def _validate_entry(entry, where: str, bad) -> None:
     if set(entry) - allowed:
         bad(f"{where}: {kind} takes {sorted(allowed - {'kernel'})}, not {sorted(set(entry) - allowed)}")
     for key, value in entry.items():
-        if key == "kernel":
-            continue
-        if key in ("x_once", "overlap", "in_kernel_reduce"):
-            ok = isinstance(value, bool)
-        elif key == "per_sm":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-        elif key in ("block_m", "block_n", "block_k", "num_warps", "split_k", "max_split", "min_split", "slab_n"):
-            zero_ok = key in ("slab_n", "block_m", "block_k", "num_warps") and KERNELS[kind].get(key) == 0
-            ok = isinstance(value, int) and not isinstance(value, bool) and ((value == 0 and zero_ok) or (value > 0 and value & (value - 1) == 0))
-        elif key == "max_registers":
-            ok = isinstance(value, int) and not isinstance(value, bool) and ((value == -1 and kind == "swap_ab") or value == 0 or 32 <= value <= 255)
-        else:  # num_stages, stream_k, min_chunks, min_split_chunks
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (1 if key == "num_stages" else 0)
-        if not ok:
+        if key != "kernel" and not _value_ok(key, value, KERNELS[kind], kind == "swap_ab"):
             bad(f"{where}: {kind}.{key} = {value!r} is not valid (tile sizes, warps and splits are powers of two)")
+
+
+def _value_ok(key: str, value, defaults: dict, swap_ab: bool = False) -> bool:
+    """Whether one key of an entry (or of "moe_split") holds a valid value; defaults: the kernel's (0 allowed where
+    the default is 0)."""
+    if key in ("x_once", "overlap", "in_kernel_reduce"):
+        return isinstance(value, bool)
+    if key == "per_sm":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if key in ("block_m", "block_n", "block_k", "num_warps", "split_k", "max_split", "min_split", "slab_n"):
+        zero_ok = key in ("slab_n", "block_m", "block_k", "num_warps") and defaults.get(key) == 0
+        return isinstance(value, int) and not isinstance(value, bool) and ((value == 0 and zero_ok) or (value > 0 and value & (value - 1) == 0))
+    if key == "max_registers":
+        return isinstance(value, int) and not isinstance(value, bool) and ((value == -1 and swap_ab) or value == 0 or 32 <= value <= 255)
+    # num_stages, stream_k, min_chunks, min_split_chunks
+    return isinstance(value, int) and not isinstance(value, bool) and value >= (1 if key == "num_stages" else 0)
 
 
 def load(path) -> Table:
