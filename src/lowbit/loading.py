@@ -183,6 +183,10 @@ def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.d
             continue  # absent tensors stay on meta and are reported below
         value = ckpt.tensor(name)
         set_module_tensor_to_device(model, name, device_for(device_map, name), value=value.to(dtype) if value.is_floating_point() else value)
+    saved = set(state_names)
+    for name, t in list(model.named_buffers()):  # computed buffers (rotary tables), built on the CPU: beside their module
+        if name not in saved and t.device.type != "meta" and t.device != torch.device(device_for(device_map, name)):
+            set_module_tensor_to_device(model, name, device_for(device_map, name))
     ckpt.close()
     getattr(model, "tie_weights", lambda: None)()  # transformers models; diffusers ones tie nothing
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
