@@ -226,30 +226,35 @@ def output_to(device, module, args, output):
 
 def dispatch(model: torch.nn.Module, device_map: dict) -> torch.nn.Module:
     """Run `model`, whose tensors already sit where `device_map` (module name -> device) put them, across those
-    devices: each entry's module gets a forward pre-hook moving its tensor arguments to the entry's device, and
-    the model its inputs and its output moved to the map's first device (accelerate's placement, with its
-    `io_same_device` at the top). Nothing is moved; `hf_device_map` is set, as transformers' `generate` reads
-    it (a static cache then makes each layer's tensors on that layer's device).
+    devices. Every module that holds no entry of the map below it while its parent does (each block of an
+    `infer_auto_device_map` map, the embeddings, the final norm, lm_head; under a "" entry, the modules it
+    keeps) gets a forward pre-hook moving its tensor arguments to its device; the model's own hooks move its
+    inputs to the map's first device and its output back there, as accelerate's `io_same_device` did.
+    Nothing is moved; `hf_device_map` is set, as transformers' `generate` reads it (a static cache then makes
+    each layer's tensors on that layer's device).
 
     Not accelerate's `dispatch_model` hooks (measured, torch 2.13 / accelerate 1.15): they replace every
     module's `forward` (each block and each of its submodules) with a closure over one code object
     (`add_hook_to_module`'s `new_forward`), and their pre/post steps are `torch.compiler.disable`d. Under
     `generate`'s compile, dynamo breaks the graph at each hooked module, the break inside the decoder layers'
     loop drops the whole loop to eager, and `new_forward` is recompiled for each module it wraps (its guards on
-    the module's type and arguments) until the recompile limit (8). Standard module hooks calling shared
-    functions are inlined by dynamo: one graph for the whole step, whatever the number of layers, the device
-    copies inside it. Maps that put weights on the CPU or the disk beside a GPU still go through
-    accelerate, which moves such weights to the GPU per call (transformers does not compile those models)."""
+    the module's type and arguments) until the recompile limit (8). Module hooks calling shared functions are
+    inlined by dynamo: the forward is one graph, the device copies inside it, whatever the number of layers.
+    The model's two hooks run outside any compiled frame (`torch.compiler.disable`): generate compiles
+    `model.__call__`, where they would be frames of their own. Maps that put weights on the CPU or the disk
+    beside a GPU still go through accelerate, which moves such weights to the GPU per call (transformers
+    does not compile those models)."""
     devices = {str(d) for d in device_map.values()}
     if devices & {"cpu", "disk"} and devices - {"cpu"}:
         return dispatch_model(model, device_map=device_map)
     placed = {name: torch.device(f"cuda:{d}" if isinstance(d, int) else d) for name, d in device_map.items()}  # accelerate names GPUs by index
-    for name, device in placed.items():
-        if name == "":
-            continue
-        model.get_submodule(name).register_forward_pre_hook(partial(inputs_to, device), with_kwargs=True)
-    first = next(iter(placed.values()))
-    model.register_forward_pre_hook(partial(inputs_to, first), with_kwargs=True)
-    model.register_forward_hook(partial(output_to, first))
+    split = {".".join(name.split(".")[:i]) for name in placed if name for i in range(name.count(".") + 1)}  # "" and the entries' ancestors
+    for name, module in model.named_modules():
+        covering = max((e for e in placed if e == "" or name == e or name.startswith(e + ".")), key=len, default=None)
+        if name and name not in split and name.rpartition(".")[0] in split and covering is not None:
+            module.register_forward_pre_hook(partial(inputs_to, placed[covering]), with_kwargs=True)
+    first = placed.get("", next(iter(placed.values())))
+    model.register_forward_pre_hook(partial(torch.compiler.disable(inputs_to), first), with_kwargs=True)
+    model.register_forward_hook(partial(torch.compiler.disable(output_to), first))
     model.hf_device_map = dict(device_map)
     return model
