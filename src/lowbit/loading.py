@@ -250,8 +250,10 @@ def dispatch(model: torch.nn.Module, device_map: dict) -> torch.nn.Module:
     placed = {name: torch.device(f"cuda:{d}" if isinstance(d, int) else d) for name, d in device_map.items()}  # accelerate names GPUs by index
     split = {".".join(name.split(".")[:i]) for name in placed if name for i in range(name.count(".") + 1)}  # "" and the entries' ancestors
     for name, module in model.named_modules():
+        if not name or name in split or name.rpartition(".")[0] not in split:
+            continue  # the model, a module with entries below it, or one inside a placed module
         covering = max((e for e in placed if e == "" or name == e or name.startswith(e + ".")), key=len, default=None)
-        if name and name not in split and name.rpartition(".")[0] in split and covering is not None:
+        if covering is not None:  # None: a module the map leaves out (it holds no tensors)
             module.register_forward_pre_hook(partial(inputs_to, placed[covering]), with_kwargs=True)
     first = placed.get("", next(iter(placed.values())))
     model.register_forward_pre_hook(partial(torch.compiler.disable(inputs_to), first), with_kwargs=True)
