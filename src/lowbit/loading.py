@@ -5,15 +5,17 @@ Reads every format lowbit writes, from lowbit or from other tools: auto_round (q
 ("pack-quantized"). The model is built on `meta`; linears that have quantized tensors in the checkpoint
 become QuantLinear; then every tensor is streamed from the shards straight to the device the device map
 gives its module (formats other than the GPTQ layout are converted layer by layer on the way), and
-accelerate's `dispatch_model` adds the hooks that move activations between devices.
+`dispatch` adds the module hooks that move activations between devices.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_map_only
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
@@ -181,6 +183,10 @@ def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.d
             continue  # absent tensors stay on meta and are reported below
         value = ckpt.tensor(name)
         set_module_tensor_to_device(model, name, device_for(device_map, name), value=value.to(dtype) if value.is_floating_point() else value)
+    saved = set(state_names)
+    for name, t in list(model.named_buffers()):  # computed buffers (rotary tables), built on the CPU: beside their module
+        if name not in saved and t.device.type != "meta" and t.device != torch.device(device_for(device_map, name)):
+            set_module_tensor_to_device(model, name, device_for(device_map, name))
     ckpt.close()
     getattr(model, "tie_weights", lambda: None)()  # transformers models; diffusers ones tie nothing
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
@@ -190,7 +196,7 @@ def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.d
         fuse_shared_inputs(model, fuse_spec)
     devices = {str(d) for d in device_map.values()}
     if len(devices) > 1:
-        model = dispatch_model(model, device_map=device_map)
+        model = dispatch(model, device_map)
     cast_floats(model, dtype)
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -200,3 +206,57 @@ def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.d
         group_experts(model)
     model.lowbit_quantization_config = qc
     return model.eval()
+
+
+def to_device(device, tree):
+    """`tree` (tensors in tuples, lists, dicts, ModelOutputs) with every tensor on `device`; other leaves
+    (a Cache object, None, ints) as they are."""
+    return tree_map_only(torch.Tensor, lambda t: t.to(device), tree)
+
+
+def inputs_to(device, module, args, kwargs):
+    """Forward pre-hook (with_kwargs): the module's tensor arguments moved to `device`."""
+    return to_device(device, args), to_device(device, kwargs)
+
+
+def output_to(device, module, args, output):
+    """Forward hook: the module's output moved to `device`."""
+    return to_device(device, output)
+
+
+def dispatch(model: torch.nn.Module, device_map: dict) -> torch.nn.Module:
+    """Run `model`, whose tensors already sit where `device_map` (module name -> device) put them, across those
+    devices. Every module that holds no entry of the map below it while its parent does (each block of an
+    `infer_auto_device_map` map, the embeddings, the final norm, lm_head; under a "" entry, the modules it
+    keeps) gets a forward pre-hook moving its tensor arguments to its device; the model's own hooks move its
+    inputs to the map's first device and its output back there, as accelerate's `io_same_device` did.
+    Nothing is moved; `hf_device_map` is set, as transformers' `generate` reads it (a static cache then makes
+    each layer's tensors on that layer's device).
+
+    Not accelerate's `dispatch_model` hooks (measured, torch 2.13 / accelerate 1.15): they replace every
+    module's `forward` (each block and each of its submodules) with a closure over one code object
+    (`add_hook_to_module`'s `new_forward`), and their pre/post steps are `torch.compiler.disable`d. Under
+    `generate`'s compile, dynamo breaks the graph at each hooked module, the break inside the decoder layers'
+    loop drops the whole loop to eager, and `new_forward` is recompiled for each module it wraps (its guards on
+    the module's type and arguments) until the recompile limit (8). Module hooks calling shared functions are
+    inlined by dynamo: the forward is one graph, the device copies inside it, whatever the number of layers.
+    The model's two hooks run outside any compiled frame (`torch.compiler.disable`): generate compiles
+    `model.__call__`, where they would be frames of their own. Maps that put weights on the CPU or the disk
+    beside a GPU still go through accelerate, which moves such weights to the GPU per call (transformers
+    does not compile those models)."""
+    devices = {str(d) for d in device_map.values()}
+    if devices & {"cpu", "disk"} and devices - {"cpu"}:
+        return dispatch_model(model, device_map=device_map)
+    placed = {name: torch.device(f"cuda:{d}" if isinstance(d, int) else d) for name, d in device_map.items()}  # accelerate names GPUs by index
+    split = {".".join(name.split(".")[:i]) for name in placed if name for i in range(name.count(".") + 1)}  # "" and the entries' ancestors
+    for name, module in model.named_modules():
+        if not name or name in split or name.rpartition(".")[0] not in split:
+            continue  # the model, a module with entries below it, or one inside a placed module
+        covering = max((e for e in placed if e == "" or name == e or name.startswith(e + ".")), key=len, default=None)
+        if covering is not None:  # None: a module the map leaves out (it holds no tensors)
+            module.register_forward_pre_hook(partial(inputs_to, placed[covering]), with_kwargs=True)
+    first = placed.get("", next(iter(placed.values())))
+    model.register_forward_pre_hook(partial(torch.compiler.disable(inputs_to), first), with_kwargs=True)
+    model.register_forward_hook(partial(torch.compiler.disable(output_to), first))
+    model.hf_device_map = dict(device_map)
+    return model

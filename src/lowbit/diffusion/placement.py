@@ -10,7 +10,8 @@ read from the shards onto the home device for each call and freed after (RAM bou
 component that fits on no GPU runs on the CPU.
 
 Sizes come from accelerate (`compute_module_sizes` on the meta modules, `convert_file_size_to_int` for
-"20GiB"-style budgets); the plan is applied with accelerate's hooks (`AlignDevicesHook`, `dispatch_model`).
+"20GiB"-style budgets); the plan is applied with accelerate's `AlignDevicesHook` on whole components and, when
+loading, the transformer's blocks through `loading.dispatch` (module pre-hooks).
 """
 
 from __future__ import annotations
