@@ -38,7 +38,7 @@ import triton.language as tl
 from ..repack import Packed
 from . import device_guard, interpreting
 from . import gemv as _gemv
-from . import splitk, swapab
+from . import smem, splitk, swapab
 from .splitk import finish_tile
 from .dequant import _unpack_tile
 from .config import Config
@@ -347,6 +347,15 @@ def quant_matmul(
             # per slab cost more host time than the GPU spends on a slab (H100 r35, eager, M = 1024:
             # 0.25-0.54x fp16 on 8192x28672 and 0.22-0.29x on 4096x14336 against 0.74x for the whole weight)
             config = DequantGemm()
+        if isinstance(config, Config) and not (config.gemv or config.swap_ab or config.split_unpack):
+            # the picked tile at fewer stages where it would not fit the device's shared memory: per-k scale and
+            # zero tiles (groups smaller than the chunk) made a 4-bit g32 [32 x 128 x 128] tile at 4 stages need
+            # 278528 bytes on the H200 (limit 232448; a tiny Qwen3-MoE's attention prefill, OutOfResources)
+            per_k = not (p.group_size >= k or p.group_size % config.block_k == 0)
+            stages = smem.fit_stages(config.block_m, config.block_n, config.block_k, p.bits, config.num_stages, per_k,
+                                     smem.max_shared(x.device))
+            if stages != config.num_stages:
+                config = dataclasses.replace(config, num_stages=stages)
     if config is None or isinstance(config, DequantGemm):
         return dequant_gemm(x, p, bias, out, config or DequantGemm())
 

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..repack import Stacked
-from . import device_guard, interpreting, splitk
+from . import device_guard, interpreting, smem, splitk
 from . import table as _table
 from .dequant import _unpack_tile
 from .matmul import _device_name, _dot, _mac, _sm_count, load_chunk
@@ -254,11 +254,12 @@ PROGRAMS_PER_SM = 8
 
 
 def pick(block_m: int, parts: int, n_part: int, pairs: int, experts: int, sm_count: int = 132, k: int = 0,
-         split_rule: dict | None = None) -> MoeConfig:
+         split_rule: dict | None = None, bits: int = 4, group_size: int = 128, max_shared: int = smem.DEFAULT_MAX_SHARED) -> MoeConfig:
     """The launch for one projection of P parts of NP columns and depth K over `pairs` pairs: 128-deep chunks,
     column tiles as above, and K split by `split_rule` (a kernel table's "moe_split", table.py: `k_split` on the
     tiles a uniform routing fills; None: the default table's) so that decode sizes, whose few blocks leave most
-    SMs idle, still have enough programs in flight. k = 0: no split."""
+    SMs idle, still have enough programs in flight. k = 0: no split. Pipeline stages: 3 (2 at 64-row blocks), fewer
+    where smem.py's estimate for `bits` / `group_size` would pass `max_shared` (the device's per-block limit)."""
     fits = [b for b in (128, 64, 32, 16) if n_part % b == 0]
     if not fits:
         raise ValueError(f"the grouped MoE kernel needs a part width divisible by 16, got {n_part}")
@@ -268,8 +269,20 @@ def pick(block_m: int, parts: int, n_part: int, pairs: int, experts: int, sm_cou
         block_n = 32 if 32 in fits else fits[-1]
     rule = split_rule if split_rule is not None else _table.default_table().moe_split
     split = _table.k_split(rule, blocks * parts * (n_part // block_n), triton.cdiv(k, 128), sm_count)
-    return MoeConfig(block_m, block_n, 128, num_warps=4, num_stages=3 if block_m <= 32 else 2, split_k=split,
+    per_k_groups = not per_chunk_groups(group_size, k, 128)
+    stages = smem.fit_stages(block_m, block_n, 128, bits, 3 if block_m <= 32 else 2, per_k_groups, max_shared)
+    return MoeConfig(block_m, block_n, 128, num_warps=4, num_stages=stages, split_k=split,
                      in_kernel_reduce=rule.get("in_kernel_reduce", True))
+
+
+def per_chunk_groups(group_size: int, k: int, block_k: int) -> bool:
+    """Whether every block_k-deep chunk lies in one group (else `_mac` loads per-k scale and zero tiles)."""
+    return group_size >= k or group_size % block_k == 0
+
+
+def shared_bytes(cfg: MoeConfig, bits: int, group_size: int, k: int) -> int:
+    """smem.py's estimate of one `_moe_kernel` program's shared memory under `cfg`."""
+    return smem.shared_bytes(cfg.block_m, cfg.block_n, cfg.block_k, bits, cfg.num_stages, not per_chunk_groups(group_size, k, cfg.block_k))
 
 
 def split_rule(device: torch.device, split_k: int | None = None) -> dict:
@@ -323,7 +336,8 @@ def grouped_matmul(
         raise ValueError(f"out must be a [{s}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
     if s == 0 or n_blocks == 0:
         return out
-    cfg = config or pick(block_m, parts, n_part, s, e, _sm_count(x.device), k=k, split_rule=split_rule(x.device, split_k))
+    cfg = config or pick(block_m, parts, n_part, s, e, _sm_count(x.device), k=k, split_rule=split_rule(x.device, split_k),
+                         bits=w.bits, group_size=w.group_size, max_shared=smem.max_shared(x.device))
     if cfg.block_m != block_m or n_part % cfg.block_n:
         raise ValueError(f"config {cfg} does not fit block_m {block_m} and part width {n_part}")
     chunks = triton.cdiv(k, cfg.block_k)
@@ -340,7 +354,7 @@ def grouped_matmul(
             reduce, target = splitk.ATOMIC_BUFFER, torch.zeros(s, n, dtype=torch.float32, device=x.device)
         else:
             reduce, (ws, counters) = splitk.IN_KERNEL, pair
-    group_per_chunk = w.group_size >= k or w.group_size % cfg.block_k == 0
+    group_per_chunk = per_chunk_groups(w.group_size, k, cfg.block_k)
     dot_f32 = interpreting() and x.dtype == torch.bfloat16
     magic = cfg.magic and group_per_chunk and not dot_f32 and (x.dtype == torch.float16 or w.bits <= 4)
     unpack4 = cfg.unpack4 and w.bits == 4 and group_per_chunk and cfg.block_m <= 32 and cfg.block_k % 128 == 0
