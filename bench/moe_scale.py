@@ -41,6 +41,9 @@ def qwen3_30b_a3b(blocks: int, tiny: bool = False):
     return config
 
 
+MIN_HELD_OUT = 16  # an expert's MSE on fewer held-out tokens is noise (a 2-token sample decides it)
+
+
 @torch.no_grad()
 def expert_errors(ckpt: Path, outs: dict[str, Path], text: str, block: int, device: str, tokens: int) -> dict:
     """Per expert of `block`: mean squared error of its output on the held-out tokens routed to it, for each
@@ -76,7 +79,7 @@ def expert_errors(ckpt: Path, outs: dict[str, Path], text: str, block: int, devi
             err[e] = float(((got.float() - want.float()) ** 2).mean())
         errors[name] = err
         del model
-    return {"routed_experts": len(ref), "errors": errors}
+    return {"routed_experts": len(ref), "errors": errors, "held_out_tokens": {e: len(rows) for e, (rows, _) in ref.items()}}
 
 
 def main() -> None:
@@ -136,10 +139,15 @@ def main() -> None:
     if errors:
         rtn = errors["errors"]["rtn"]
         print(f"\nper-expert MSE on held-out routed tokens, block {args.error_block} ({errors['routed_experts']} experts routed):")
+        counts = errors["held_out_tokens"]
         for method, err in errors["errors"].items():
             ratios = sorted(err[e] / rtn[e] for e in err if rtn[e] > 0)
             no_worse = sum(r <= 1.0 for r in ratios)
-            print(f"  {method:10} median error / RTN {ratios[len(ratios) // 2]:.3f}  worst {ratios[-1]:.3f}  no worse than RTN: {no_worse}/{len(ratios)}")
+            worse = ", ".join(f"expert {e}: {err[e] / rtn[e]:.2f}x on {counts[e]} tokens" for e in sorted(err, key=lambda e: -err[e] / max(rtn[e], 1e-30)) if rtn[e] > 0 and err[e] > rtn[e])
+            enough = [e for e in err if rtn[e] > 0 and counts[e] >= MIN_HELD_OUT]
+            print(f"  {method:10} median error / RTN {ratios[len(ratios) // 2]:.3f}  worst {ratios[-1]:.3f}  no worse than RTN: {no_worse}/{len(ratios)}"
+                  f"; on the {len(enough)} experts with >= {MIN_HELD_OUT} held-out tokens: {sum(err[e] <= rtn[e] for e in enough)}/{len(enough)}"
+                  + (f"  (worse: {worse})" if worse else ""))
 
 
 if __name__ == "__main__":

@@ -143,9 +143,8 @@ class CalibConfig:
             method with moe_all_experts off), is quantized with RTN and listed in the summary. With
             moe_all_experts off, an expert routed no token at all stops the run.
         moe_unrouted_tokens: with moe_all_experts, how many routed tokens the tokens not routed to an expert
-            count as, together, in its statistics (each routed token counts 1): the statistics follow what
-            the expert serves, the rest fills the directions its own tokens leave unseen. float("inf"):
-            every token alike (llm-compressor's weighting).
+            count as, together, in its statistics (each routed token counts 1); inf (the default): every
+            token alike, llm-compressor's weighting, which measured best (docs/moe.md); 0: routed tokens only.
     """
 
     dataset: str = "austen"
@@ -156,7 +155,7 @@ class CalibConfig:
     images: str | None = None
     moe_all_experts: bool = True
     moe_min_tokens: int = 16
-    moe_unrouted_tokens: float = 256.0
+    moe_unrouted_tokens: float = float("inf")
 
     def __post_init__(self):
         check_types(self)

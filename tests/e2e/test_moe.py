@@ -181,6 +181,14 @@ def test_every_token_through_every_expert_changes_statistics_not_outputs(tmp_pat
     assert all(getattr(experts, str(e)).row_weight is None for e in range(8))
     for h in seen:
         h.remove()
+    seen_now = []
+    probe = [getattr(experts, str(e)).down_proj.register_forward_pre_hook(lambda m, a, e=e: seen_now.append(getattr(experts, str(e)).row_weight))
+             for e in range(8)]
+    with torch.no_grad(), tokens_to_every_expert(block, ExpertPlan(all_tokens=True, tokens={"mlp.experts": 60})):  # default: all alike
+        engine.call(block, 0, stream, [0])
+    assert rows == {e: 4 * 20 for e in range(8)} and seen_now == [None] * 8  # every token through all 8, no row weights
+    for h in probe:
+        h.remove()
     for h in hooks:
         h.remove()
     assert not experts.lowbit_all_tokens  # the switch lives on the module, for one block, and is reset
@@ -189,6 +197,9 @@ def test_every_token_through_every_expert_changes_statistics_not_outputs(tmp_pat
     assert plan_experts(engine, block, 0, stream, "model.layers.0", CalibConfig(), GptqConfig()).all_tokens
     ar = plan_experts(engine, block, 0, stream, "model.layers.0", CalibConfig(moe_min_tokens=10**6), AutoRoundConfig())
     assert not ar.all_tokens and ar.fallback == {f"mlp.experts.{e}": c for e, c in enumerate(routed)}
+    # routed rows only (weight 0 on the rest): GPTQ's starving experts fall back to RTN as without all-expert calibration
+    only = plan_experts(engine, block, 0, stream, "model.layers.0", CalibConfig(moe_min_tokens=10**6, moe_unrouted_tokens=0.0), GptqConfig())
+    assert only.all_tokens and only.fallback == ar.fallback
 
 
 def test_starved_experts_fall_back_to_rtn_and_are_listed(tmp_path, text_file):

@@ -51,10 +51,10 @@ def accumulate_hessian(h: torch.Tensor | None, n: float, x: torch.Tensor, weight
     """
     x = x.reshape(-1, x.shape[-1]).float()  # [m, K]
     m = x.shape[0] if weight is None else float(weight.sum())
+    if m == 0:  # nothing seen (all weights 0): no Hessian yet, not a zero one (which would zero the weight)
+        return h, n
     if h is None:
         h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-    if m == 0:
-        return h, n
     h.mul_(n / (n + m))
     x = x * math.sqrt(2 / (n + m))
     if weight is not None:

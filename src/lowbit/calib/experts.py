@@ -5,10 +5,10 @@ expert (`lowbit_routed` on the unfused experts modules, arch/experts.py; summed 
 processes). Then:
 - methods whose statistics are each linear's inputs (GPTQ, AWQ) with `moe_all_experts` on (the default) run
   every token through every expert while the block is calibrated, so no expert starves; the block's output
-  still keeps only the routed result. An expert's rows are weighted (`Expert.row_weight`): its routed tokens
-  1 each, the others together as much as `moe_unrouted_tokens` routed ones, so the statistics follow the
-  tokens the expert serves and the rest only fills the directions those tokens leave unseen (GPTQ's Hessian
-  of an expert over all tokens alike fits tokens it never sees; measured in docs/moe.md);
+  still keeps only the routed result. By default every token counts alike (llm-compressor's weighting);
+  `moe_unrouted_tokens` N weights an expert's rows instead (`Expert.row_weight`): its routed tokens 1 each,
+  the others together as much as N routed ones (0: routed only). Measured (docs/moe.md): all alike gave the
+  lowest held-out error per expert, routed-only the highest (too few tokens per expert: the Hessian overfits);
 - otherwise an expert routed fewer than `moe_min_tokens` tokens is quantized with RTN (AutoRound learns from
   the block's output, which an expert without tokens does not reach) and listed in the summary with its
   count; with `moe_all_experts` turned off, an expert routed no token at all stops the run with one line.
@@ -36,7 +36,7 @@ class ExpertPlan:
     fallback: dict[str, int] = field(default_factory=dict)
     all_tokens: bool = False
     tokens: dict[str, int] = field(default_factory=dict)  # experts module -> calibration tokens it was called on
-    unrouted_tokens: float = 0.0
+    unrouted_tokens: float = math.inf  # CalibConfig.moe_unrouted_tokens
 
     def falls_back(self, linear: str) -> bool:
         return any(linear.startswith(expert + ".") for expert in self.fallback)
@@ -77,8 +77,8 @@ def plan_experts(engine, block: torch.nn.Module, index: int, stream, prefix: str
     routed, tokens = count_routed(engine, block, index, stream)
     plan = ExpertPlan(routed=routed, all_tokens=calib.moe_all_experts and method_cfg.reads_linear_inputs, tokens=tokens,
                       unrouted_tokens=calib.moe_unrouted_tokens)
-    if plan.all_tokens:
-        return plan
+    if plan.all_tokens and plan.unrouted_tokens > 0:
+        return plan  # every expert sees tokens (routed only, with weight 0 on the rest, starving ones fall back below)
     for name, counts in plan.routed.items():
         for e, n in enumerate(counts):
             if n == 0 and not calib.moe_all_experts:
