@@ -136,7 +136,9 @@ def run(args) -> None:
     if args.method == "rtn":
         out = run_lowbit(args, "rtn")
     elif args.method == "ours":
-        out = run_lowbit(args, lowbit.AutoRoundConfig(iters=args.iters, seed=args.seed))
+        # auto-round's own default step (1/iters, which the reference run gets) for a like-for-like comparison;
+        # lowbit's default is capped at 5e-3 below 200 iterations (config.AutoRoundConfig.lr)
+        out = run_lowbit(args, lowbit.AutoRoundConfig(iters=args.iters, lr=1.0 / args.iters, seed=args.seed))
     elif args.method == "ref":
         out = run_reference(args)
     else:

@@ -5,7 +5,10 @@ quantized with the lowbit CLI: RTN, then AutoRound with few iterations calibrate
 denoising loop (8 prompts x 4 steps at 512 x 512, 512 T5 tokens: 32 samples of 1024 image + 512 text tokens).
 Peak RSS / VRAM and the time per block come from each run's lowbit_log.json; each output is then loaded with
 lowbit.load_pipeline (QuantLinear: Triton kernels on CUDA) and its latents compared with the fp pipeline's on
-two prompts the calibration did not see.
+two prompts the calibration did not see, and per block the relative error of each output stream against the fp
+block at the first denoising step of those prompts (`block_errors`: the block on the fp block's inputs, and on
+the quantized pipeline's own inputs). `--lrs 0.05` adds AutoRound rows at other step sizes (0.05: 1/iters at 20
+iterations, the default before it was capped at 5e-3).
 
 The transformer is written tensor by tensor from its meta skeleton (random bf16: weights N(0, 0.02^2), norm
 weights near 1), never whole in RAM. FLUX.1-dev has 19 double-stream and 38 single-stream blocks (12B); a
@@ -126,11 +129,57 @@ def transformer_output(transformer, config: dict, size: int, text_tokens: int, d
     return transformer(**inputs).sample.float().cpu()
 
 
+def transformer_blocks(pipe) -> list:
+    t = pipe.transformer
+    return [*t.transformer_blocks, *t.single_transformer_blocks]
+
+
+@torch.no_grad()
+def record_blocks(pipe, device: str, gen_kwargs: dict) -> list:
+    """Per block in forward order, (args, kwargs, outputs) of its first call while the pipeline generates the
+    held-out prompts: the first denoising step, where the fp and quantized pipelines start from the same latents."""
+    seen, hooks = {}, []
+    for i, block in enumerate(transformer_blocks(pipe)):
+        def hook(module, args, kwargs, out, i=i):
+            seen.setdefault(i, (args, kwargs, out))
+        hooks.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        latents_of(pipe, device, gen_kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[i] for i in range(len(seen))]
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return round(((a - b).norm() / b.norm()).item(), 5)
+
+
+@torch.no_grad()
+def block_errors(q_pipe, fp_record: list, device: str, gen_kwargs: dict) -> list[dict]:
+    """Per block, the relative error of each output stream (img: image tokens, txt: text tokens) against the fp
+    pipeline's block at the first denoising step of the held-out prompts: `local`, the quantized block on the fp
+    block's own inputs (what the block's quantization alone costs); `chained`, the quantized pipeline's block on
+    its own inputs (the error carried from the blocks before). FLUX blocks return (text, image)."""
+    q_record = record_blocks(q_pipe, device, gen_kwargs)
+    out = []
+    for block, (args, kwargs, fp_out), (_, _, q_out) in zip(transformer_blocks(q_pipe), fp_record, q_record):
+        local = block(*args, **kwargs)
+        row = {}
+        for name, k in (("txt", 0), ("img", 1)):
+            row[f"local_{name}"] = rel(local[k], fp_out[k])
+            row[f"chained_{name}"] = rel(q_out[k], fp_out[k])
+        out.append(row)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--double", type=int, default=4)
     p.add_argument("--single", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--lrs", default="", help="comma-separated AutoRound step sizes to add as rows beside the default's, e.g. 0.05 (1/iters at 20 iterations)")
     p.add_argument("--nprompts", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--size", type=int, default=512)
@@ -158,6 +207,9 @@ def main() -> None:
              "--max_sequence_length", str(args.text_tokens), "--batch_size", "4"]
     rows = {"rtn": quantize(pipe_dir, work / "rtn", ["--method", "rtn"], args.device),
             "autoround": quantize(pipe_dir, work / "autoround", ["--method", "autoround", "--iters", str(args.iters), "--disable_torch_compile", *calib], args.device)}
+    for lr in filter(None, args.lrs.split(",")):
+        rows[f"autoround_lr{lr}"] = quantize(pipe_dir, work / f"autoround_lr{lr}", ["--method", "autoround", "--iters", str(args.iters), "--lr", lr,
+                                                                                  "--disable_torch_compile", *calib], args.device)
 
     gen = dict(num_inference_steps=args.steps, height=args.size, width=args.size, max_sequence_length=args.text_tokens)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -166,6 +218,7 @@ def main() -> None:
     latents_of(fp, args.device, gen)  # warm-up
     ref, fp_s = latents_of(fp, args.device, gen)
     ref_out = transformer_output(fp.transformer, config, args.size, args.text_tokens, args.device, dtype)
+    fp_record = record_blocks(fp, args.device, gen)
     del fp
     for name, row in rows.items():
         if "error" in row:
@@ -178,6 +231,7 @@ def main() -> None:
             out = transformer_output(q.transformer, config, args.size, args.text_tokens, args.device, dtype)
             row["transformer_out_rel_err"] = round(((out - ref_out).norm() / ref_out.norm()).item(), 5)
             row["generate_s"], row["fp_generate_s"] = round(q_s, 3), round(fp_s, 3)
+            row["block_errors"] = block_errors(q, fp_record, args.device, gen)
             del q
         except Exception as exc:  # noqa: BLE001
             row["eval_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -202,6 +256,15 @@ def main() -> None:
         vram = max(r["peak_vram_gib"].values() or [0])
         print(f"{method:10} {r['seconds']:8.1f} {r['calibration_s']:8.1f} {dbl:9.2f} {sgl:9.2f} {r['peak_rss_gib']:8.2f} {vram:9.2f} "
               f"{r.get('transformer_out_rel_err', float('nan')):8.4f} {r.get('latent_rel_err', float('nan')):11.4f} {r.get('generate_s', 0):5.2f} ({r.get('fp_generate_s', 0):.2f})")
+    measured = {m: r["block_errors"] for m, r in rows.items() if "block_errors" in r}
+    if measured:
+        print("\nper block, relative error vs the fp block at the first denoising step of the held-out prompts (image / text tokens):")
+        print("local: the block on the fp block's inputs; chained: on the quantized pipeline's own inputs")
+        print(f"{'block':>5} " + " ".join(f"{m + ' local':>22} {m + ' chained':>22}" for m in measured))
+        for i in range(n):
+            cells = [f"{e[i]['local_img']:.4f}/{e[i]['local_txt']:.4f}".rjust(22) + " " + f"{e[i]['chained_img']:.4f}/{e[i]['chained_txt']:.4f}".rjust(22)
+                     for e in measured.values()]
+            print(f"{i:5d} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar = q.add_argument_group("autoround")
     _flag(ar, "preset", default="default", choices=["light", "default", "best"], help="light: 50 iters; best: 1000 iters, 512 samples")
     _flag(ar, "iters", type=int, default=None, help="signed-gradient steps per block (default 200)")
-    _flag(ar, "lr", type=float, default=None, help="step size for rounding offsets (default 1/iters)")
+    _flag(ar, "lr", type=float, default=None, help="step size for rounding offsets (default 1/iters, at most 5e-3)")
     _flag(ar, "minmax_lr", type=float, default=None, help="step size for min/max factors (default lr)")
     _flag(ar, "gradient_accumulate_steps", type=int, default=1)
     _flag(ar, "seed", type=int, default=42)

@@ -21,10 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .algorithms import BlockContext, handler_for
 from .arch import ArchSpec, spec_for
 from .arch.experts import experts_modules
 from .atomic import announce_resume, atomic_folder, check_target, partial_path
+from .blockstep import BlockStep
 from .calib.capture import ReplayPlan, capture_block_inputs
 from .calib.experts import plan_experts, tokens_to_every_expert
 from .calib.corpora import load_text
@@ -41,7 +41,7 @@ from .model.names import NameMap, check_complete, map_names
 from .model.scan import check_all_finite
 from .model.skeleton import free_tensors, load_tensors, submodule
 from .model.tokenizer import load_tokenizer
-from .quant import QuantResult, quantize_weight
+from .quant import QuantResult
 from .report import Phases, RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
 PROGRESS = "lowbit_progress.json"
@@ -67,11 +67,6 @@ def compute_dtype(device: torch.device, ckpt: Checkpoint, calibrated: bool) -> t
     if device.type == "cpu":
         return torch.float32
     return torch.bfloat16 if source == torch.bfloat16 else torch.float16
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise LowbitError(f"weight {name} contains NaN or inf", "fix or re-export the checkpoint; non-finite weights cannot be quantized")
 
 
 def plan_linears(block: torch.nn.Module, prefix: str, spec: ArchSpec, scheme: Scheme, formats) -> tuple[dict, dict]:
@@ -145,13 +140,6 @@ def scan_checkpoint(ckpt: Checkpoint, target: Path, reducer) -> None:
         raise first
 
 
-def set_dequantized(linears: dict, results: dict[str, QuantResult]) -> None:
-    """Make each linear compute with its quantized weight (the next block must see quantized outputs)."""
-    for name, result in results.items():
-        w = linears[name].weight
-        w.data = result.dequantize().to(device=w.device, dtype=w.dtype)
-
-
 def copy_side_files(source: Path, target: Path) -> None:
     for pattern in TOKENIZER_GLOBS:
         for f in source.glob(pattern):
@@ -185,7 +173,7 @@ def quantize(
     refuse_unsafe_target(target)  # symlink, file, read-only parent: before any work
     check_target(target, run.overwrite)  # before any work: refuse early
     method_cfg = method_config(method)
-    block_fn, needs_calib = handler_for(method_cfg), method_cfg.needs_calibration
+    needs_calib = method_cfg.needs_calibration
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = Checkpoint(resolve_model(model))
     refuse_source_overlap(target, ckpt.path)  # never write into or over the model folder
@@ -235,7 +223,7 @@ def quantize(
             for out in outputs:
                 out.restore(state["writers"][out.fmt.NAME])
             done = state["blocks_done"]
-        engine = stream = fp_stream = None
+        engine = None
         if needs_calib:
             # the calibration cache: beside the block on its device if both fit, else another GPU, else the CPU
             chains = 3 if method_cfg.fp_targets else 2  # propagate builds the next chain while the old one lives
@@ -247,12 +235,10 @@ def quantize(
             with phases("capture"):
                 plan = capture(skeleton, ckpt, names, spec, calib, device, dtype, storage, blocks, reducer)
             engine = BlockEngine(plan, device, storage, calib.batch_size, reducer)
-            stream = engine.stream()
-            # the fp model's own chain beside the quantized one (AutoRound's targets): twice the cache
-            fp_stream = stream.copy() if method_cfg.fp_targets else None
 
-        run_state: dict = {}  # the algorithm's own state across blocks (AutoRound's compiled code), owned by this run
         bar = tqdm(range(len(blocks)), desc=f"lowbit {method_cfg.name}", unit="block", disable=not (progress and writes))
+        # the quantized chain, and the fp model's own beside it when the method wants fp targets (twice the cache)
+        step = BlockStep(method_cfg, scheme, spec, device, summary, engine, log=bar.write if writes else None)
         loop_started = time.perf_counter()
         for i in bar:
             block_started = time.perf_counter()
@@ -265,38 +251,21 @@ def quantize(
                     bar.write(f"block {i}: too big for {device} with {method_cfg.name}'s state; linears on {describe(placement)}")
             block = load_module(skeleton, prefix, ckpt, names, placement.device_of(prefix), dtype)
             attach(block, placement)
-            for pname, p in block.named_parameters():
-                check_finite(f"{prefix}.{pname}", p)
-            summary.kept_fp.update(kept)
-            summary.quantized.extend(f"{prefix}.{n}" for n in linears)
-            targets = None
-            if fp_stream is not None:  # the fp model's outputs of this block: this block's targets, next block's fp inputs
-                fp_stream = engine.propagate(block, i, fp_stream)
-                targets = fp_stream.hidden
+            targets = step.begin(block, i, prefix, linears, kept)
             if i < done:  # resumed: the block is on disk; only its outputs are needed
-                if stream is not None:
+                if step.stream is not None:
                     outputs[0].replay(block, prefix, linears, scheme)
-                    stream = engine.propagate(block, i, stream)
+                    step.replayed(block, i)
                 detach(block, placement)
                 free_module(block)
                 continue
             # mixture of experts: routed tokens counted; experts the method cannot calibrate go to RTN
-            experts = plan_experts(engine, block, i, stream, prefix, calib, method_cfg) if engine is not None else None
-            fallback = {n: l for n, l in linears.items() if experts and experts.falls_back(n)}
-            calibrated = {n: l for n, l in linears.items() if n not in fallback}
-            ctx = BlockContext(index=i, block=block, linears=calibrated, schemes={n: scheme for n in calibrated}, spec=spec, device=device,
-                               engine=engine, stream=stream, targets=targets, log=bar.write if writes else None, run_state=run_state)
-            with tokens_to_every_expert(block, experts):
-                results = block_fn(ctx, method_cfg)
-            results.update({n: quantize_weight(l.weight.data, scheme, bias=l.bias) for n, l in fallback.items()})
+            experts = plan_experts(engine, block, i, step.stream, prefix, calib, method_cfg) if engine is not None else None
+            fallback = frozenset(n for n in linears if experts and experts.falls_back(n))
+            results = step.quantize(block, i, linears, targets, last=i == len(blocks) - 1, rtn=fallback,
+                                    around=lambda: tokens_to_every_expert(block, experts))
             if experts is not None:
                 summary.add_experts(prefix, experts)
-            if ctx.losses:
-                summary.block_losses.append((i, *ctx.losses))
-            if stream is not None and i < len(blocks) - 1:
-                if method_cfg.quantized_inputs:
-                    set_dequantized(linears, results)
-                stream = engine.propagate(block, i, stream)
             with phases("write"):
                 for out in outputs if writes else ():
                     out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
@@ -315,7 +284,7 @@ def quantize(
         if reducer is not None:  # every process's own figures, for rank 0's summary (each sees only its device)
             summary.ranks = reducer.all_objects({"rank": reducer.rank, "peak_rss_bytes": rss.peak, "peak_vram_bytes": peak_vram_bytes(device),
                                                  "collective_seconds": round(reducer.seconds, 2), "blocks_seconds": round(phases.seconds["blocks"], 2)})
-        engine = stream = fp_stream = ctx = None  # release the calibration caches before the final writes
+        engine = step = None  # release the calibration caches before the final writes
         if not writes:
             return summary
 

@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..algorithms import BlockContext, handler_for
 from ..atomic import atomic_folder, check_target
+from ..blockstep import BlockStep
 from ..calib.tree import to_device
 from ..config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize_args, method_config
 from ..dist import env_world, resolve_device
@@ -32,7 +32,7 @@ from ..model.names import check_complete
 from ..model.scan import check_all_finite
 from ..model.skeleton import free_module, free_tensors, load_tensors
 from ..report import RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
-from ..runner import block_tensors, check_finite, method_metadata, plan_linears, set_dequantized
+from ..runner import block_tensors, method_metadata, plan_linears
 from .capture import block_lists, capture_transformer
 from .config import PromptCalib
 from .folder import INDEX, PipelineFolder, open_pipeline
@@ -205,7 +205,7 @@ def quantize_pipeline(
     why = dict(folder.spec.unsupported).get(method_cfg.name)
     if why:
         raise LowbitError(f"--method {method_cfg.name} cannot quantize {folder.components[folder.transformer][1]}: {why}", "use --method gptq, autoround or rtn")
-    block_fn, needs_calib = handler_for(method_cfg), method_cfg.needs_calibration
+    needs_calib = method_cfg.needs_calibration
     prompts = load_prompts(calib.prompt_file, calib.nprompts) if needs_calib else []
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = open_transformer(folder.path / folder.transformer)
@@ -234,39 +234,21 @@ def quantize_pipeline(
         for fmt in formats:
             (roots[fmt.NAME] / folder.transformer).mkdir(parents=True)
             writers[fmt.NAME] = ShardWriter(roots[fmt.NAME] / folder.transformer, run.max_shard_bytes, stem=WEIGHTS_STEM)
-        engine = stream = fp_stream = None
+        engine = None
         timings = {"calibration_seconds": 0.0, "block_seconds": [], "placement": {}}
         if needs_calib:
             t0 = time.time()
             replay, timings["placement"] = calibrate(folder, skeleton, ckpt, names, prompts, calib, device, devices, dtype, storage, progress)
             engine = BlockEngine(replay, device, storage, calib.batch_size)
-            stream = engine.stream()
-            fp_stream = stream.copy() if method_cfg.fp_targets else None
             timings["calibration_seconds"] = round(time.time() - t0, 2)
 
-        run_state: dict = {}
         bar = tqdm(slots, desc=f"lowbit {method_cfg.name}", unit="block", disable=not progress)
+        step = BlockStep(method_cfg, scheme, spec.blocks, device, summary, engine, log=bar.write)
         for i, (prefix, block) in enumerate(bar):
             t0 = time.time()
             load_block(block, prefix, ckpt, names, device, dtype)
-            for pname, p in block.named_parameters():
-                check_finite(f"{prefix}.{pname}", p)
             linears, kept = plan_linears(block, prefix, spec.blocks, scheme, formats)
-            summary.kept_fp.update(kept)
-            summary.quantized.extend(f"{prefix}.{n}" for n in linears)
-            targets = None
-            if fp_stream is not None:
-                fp_stream = engine.propagate(block, i, fp_stream)
-                targets = engine.joint(fp_stream, i)
-            ctx = BlockContext(index=i, block=block, linears=linears, schemes={n: scheme for n in linears}, spec=spec.blocks, device=device,
-                               engine=engine, stream=stream, targets=targets, log=bar.write, run_state=run_state)
-            results = block_fn(ctx, method_cfg)
-            if ctx.losses:
-                summary.block_losses.append((i, *ctx.losses))
-            if stream is not None and i < len(slots) - 1:
-                if method_cfg.quantized_inputs:
-                    set_dequantized(linears, results)
-                stream = engine.propagate(block, i, stream)
+            results = step.quantize(block, i, linears, step.begin(block, i, prefix, linears, kept), last=i == len(slots) - 1)
             for fmt in formats:
                 writers[fmt.NAME].add(block_tensors(block, prefix, linears, results, fmt, source))
                 if writers[fmt.NAME].full:
@@ -276,7 +258,7 @@ def quantize_pipeline(
             release_freed_memory()
             timings["block_seconds"].append(round(time.time() - t0, 3))
         bar.close()
-        engine = stream = fp_stream = ctx = None
+        engine = step = None
 
         for name, m in skeleton.named_modules():
             if isinstance(m, torch.nn.Linear) and not spec.in_blocks(name):

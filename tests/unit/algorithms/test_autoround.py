@@ -320,3 +320,23 @@ def test_no_calibration_or_zero_iters_is_rtn(captured):
         assert torch.equal(results[n].codes, rtn[n].codes)
     assert ctx.losses is None
 
+
+
+def test_default_step_gains_on_a_wide_block_with_few_iterations():
+    """A sign step moves every weight's offset at once, so its effect on a linear's output grows with
+    lr x sqrt(in_features). The default step was 1/iters: 0.1 at 10 iterations, which on a width-512 block
+    overshoots so far that no step beats RTN (best at iteration 0, the block's MSE exactly RTN's) -- the
+    FLUX-width failure of bench/diffusion_scale.py at 20 iterations. The default is capped at 5e-3 now:
+    the block's MSE against the fp block (computed apart from the training loop) well below RTN's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8, vocab_size=256,
+                      max_position_embeddings=64, architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(cfg).eval()
+    cap = capture(model, torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1)))
+    ctx = engine_ctx(model, cap, Scheme(4, 128, sym=True), batch_size=4)
+    rtn = block_mse(ctx, rtn_block(ctx))
+    ar = block_mse(ctx, quantize_block(ctx, AutoRoundConfig(iters=10, compile=False)))
+    assert ar < 0.6 * rtn  # 0.355x measured; the old default (lr 0.1): 1.0x
+    assert AutoRoundConfig(iters=10).step_size == 5e-3 and AutoRoundConfig(iters=1000).step_size == 1e-3
