@@ -167,7 +167,7 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
         if resolved[0].type == "cuda":
             # current device = the block's; this also initialises CUDA, which torch's per-device memory
             # statistics need before they accept an explicit index such as cuda:0
-            torch.cuda.set_device(resolved[0])
+            torch.cuda.set_device(torch.cuda.current_device() if resolved[0].index is None else resolved[0].index)  # "cuda": the current one
         return resolved, None
     first = resolve_device(devices[0])
     if first.type == "cuda":
