@@ -233,7 +233,7 @@ class AutoRoundConfig(MethodConfig):
             fast recipe, 50 iterations at 5e-3). A sign step moves every weight's offset at once, so its effect on a
             linear's output grows with lr x sqrt(in_features): 1/iters at few iterations overshoots on wide layers
             (a random Llama block of width 512, 10 iterations: no gain over RTN at 0.1, 0.36x RTN's block MSE at 5e-3;
-            a FLUX-width block at 20 iterations: its loss 20x RTN's after the first step; docs/diffusion.md).
+            a FLUX-width block at 20 iterations: its loss 117x RTN's after the first step; docs/diffusion.md).
         minmax_lr: step size for the min/max factors; None means lr.
         enable_minmax_tuning: also learn the per-group min/max scale factors.
         enable_quanted_input: feed each block the outputs of the already-quantized previous blocks.
