@@ -165,9 +165,12 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
     if world == 1:
         resolved = tuple(resolve_device(d) for d in devices)
         if resolved[0].type == "cuda":
-            # current device = the block's; this also initialises CUDA, which torch's per-device memory
-            # statistics need before they accept an explicit index such as cuda:0
-            torch.cuda.set_device(torch.cuda.current_device() if resolved[0].index is None else resolved[0].index)  # "cuda": the current one
+            # current device = the block's (plain "cuda": the current one, named with its index, which
+            # set_device needs); this also initialises CUDA, which torch's per-device memory statistics need
+            # before they accept an explicit index such as cuda:0
+            first = resolved[0] if resolved[0].index is not None else torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(first)
+            resolved = (first, *resolved[1:])
         return resolved, None
     first = resolve_device(devices[0])
     if first.type == "cuda":

@@ -104,6 +104,29 @@ def test_one_gpu_named_for_several_torchrun_processes(two_gpus, monkeypatch):
         start("cuda:1", None)
 
 
+@pytest.mark.parametrize("device,want", [("cuda", 1), ("cuda:0", 0)])
+def test_one_process_makes_its_gpu_current_by_index(two_gpus, monkeypatch, device, want):
+    """One process on --device cuda (no index, the current GPU: 1 here) or cuda:0: that GPU is made current by
+    its index (torch.cuda.set_device refuses a bare "cuda", which broke --device cuda on the H200) and
+    returned with its index, the key of its VRAM figures."""
+    from lowbit.dist import start
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    made = []
+
+    def set_device(d):
+        d = torch.device(d) if not isinstance(d, int) else torch.device("cuda", d)
+        if d.index is None:  # what torch does
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{d}")
+        made.append(d.index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    devices, reducer = start(device, None)
+    assert devices == (torch.device("cuda", want),) and made == [want] and reducer is None
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--device_map", "cpu,cpu", "--max_memory", "1GiB"], "gives 1 sizes for 2 device(s)"),
     (["--device", "cpu", "--max_memory", "lots"], "'lots' is not a size"),
