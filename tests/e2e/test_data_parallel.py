@@ -50,6 +50,7 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
 
     "methods": every method, then a GPTQ run whose rank 0 dies while writing block 1 (block 0's shard and
     the progress file are on disk); "resume": that GPTQ run again, which resumes at block 1."""
+    import lowbit.blockstep as blockstep
     import lowbit.runner as runner
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
@@ -57,7 +58,7 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
     if phase == "methods":
         # what each process quantized every block to, kept per rank: the processes must decide identically,
         # since rank 1's inputs to the next block assume the weights rank 0 writes
-        real_handler, decided = runner.handler_for, []
+        real_handler, decided = blockstep.handler_for, []
 
         def recording(config):
             block_fn = real_handler(config)
@@ -69,14 +70,14 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
 
             return fn
 
-        runner.handler_for = recording
+        blockstep.handler_for = recording
         for method in METHODS:
             summary = quantize(model, text_file, f"{root}/{method}", method)
             torch.save(decided, f"{root}/{method}.rank{rank}")
             decided.clear()
             if rank == 0:
                 torch.save(summary.block_losses, f"{root}/{method}.losses")
-        runner.handler_for = real_handler
+        blockstep.handler_for = real_handler
         # NaN in a tensor of rank 1's half of the bytes: rank 1 finds it, both processes stop with its line
         try:
             quantize(f"{root}/nan-model", text_file, f"{root}/nan", "rtn")
