@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="MoE: calibrate each expert on its routed tokens only (default: every token through every expert for GPTQ / AWQ)")
     _flag(cal, "moe_min_tokens", type=int, default=16, help="MoE: experts routed fewer calibration tokens fall back to RTN (default 16)")
     _flag(cal, "moe_unrouted_tokens", type=float, default=float("inf"),
-          help="MoE, all-expert calibration: how many routed tokens the unrouted ones count as together in an expert's statistics (default inf: every token alike)")
+          help="MoE, all-expert calibration: how many routed tokens the unrouted ones count as together in an expert's GPTQ Hessian (default inf: every token alike; AWQ reads all alike)")
     ar = q.add_argument_group("autoround")
     _flag(ar, "preset", default="default", choices=["light", "default", "best"], help="light: 50 iters; best: 1000 iters, 512 samples")
     _flag(ar, "iters", type=int, default=None, help="signed-gradient steps per block (default 200)")

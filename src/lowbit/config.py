@@ -143,7 +143,8 @@ class CalibConfig:
             method with moe_all_experts off), is quantized with RTN and listed in the summary. With
             moe_all_experts off, an expert routed no token at all stops the run.
         moe_unrouted_tokens: with moe_all_experts, how many routed tokens the tokens not routed to an expert
-            count as, together, in its statistics (each routed token counts 1); inf (the default): every
+            count as, together, in its GPTQ Hessian (each routed token counts 1; AWQ's statistics read every
+            token alike whatever this is); inf (the default): every
             token alike, llm-compressor's weighting, which measured best (docs/moe.md); 0: routed tokens only.
     """
 
