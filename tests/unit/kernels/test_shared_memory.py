@@ -115,7 +115,7 @@ def test_estimate_against_offline_sm90_compile():
         (_moe_case(4, 128, 64, 128, 2, 2048, 768, 2, True, False), smem.shared_bytes(64, 128, 128, 4, 2, False)),  # magic, wgmma
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)] + [env["PYTHONPATH"]] * ("PYTHONPATH" in env))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)] + ([env["PYTHONPATH"]] if "PYTHONPATH" in env else []))
     run = subprocess.run([sys.executable, str(ROOT / "tests/unit/kernels/sm90_compile.py"), json.dumps([c for c, _ in cases])],
                          env=env, capture_output=True, text=True, timeout=300)
     if run.returncode != 0 and ("ptxas" in run.stderr.lower() or "PTXAS" in run.stderr):
