@@ -73,9 +73,15 @@ def layer_scheme(qc: dict, name: str, scheme: Scheme) -> Scheme:
 
 
 def cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast full-precision tensors to `dtype` in place; QuantLinear scales stay fp16 as the format defines."""
+    """Cast full-precision tensors to `dtype` in place; QuantLinear scales stay fp16 as the format defines.
+
+    Buffers the model computes itself (non-persistent: rotary `inv_freq`) keep the dtype its own init gave
+    them, as transformers' `from_pretrained(dtype=...)` leaves them: the skeleton is built at `dtype`, so only
+    the ones its code makes float32 on purpose stay float32. Cast to fp16, Llama-3's smallest rotary
+    frequencies (~2e-6 at theta 500000) fall below fp16's normal range and lose their precision."""
     for module in model.modules():
-        skip = ("scales",) if isinstance(module, QuantLinear) else ()
+        skip = {"scales"} if isinstance(module, QuantLinear) else set()
+        skip |= module._non_persistent_buffers_set
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if t.is_floating_point() and name not in skip and t.dtype != dtype:
                 t.data = t.data.to(dtype)
