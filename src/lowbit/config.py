@@ -402,7 +402,7 @@ def method_config(method) -> MethodConfig:
 
 
 PRESETS = {
-    "light": {"iters": 50},
+    "light": {"iters": 50},  # with the default step 1/max(50, 200) = 5e-3: auto-round's own fast setting (its README: iters=50, lr=5e-3)
     "default": {},
     "best": {"iters": 1000, "nsamples": 512},
 }
