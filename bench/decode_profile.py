@@ -49,6 +49,7 @@ LEGEND = {
     "memcpy": "memcpy and memset",
     OTHER: "anything else",
 }
+TOP_NAMES = 30  # kernels kept by name per (kind, batch) in the JSON, the longest per token first
 _LAUNCH = re.compile(r"^(cudaLaunchKernel|cuLaunchKernel|cudaLaunchKernelExC|cudaLaunchCooperativeKernel)")
 _SYNC = re.compile(r"^cuda(Stream|Device|Event)Synchronize")
 
@@ -166,14 +167,22 @@ def trace_of(prof, on_cuda: bool) -> Trace:
 def summarise(trace: Trace, categorise: Categoriser) -> dict:
     """Totals over one trace: device µs per category, per origin, busy µs, counts of records and runtime calls."""
     by_cat = {c: 0.0 for c in ORDER}
+    n_cat = {c: 0 for c in ORDER}
     by_origin: dict[str, float] = {}
+    by_name: dict[str, float] = {}
     for r in trace.device:
-        by_cat[categorise(r.name)] += r.dur_us
+        c = categorise(r.name)
+        by_cat[c] += r.dur_us
+        n_cat[c] += 1
         by_origin[r.origin] = by_origin.get(r.origin, 0.0) + r.dur_us
+        short = f"{c}: {r.name[:100]}"  # cut: C++ template names run to kilobytes
+        by_name[short] = by_name.get(short, 0.0) + r.dur_us
     names = [r.name for r in trace.runtime]
     return {
         "device_us": by_cat,
+        "device_n": n_cat,
         "origin_us": by_origin,
+        "name_us": by_name,
         "busy_us": busy_us(trace.device),
         "device_sum_us": sum(by_cat.values()),
         "kernels": sum(1 for r in trace.device if categorise(r.name) != "memcpy"),
@@ -198,7 +207,8 @@ def breakdown(run, short: int, long: int, profile_fn, on_cuda: bool, categorise:
               reps: int = 3) -> dict:
     """Per-token breakdown of `run(n)` (generate with n new tokens, warm). `profile_fn()` is a torch.profiler
     context. Returns per-token figures in µs / counts: wall (unprofiled), profiled wall, device busy, idle =
-    wall - busy, device µs by category and origin, and launch / sync counts."""
+    wall - busy, device µs and record counts by category, µs by origin ("graph" / "host") and of the
+    TOP_NAMES longest kernels by name, and launch / sync counts."""
     categorise = categorise or Categoriser()
 
     def wall(n: int) -> float:
@@ -225,6 +235,7 @@ def breakdown(run, short: int, long: int, profile_fn, on_cuda: bool, categorise:
         sums[n] = summarise(trace_of(prof, on_cuda), categorise)
     tokens = long - short
     out = per_token(sums[short], sums[long], tokens)
+    out["name_us"] = dict(sorted(out["name_us"].items(), key=lambda kv: -kv[1])[:TOP_NAMES])
     out["wall_us"] = (walls[long] - walls[short]) / tokens
     out["profiled_wall_us"] = (pwalls[long] - pwalls[short]) / tokens
     out["idle_us"] = out["wall_us"] - out["busy_us"]

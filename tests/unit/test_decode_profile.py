@@ -96,6 +96,7 @@ def test_per_token_is_the_difference_over_tokens():
     assert step["device_us"]["gemm"] == pytest.approx(0)  # the prefill cancels
     assert step["busy_us"] == pytest.approx(22) and step["kernels"] == pytest.approx(3)
     assert step["origin_us"] == pytest.approx({"graph": 20, "host": 2})
+    assert step["device_n"][OURS] == pytest.approx(2) and step["name_us"]["lowbit: _gemv_kernel"] == pytest.approx(20)
     assert (step["graph_launches"], step["host_launches"], step["syncs"], step["sync_us"]) == pytest.approx((1, 1, 1, 7))
     step.update(wall_us=60.0, idle_us=38.0)
     line = table({"w4fused_b8": step}).splitlines()[1].split()
