@@ -28,6 +28,7 @@ from .kernels.linear import QuantLinear
 from .kernels.moe import group_experts
 from .model.checkpoint import Checkpoint
 from .model.skeleton import build_skeleton
+from .quant import QuantResult, quantize_weight
 from .quant.pack import pack_bitstream
 
 
@@ -101,16 +102,52 @@ def layer_buffers(fmt, ckpt: Checkpoint, name: str, scheme: Scheme, layer: Quant
     """The QuantLinear buffers of one layer: GPTQ-layout formats pass through, others are repacked."""
     if fmt in (auto_round, auto_gptq):
         return {b: ckpt.tensor(f"{name}.{b}") for b in ("qweight", "qzeros", "scales")}
-    result = fmt.read_layer(ckpt.tensor, name, scheme, layer.out_features, layer.in_features)
+    return result_buffers(fmt.read_layer(ckpt.tensor, name, scheme, layer.out_features, layer.in_features))
+
+
+def result_buffers(result: QuantResult) -> dict[str, torch.Tensor]:
+    """A QuantResult (codes / zeros [N, K] / [N, G], scales [N, G]) as QuantLinear buffers with zero_offset 0:
+    qweight int32 [K*bits/32, N], qzeros int32 [G, N*bits/32], scales fp16 [G, N]."""
+    bits = result.scheme.bits
     return {
-        "qweight": pack_bitstream(result.codes.t(), scheme.bits, 0),
-        "qzeros": pack_bitstream(result.zero.t(), scheme.bits, 1),
+        "qweight": pack_bitstream(result.codes.t(), bits, 0),
+        "qzeros": pack_bitstream(result.zero.t(), bits, 1),
         "scales": result.scale.t().to(torch.float16).contiguous(),
     }
 
 
+def quantize_head(model: torch.nn.Module, name: str, scheme: Scheme) -> bool:
+    """Replace the full-precision linear `name` (the lm_head) by a QuantLinear holding its RTN codes, on its
+    device; returns False where there is nothing to do (already quantized). A head tied to the input embedding
+    is untied: the embedding keeps the full-precision Parameter, and the config says the two are no longer tied,
+    so a later `tie_weights()` does not put that Parameter back into the head."""
+    head = model.get_submodule(name)
+    if isinstance(head, QuantLinear):
+        return False
+    if not isinstance(head, torch.nn.Linear):
+        raise LowbitError(f"quant_lm_head: {name} is a {type(head).__name__}, not a linear layer", "load without quant_lm_head")
+    n, k = head.weight.shape
+    if (n * scheme.bits) % 32 or (k * scheme.bits) % 32:
+        raise LowbitError(f"quant_lm_head: {name} [{n}, {k}] does not pack into 32-bit words at {scheme.bits} bits",
+                          "pass a Scheme with other bits, or load without quant_lm_head")
+    device = head.weight.device
+    # W [N, K] upcast to fp32 a 1024-row chunk at a time inside quantize_weight, on the head's device
+    result = quantize_weight(head.weight.detach(), scheme)
+    layer = QuantLinear(k, n, scheme.bits, scheme.group_size, bias=head.bias is not None, dtype=head.weight.dtype, device=device)
+    for buf, value in result_buffers(result).items():
+        setattr(layer, buf, value.to(device))
+    if head.bias is not None:
+        layer.bias = head.bias.detach().clone()
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    return True
+
+
 def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
-         fuse: bool | None = None, grouped_experts: bool | None = None):
+         fuse: bool | None = None, grouped_experts: bool | None = None, quant_lm_head: bool | Scheme = False):
     """Load a quantized folder. Returns a transformers model in eval mode.
 
     Args:
@@ -133,7 +170,15 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
             per layer and each expert keeps views of its slice (no second copy). None (default): on when the
             model goes to GPUs. It applies to fp16 / bf16 activations where Triton runs; elsewhere, and while
             calibrating, the per-expert loop runs.
+        quant_lm_head: quantize a full-precision lm_head at load (round to nearest), so it runs on the same
+            kernels as the block linears: at batch 1 decode reads the whole head once per token (Llama-3-8B:
+            128256 x 4096, 1.05 GB in fp16, 0.27 GB at W4 g128). True: W4 g128 symmetric (`Scheme()`); a
+            Scheme: that one. It changes the logits (accuracy), hence off by default, as in lowbit's own
+            quantize (`quant_lm_head`). A head tied to the input embedding is untied: the embedding stays
+            full precision. A head the checkpoint already holds quantized is left as it is.
     """
+    if not isinstance(quant_lm_head, (bool, Scheme)):
+        raise LowbitError(f"quant_lm_head={quant_lm_head!r} is not a bool or a Scheme", "pass True (W4 g128), False, or lowbit.Scheme(bits=..., group_size=...)")
     path = Path(path)
     ckpt = Checkpoint(path)
     qc = read_quantization_config(path)
@@ -145,16 +190,20 @@ def load(path: str | Path, device_map=None, dtype: torch.dtype | None = None, ma
     model = build_skeleton(config, dtype=dtype)
     tied = {f"{n}.weight" for n in ("lm_head",)} if getattr(config, "tie_word_embeddings", False) else set()
     fuse_spec = spec_for(config) if (on_gpu if fuse is None else fuse) else None
+    head = None
+    if quant_lm_head is not False:
+        head = (spec_for(config).lm_head, Scheme() if quant_lm_head is True else quant_lm_head)
     return fill_quantized(model, ckpt, qc, device_map, dtype, max_memory, cpu_cache_dequantized, fuse_spec, tied,
-                          on_gpu if grouped_experts is None else grouped_experts)
+                          on_gpu if grouped_experts is None else grouped_experts, head)
 
 
 def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.dtype, max_memory: dict | None = None, cpu_cache_dequantized: bool = True,
-                   fuse_spec=None, tied: set = frozenset(), grouped_experts: bool = False):
+                   fuse_spec=None, tied: set = frozenset(), grouped_experts: bool = False, head: tuple[str, Scheme] | None = None):
     """A meta `model` made runnable from a quantized checkpoint: linears with quantized tensors become
     QuantLinear, every tensor is streamed to the device `device_map` gives it (see `load`), and the model
     dispatched over several devices when the map names several. fuse_spec: fuse the linears of its scale
-    groups (None: do not fuse); tied: names read from their tied source, not the checkpoint."""
+    groups (None: do not fuse); tied: names read from their tied source, not the checkpoint; head: (lm_head
+    name, scheme) to quantize at load (`quantize_head`), None to keep it as the checkpoint has it."""
     path = ckpt.path
     fmt, scheme, marker = checkpoint_format(qc)
     quantized = {}
@@ -198,6 +247,8 @@ def fill_quantized(model, ckpt: Checkpoint, qc: dict, device_map, dtype: torch.d
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise LowbitError(f"{path} lacks tensors the model needs, e.g. {still_meta[0]} ({len(still_meta)} in all)", "the checkpoint is incomplete or for another architecture")
+    if head is not None:  # after tying (the head's weight is real) and before dispatch (hooks see the new module)
+        quantize_head(model, *head)
     if fuse_spec is not None:  # before dispatch: the fused layer lives in its first member, on the block's one device
         fuse_shared_inputs(model, fuse_spec)
     devices = {str(d) for d in device_map.values()}
