@@ -17,6 +17,18 @@ single H200's 64 GB disk and a 300 s budget take `--double 4 --single 8` of the 
 
     python bench/diffusion_scale.py --double 4 --single 8 --workdir /tmp/flux     # GPU
     python bench/diffusion_scale.py --tiny --device cpu                            # smoke test of this script
+
+`--device_map 0,1` (two GPUs, one call under 9 minutes): the WHOLE FLUX.1-dev-shaped pipeline, transformer at
+full depth (19 + 38 blocks, 22.2 GiB bf16) with a T5-XXL-shaped encoder (9.1 GiB), CLIP-L and FLUX's VAE
+(written once, ~33 GB), quantized with `--device_map 0,1`: RTN, AutoRound under a `--max_memory` budget
+(`--budget`, default 10GiB,22GiB: T5-XXL goes to the second GPU, blocks fill both, the rest is streamed) and
+AutoRound under free memory; per row the placement (each component and block), the bytes planned per GPU
+against the peak each reached during the capture and over the run, peak RSS, time per block, and
+load_pipeline(device_map="auto", max_memory=--load_budget) generating across both GPUs against the fp
+pipeline. `--time-limit` (default 480 s) stops it cleanly, keeping what was measured (JSON + log in --out).
+
+    python bench/diffusion_scale.py --device_map 0,1 --workdir /tmp/flux --out $OUT                # 2 GPUs
+    python bench/diffusion_scale.py --tiny --device_map cpu,cpu --budget 1GiB,1GiB --out /tmp/o   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -343,7 +355,8 @@ def main_multi(args) -> None:
         if "error" in row:
             continue
         place = row.get("placement", {})
-        print(f"{row_name}: capture placement: {where_summary(place.get('devices', {}))}" if place.get("devices") else f"{row_name}: no calibration", flush=True)
+        print(f"{row_name}: capture placement: {where_summary(place.get('devices', {}))}; planned GiB {({d: gib(b) for d, b in place.get('planned_bytes', {}).items()})}"
+              if place.get("devices") else f"{row_name}: no calibration", flush=True)
         if left() < 20:
             row["eval_error"] = "not evaluated: time limit"
             continue
