@@ -105,6 +105,9 @@ def test_autoround_w4_is_closer_to_fp_than_rtn_w4(pipeline_dir, prompt_file, fp_
     assert rc == 0, capsys.readouterr().err
     log = json.loads((ar / "lowbit_log.json").read_text())
     assert len(log["block_losses"]) == 4 and all(best < first for _, first, best in log["block_losses"])
+    # on the CPU the components run where they were loaded and every block is streamed from the shards
+    where = log["placement"]["devices"]
+    assert {where[c] for c in ("text_encoder", "text_encoder_2", "vae")} == {"cpu"} and where["single_transformer_blocks.1"] == "stream"
     e8, e_rtn = rel(latents(load_pipeline(rtn_w8)), fp_latents), rel(latents(load_pipeline(rtn)), fp_latents)
     ar_latents = latents(load_pipeline(ar / "auto_round"))
     e_ar = rel(ar_latents, fp_latents)

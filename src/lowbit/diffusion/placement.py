@@ -10,8 +10,9 @@ read from the shards onto the home device for each call and freed after (RAM bou
 component that fits on no GPU runs on the CPU.
 
 Sizes come from accelerate (`compute_module_sizes` on the meta modules, `convert_file_size_to_int` for
-"20GiB"-style budgets); the plan is applied with accelerate's `AlignDevicesHook` on whole components and, when
-loading, the transformer's blocks through `loading.dispatch` (module pre-hooks).
+"20GiB"-style budgets); the plan is applied by loading each component straight onto its device with hooks
+that return its outputs to the caller's device (components.py) and, when loading, the transformer's blocks
+through `loading.dispatch` (module pre-hooks).
 """
 
 from __future__ import annotations
@@ -94,12 +95,3 @@ def module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 
     return int(compute_module_sizes(module, dtype=dtype)[""])
 
-
-def attach(module: torch.nn.Module, device: str) -> torch.nn.Module:
-    """A whole component on `device`; called from any device, it takes its inputs there and returns its
-    outputs on the caller's device (accelerate's AlignDevicesHook)."""
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-
-    module.to(device)
-    add_hook_to_module(module, AlignDevicesHook(execution_device=device, io_same_device=True))
-    return module

@@ -37,7 +37,9 @@ from .capture import block_lists, capture_transformer
 from .config import PromptCalib
 from .folder import INDEX, PipelineFolder, open_pipeline
 from .model import build_transformer, identity_names, open_transformer, source_dtype
-from .placement import STREAM, attach, module_bytes, plan_placement
+from .components import assemble, io_on_caller, load_components
+from .components import sizes as component_sizes
+from .placement import STREAM, module_bytes, plan_placement
 from .prompts import load_prompts
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -79,50 +81,51 @@ def compute_dtype(device: torch.device, source: torch.dtype, calibrated: bool) -
     return torch.bfloat16 if source == torch.bfloat16 else torch.float16
 
 
-def max_memory_of(devices: tuple[str, ...], home: torch.device) -> dict[str, int]:
-    """What each GPU has free now (the CPU is where streamed blocks come from, not a placement target)."""
+def max_memory_of(devices: tuple[str, ...], home: torch.device, caps: tuple[int, ...] | None = None) -> dict[str, int]:
+    """What each GPU has free now (x 0.9), capped by --max_memory (`caps`, one per device); the CPU is where
+    streamed blocks come from, not a placement target."""
     if home.type != "cuda":
         return {"cpu": 1 << 62}
     out = {}
-    for dev in devices:
+    for i, dev in enumerate(devices):
         free, _ = torch.cuda.mem_get_info(torch.device(dev))
-        out[dev] = int(free * 0.9)
+        out[dev] = min(int(free * 0.9), caps[i]) if caps else int(free * 0.9)
     return out
 
 
 @torch.no_grad()
 def calibrate(folder: PipelineFolder, transformer, ckpt, names, prompts: list[str], calib: PromptCalib, home: torch.device, devices: tuple[str, ...],
-              dtype: torch.dtype, storage, progress: bool):
+              dtype: torch.dtype, storage, progress: bool, caps: tuple[int, ...] | None = None):
     """Run the pipeline on the prompts, recording every block's inputs at every denoising step; returns the
-    ReplayPlan and where each component and block ran (component / block -> device, or "stream").
+    ReplayPlan and the placement record (component / block -> device or "stream", the bytes planned per
+    device, the peak memory each GPU reached during the capture).
 
-    The other components are loaded (from the pipeline folder, in `dtype`) and placed whole over the devices
-    with the transformer counted (placement.py); blocks that fit stay resident for the whole capture, the
-    others are streamed from the shards per call."""
-    from diffusers import DiffusionPipeline
-
+    The plan (placement.py) counts the other components (sized from their files) with the transformer; each
+    component is then loaded straight onto its device (components.py: RAM never holds a whole one on GPUs);
+    blocks that fit stay resident for the whole capture, the others are streamed from the shards per call."""
     spec = folder.spec
     slots = block_slots(transformer, folder)
-    pipe = DiffusionPipeline.from_pretrained(folder.path, transformer=transformer, dtype=dtype)
-    pipe.set_progress_bar_config(disable=not progress, desc="lowbit calibration (pipeline steps)")
-    components = {name: pipe.components[name] for name in folder.models() if name != folder.transformer}
     rest = [(n, t) for n, t in list(transformer.named_parameters()) + list(transformer.named_buffers()) if not spec.in_blocks(n)]
     rest_bytes = sum(t.numel() for _, t in rest) * dtype.itemsize
     block_bytes = [(prefix, module_bytes(block, dtype)) for prefix, block in slots]
     largest = max(b for _, b in block_bytes)
-    plan = plan_placement({n: module_bytes(m, dtype) for n, m in components.items()}, rest_bytes, block_bytes,
-                          max_memory_of(devices, home), str(home), workspace=4 * largest)
+    plan = plan_placement(component_sizes(folder, dtype), rest_bytes, block_bytes, max_memory_of(devices, home, caps), str(home), workspace=4 * largest)
+    on_gpu = home.type == "cuda"
+    components = load_components(folder, {n: d if on_gpu else "cpu" for n, d in plan.components.items()}, dtype)
     for name, module in components.items():
-        attach(module, plan.components[name] if home.type == "cuda" else "cpu")
+        io_on_caller(module, plan.components[name] if on_gpu else "cpu")
+    pipe = assemble(folder, transformer, components, dtype)
+    pipe.set_progress_bar_config(disable=not progress, desc="lowbit calibration (pipeline steps)")
     load_tensors(transformer, rest, ckpt, names, home, dtype)
     resident = {}
     for prefix, block in slots:
         where = plan.blocks[prefix]
         if where != STREAM:
-            resident[prefix] = torch.device(where if home.type == "cuda" else home)
+            resident[prefix] = torch.device(where if on_gpu else home)
             load_block(block, prefix, ckpt, names, resident[prefix], dtype)
     prefixes = [prefix for prefix, _ in slots]
-    placed = {**{n: d for n, d in plan.components.items()}, **{p: str(resident.get(p, STREAM)) for p in prefixes}}
+    placed = {"devices": {**plan.components, **{p: str(resident.get(p, STREAM)) for p in prefixes}},
+              "planned_bytes": {d: b for d, b in plan.used.items() if d != "cpu"}}
 
     def run_block(index, block, args, kwargs):
         prefix = prefixes[index]
@@ -135,11 +138,13 @@ def calibrate(folder: PipelineFolder, transformer, ckpt, names, prompts: list[st
         return to_device(out, home)
 
     def drive(t):
+        io_on_caller(t, home)  # the pipeline may compute on another component's device (diffusers picks it)
         object.__setattr__(pipe, "transformer", t)  # the pipeline calls the per-sample splitter (not registered in its config)
         pipe(prompt=prompts, generator=torch.Generator("cpu").manual_seed(calib.seed), output_type="latent", **calib.call_kwargs())
 
     try:
         replay = capture_transformer(transformer, spec, drive, storage, run_block)
+        placed["capture_peak_vram_bytes"] = peak_vram_bytes() if on_gpu else {}
     finally:
         for prefix, block in slots:
             if prefix in resident:
@@ -238,7 +243,8 @@ def quantize_pipeline(
         timings = {"calibration_seconds": 0.0, "block_seconds": [], "placement": {}}
         if needs_calib:
             t0 = time.time()
-            replay, timings["placement"] = calibrate(folder, skeleton, ckpt, names, prompts, calib, device, devices, dtype, storage, progress)
+            replay, timings["placement"] = calibrate(folder, skeleton, ckpt, names, prompts, calib, device, devices, dtype, storage, progress,
+                                                          run.max_memory_bytes)
             engine = BlockEngine(replay, device, storage, calib.batch_size)
             timings["calibration_seconds"] = round(time.time() - t0, 2)
 
