@@ -23,7 +23,7 @@ from ..atomic import atomic_folder, check_target
 from ..blockstep import BlockStep
 from ..calib.tree import to_device
 from ..config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize_args, method_config
-from ..dist import env_world, resolve_device
+from ..dist import env_world, start
 from ..engine import BlockEngine
 from ..errors import LowbitError
 from ..export import FORMAT_WRITERS, ShardWriter
@@ -214,9 +214,8 @@ def quantize_pipeline(
     prompts = load_prompts(calib.prompt_file, calib.nprompts) if needs_calib else []
     formats = [FORMAT_WRITERS[f] for f in run.formats]
     ckpt = open_transformer(folder.path / folder.transformer)
-    devices = run.devices or (run.device,)
-    device = resolve_device(devices[0])
-    devices = tuple(str(resolve_device(d)) for d in devices)
+    resolved, _ = start(run.device, run.devices)  # one process (refused above otherwise): also makes the first GPU current
+    device, devices = resolved[0], tuple(str(d) for d in resolved)
     source = source_dtype(ckpt)
     dtype = compute_dtype(device, source, needs_calib)
     storage = torch.device("cpu") if device.type == "cpu" or method_cfg.cache_on_cpu else device
