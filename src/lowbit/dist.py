@@ -1,6 +1,6 @@
 """Several processes, one run: devices from `--device_map`, data-parallel calibration with torch.distributed.
 
-Started by `torchrun` (or `lowbit quantize --nproc N`, which re-launches itself through torchrun's module):
+Started by `torchrun` (or `lowbit quantize --nproc N`, which starts the processes itself: launch.py):
 every process runs the same block loop on its contiguous share of the calibration windows, and the block
 engine's reducer (`DistributedReducer.sum`, an all_reduce) completes the statistics the algorithms reduce
 through their BlockContext. One process (no WORLD_SIZE in the environment) keeps engine.LocalReducer.
@@ -239,30 +239,3 @@ def check_nproc(nproc: int, run, nsamples: int | None = None) -> None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     if devices[0].startswith("cuda") and nproc > len(devices):
         raise LowbitError(f"--nproc {nproc} needs {nproc} GPUs but {len(devices)} are given or visible ({', '.join(devices)})", f"pass --nproc {len(devices)} or name more GPUs in --device_map")
-
-
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """`lowbit quantize ... --nproc N`: run the same command as N processes through torchrun's launcher
-    (torch.distributed.run's elastic_launch, standalone on this host); returns their exit status, -1 when
-    this process already is one of them. A failed process (e.g. exit 2 after rank 0 printed its one-line
-    LowbitError) ends the run with its status, without the launcher's traceback."""
-    import logging
-    import sys
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    if os.environ.get("WORLD_SIZE"):
-        return -1
-    # as torchrun does for several processes per host: split the cores rather than oversubscribe them
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0)
-    try:
-        elastic_launch(config, sys.executable)("-m", "lowbit.cli", *argv)
-    except ChildFailedError as err:
-        _, failure = err.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
-    return 0

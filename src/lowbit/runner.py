@@ -34,6 +34,7 @@ from .dist import on_rank0, share, start
 from .engine import BlockEngine
 from .placement import Placer, attach, cache_bytes, describe, detach
 from .errors import LowbitError
+from .launch import command_started
 from .export import FORMAT_WRITERS, ShardWriter
 from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target, release_output_lock
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
@@ -168,6 +169,7 @@ def quantize(
     rank 0 writes and returns the full summary, the others return after the block loop (dist.py).
     """
     started = time.time()
+    startup = started - command_started()  # interpreter, imports (and with --nproc: the launch) before this call
     scheme = check_quantize_args(method, scheme, calib, run)  # wrong kinds of argument, one line each
     target = Path(run.output_dir)
     refuse_unsafe_target(target)  # symlink, file, read-only parent: before any work
@@ -203,6 +205,8 @@ def quantize(
     key = key_of(world)
     partial = partial_path(target)
     phases = Phases(device)
+    # before the claim: the command's startup, then this call's checks, checkpoint index, tokenizer, process group
+    phases.seconds.update(startup=startup, setup=time.time() - started)
     with phases("claim"):  # lock, NaN/inf scan, resume state
         state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
         scan_checkpoint(ckpt, target, reducer)
