@@ -104,6 +104,7 @@ class DistributedReducer:
         self.device = device  # where collectives run: NCCL reduces CUDA tensors only
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.seconds = 0.0  # wall time inside collectives, waiting for the slowest process included
+        self.phases = None  # report.BlockPhases of the block loop: its "collectives" phase (set by the runner)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -123,7 +124,25 @@ class DistributedReducer:
         start = time.perf_counter()
         collective(t, **kwargs)
         self._sync()
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        if self.phases is not None:
+            self.phases.add("collectives", seconds)
+
+    def start(self, collective: str, t: torch.Tensor, owner: int | None = None):
+        """Launch "broadcast" (from owner), "reduce" (onto owner) or "all_reduce" (sum) on `t` in place without
+        waiting (t on this reducer's device); returns a handle whose `wait()` must come before `t` is read
+        (on CUDA wait() only orders the current stream after the collective: the host does not block).
+        Every process must start the same collectives in the same order. The host time spent in wait() is
+        counted as collectives (on CUDA ~0: the wait is then inside whatever phase next synchronizes)."""
+        dist = self.dist
+        if collective == "broadcast":
+            work = dist.broadcast(t, src=owner, async_op=True)
+        elif collective == "reduce":
+            work = dist.reduce(t, dst=owner, async_op=True)
+        else:
+            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+        return Pending(work, self)
 
     def broadcast_(self, t: torch.Tensor, owner: int) -> torch.Tensor:
         """`owner`'s `t` on every process, in place (every process passes a tensor of the same shape)."""
@@ -151,6 +170,24 @@ class DistributedReducer:
         box = [obj]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+class Pending:
+    """An asynchronous collective (DistributedReducer.start): wait() before reading its tensor."""
+
+    def __init__(self, work, reducer: DistributedReducer):
+        self.work, self.reducer = work, reducer
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        t0 = time.perf_counter()
+        self.work.wait()
+        self.work = None
+        seconds = time.perf_counter() - t0
+        self.reducer.seconds += seconds
+        if self.reducer.phases is not None:
+            self.reducer.phases.add("collectives", seconds)
+
 
 def start(run_device: str, device_map: tuple[str, ...] | None):
     """This process's (devices, reducer): the devices its blocks run on (the first holds the block's code and
