@@ -50,17 +50,41 @@ def worker_env(rank: int, nproc: int, port: int, started: float) -> dict[str, st
     return env
 
 
+def die_with_parent() -> None:
+    """In a started process, before it runs (Linux): SIGTERM when the launcher dies, even by SIGKILL (a
+    benchmark's timeout), so no process is left holding a GPU or waiting in a collective. Elsewhere: nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m lowbit.cli *argv` as `nproc` processes of one process group; returns the exit status:
     0, or the first failed process's (2 after rank 0 printed its one-line LowbitError; 1 for a signal). When
     one fails the others are stopped (SIGTERM, then SIGKILL after GRACE_SECONDS): they would wait for it in a
-    collective. Ctrl-C reaches every process (one process group); this one waits for them and returns 130."""
+    collective. Ctrl-C reaches every process (one process group); this one waits for them and returns 130, as
+    it does on SIGTERM, which it passes on as SIGINT (each process then ends as on Ctrl-C)."""
     if nproc < 1:
         raise LowbitError(f"--nproc {nproc} is not a number of processes", "pass --nproc 1 or more")
     started = command_started()
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "lowbit.cli", *argv], env=worker_env(r, nproc, port, started)) for r in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, "-m", "lowbit.cli", *argv], env=worker_env(r, nproc, port, started), preexec_fn=die_with_parent)
+             for r in range(nproc)]
     failed: int | None = None
+
+    sigterm = []
+
+    def terminated(signum, frame):  # SIGTERM to the launcher: stop the processes as Ctrl-C would
+        sigterm.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: no handler (the processes still die with this one: die_with_parent)
+        previous = terminated
     try:
         while any(p.poll() is None for p in procs):
             codes = [p.returncode for p in procs if p.returncode]
@@ -77,11 +101,17 @@ def launch(nproc: int, argv: list[str]) -> int:
             time.sleep(0.02)
     except KeyboardInterrupt:
         for p in procs:
+            if sigterm and p.poll() is None:  # (Ctrl-C reached them already)
+                p.send_signal(signal.SIGINT)
+        for p in procs:
             try:
                 p.wait(timeout=GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 p.kill()
         return 130
+    finally:
+        if previous is not terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     if failed is None:
         failed = next((p.returncode for p in procs if p.returncode), 0)
     return failed if failed > 0 else (1 if failed else 0)
