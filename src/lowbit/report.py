@@ -96,8 +96,9 @@ class BlockPhases:
 
     Phases of one block: load (tensors read from the shards onto the device), targets (the fp chain through
     the block: AutoRound's targets), experts (MoE routing counts), stats (calibration forwards accumulating
-    statistics: GPTQ's Hessians), solve (GPTQ's column solves and the results shared), train (AutoRound's
-    steps), method (the rest of the method's step: AWQ's searches, RTN), collectives (waiting in
+    statistics: GPTQ's Hessians, AWQ's activation statistics), solve (GPTQ's column solves and the results
+    shared), train (AutoRound's steps), search (AWQ's scale and clipping searches), method (the rest of the
+    method's step, RTN), collectives (waiting in
     torch.distributed collectives, the slowest process included: DistributedReducer.phases), propagate (the
     quantized block replayed: the next block's inputs), write (packing and writing, rank 0). Each boundary
     synchronizes the CUDA device (a few per block and stage, never per step), so queued kernels land in the
