@@ -91,6 +91,9 @@ def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, time
         "peak_vram_gib": {d: round(b / 2**30, 2) for d, b in s["peak_vram_bytes"].items() if b},
         "collective_s": [r.get("collective_seconds") for r in s.get("ranks", [])], "placements": s["placements"],
         "block_losses": s["block_losses"],
+        # the block loop by phase, per process (one process: its own), and per block on rank 0
+        "block_phases": [r["block_phases"] for r in s["ranks"]] if s.get("ranks") else [s.get("block_phases", {})],
+        "block_phase_seconds": s.get("block_phase_seconds", []),
     }
 
 
@@ -141,6 +144,31 @@ def check_gptq_kernel(device: str) -> dict:
         out[f"act_order={act_order}"] = {"codes_equal": round(float((gpu.codes.cpu() == cpu.codes).float().mean()), 5),
                                          "loss_rel_diff": abs(loss_gpu - loss_cpu) / loss_cpu, "gpu_seconds": round(time.perf_counter() - t0, 3)}
     return out
+
+
+def check_hessian(device: str) -> dict:
+    """GPTQ's Hessian of bf16 inputs (the 16-bit GEMM with a float32 result, algorithms/gptq.gram) against the
+    float64 X^T X of the same values and the float32 GEMM of the upcast inputs (the old path): the largest
+    error relative to H's largest entry, and the seconds of each for down_proj's K = 14336 at 8 x 2048 rows
+    (one batch)."""
+    from lowbit.algorithms.gptq import gram
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return {"skipped": "no GPU"}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(16384, 1024, device="cuda", generator=g) * torch.rand(1024, device="cuda", generator=g) * 3).bfloat16()
+    ref = x.double().t() @ x.double()
+    err = {"gram_bf16_rel_err": float((gram(x).double() - ref).abs().max() / ref.abs().max()),
+           "fp32_gemm_rel_err": float(((x.float().t() @ x.float()).double() - ref).abs().max() / ref.abs().max())}
+    big = torch.randn(16384, 14336, device="cuda", generator=g).bfloat16()
+    for name, fn in (("gram_bf16_s", lambda: gram(big)), ("fp32_gemm_s", lambda: big.float().t() @ big.float())):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        err[name] = round(time.perf_counter() - t0, 4)
+    return err
 
 
 AUTO_ROUND_CHILD = """
@@ -223,6 +251,27 @@ def fmt_row(name: str, r: dict, base: dict | None) -> str:
             f"{per_block if per_block is None else round(per_block, 2)} | {speed} | {' / '.join(str(x) for x in r['peak_rss_gib'])} | {vram} |")
 
 
+def phase_table(results: dict) -> list[str]:
+    """Per model and method: the run outside the block loop (startup: interpreter, imports, launch; setup; claim;
+    capture; finish) and the block loop by phase, one GPU against each of the N processes: where the per-block
+    time that does not halve goes."""
+    out = []
+    for key in dict.fromkeys(n.split(" | ")[0] for n in results["rows"]):
+        cols = [(how, r) for n, r in results["rows"].items() if n.startswith(key + " | ") and "block_phases" in r for how in [n.split(" | ")[1]]]
+        if len(cols) < 2:
+            continue
+        heads = [f"{how} rank {i}" if len(r["block_phases"]) > 1 else how for how, r in cols for i in range(len(r["block_phases"]))]
+        per = [(r, i) for _, r in cols for i in range(len(r["block_phases"]))]
+        outside = ["startup", "setup", "claim", "capture", "finish"]
+        inside = sorted({p for r, i in per for p in r["block_phases"][i]}, key=lambda p: -max(r["block_phases"][i].get(p, 0) for r, i in per))
+        out += [f"\n{key}: seconds per phase (outside the loop: rank 0's; the block loop: each process's own, exclusive)",
+                "| phase | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        out += [f"| {p} | " + " | ".join(f"{r['phases'].get(p, 0):.2f}" for r, _ in per) + " |" for p in outside]
+        out += [f"| block loop: {p} | " + " | ".join(f"{r['block_phases'][i].get(p, 0):.2f}" for r, i in per) + " |" for p in inside]
+        out.append("| wall | " + " | ".join(f"{r['wall_s']:.1f}" for r, _ in per) + " |")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--text", required=True)
@@ -275,6 +324,7 @@ def main() -> None:
         ckpts[("qwen3-moe", "gptq")] = ckpts[("qwen3-moe", "autoround")] = moe
     env["checkpoint_write_s"] = round(time.time() - t0, 1)
     results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
+    results["checks"]["gptq_hessian"] = check_hessian(args.device)
     save()
 
     eager = [] if args.compile else ["--disable_torch_compile"]
@@ -332,6 +382,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results["rows"].items():
         print(fmt_row(name, r, results["rows"].get(f"{name.split(' | ')[0]} | one GPU")))
+    print("\n".join(phase_table(results)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .config import MethodConfig, Scheme
 from .engine import BlockEngine
 from .errors import LowbitError
 from .quant import QuantResult, quantize_weight
-from .report import RunSummary
+from .report import BlockPhases, RunSummary
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -46,7 +46,8 @@ class BlockStep:
     """
 
     def __init__(self, method: MethodConfig, scheme: Scheme, spec, device: torch.device, summary: RunSummary, engine: BlockEngine | None = None,
-                 log=None):
+                 log=None, phases: BlockPhases | None = None):
+        self.phases = phases or (engine.phases if engine is not None else BlockPhases())
         self.method, self.handler = method, handler_for(method)
         self.scheme, self.spec, self.device, self.summary, self.log = scheme, spec, device, summary, log
         self.engine = engine
@@ -63,7 +64,8 @@ class BlockStep:
         self.summary.quantized.extend(f"{prefix}.{n}" for n in linears)
         if self.fp_stream is None:
             return None
-        self.fp_stream = self.engine.propagate(block, index, self.fp_stream)
+        with self.phases("targets"):
+            self.fp_stream = self.engine.propagate(block, index, self.fp_stream)
         return self.engine.joint(self.fp_stream, index)
 
     def quantize(self, block: torch.nn.Module, index: int, linears: dict, targets: list | None, last: bool, rtn: frozenset = frozenset(),
@@ -73,7 +75,7 @@ class BlockStep:
         calibrated = {n: l for n, l in linears.items() if n not in rtn}
         ctx = BlockContext(index=index, block=block, linears=calibrated, schemes={n: self.scheme for n in calibrated}, spec=self.spec, device=self.device,
                            engine=self.engine, stream=self.stream, targets=targets, log=self.log, run_state=self.run_state)
-        with around():
+        with around(), self.phases("method"):
             results = self.handler(ctx, self.method)
         results.update({n: quantize_weight(l.weight.data, self.scheme, bias=l.bias) for n, l in linears.items() if n in rtn})
         if ctx.losses:
@@ -81,9 +83,11 @@ class BlockStep:
         if self.stream is not None and not last:
             if self.method.quantized_inputs:
                 set_dequantized(linears, results)
-            self.stream = self.engine.propagate(block, index, self.stream)
+            with self.phases("propagate"):
+                self.stream = self.engine.propagate(block, index, self.stream)
         return results
 
     def replayed(self, block: torch.nn.Module, index: int) -> None:
         """A resumed run's finished block, computing as written: only the quantized chain moves through it."""
-        self.stream = self.engine.propagate(block, index, self.stream)
+        with self.phases("propagate"):
+            self.stream = self.engine.propagate(block, index, self.stream)

@@ -9,6 +9,7 @@ exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import LowbitError
@@ -182,26 +183,29 @@ def open_model(path: str, device: str = "cpu"):
 
 
 def cmd_quantize(args, argv: list[str]) -> None:
-    from .runner import quantize
-
-    method, scheme, calib, run = configs_from_args(args)  # validated here, before any process is started
     from .diffusion import is_pipeline
 
+    if args.nproc != 1 and not os.environ.get("WORLD_SIZE") and not is_pipeline(args.model):
+        # the processes are started before anything heavy is imported here (launch.py imports no torch);
+        # each checks the arguments itself, and rank 0 prints the one-line error all of them meet
+        from .launch import launch
+
+        code = launch(args.nproc, strip_flag(argv, "nproc"))
+        if code:
+            raise SystemExit(code)
+        return
+    method, scheme, calib, run = configs_from_args(args)  # validated here, before any work
     if is_pipeline(args.model):  # a diffusers pipeline folder: its transformer (diffusion/)
         from .diffusion.cli import quantize_from_args
 
         return quantize_from_args(args, method, scheme, run)
-    if args.nproc != 1:
-        from .dist import check_nproc, relaunch
+    from .dist import check_nproc, env_world, finish
+    from .runner import quantize
 
-        check_nproc(args.nproc, run, calib.nsamples if method.needs_calibration else None)
-        code = relaunch(args.nproc, strip_flag(argv, "nproc"))
-        if code >= 0:
-            if code:
-                raise SystemExit(code)
-            return
+    world = env_world()[0]
+    if world > 1:  # one of --nproc's (or torchrun's) processes: the same checks --nproc made before launching
+        check_nproc(world, run, calib.nsamples if method.needs_calibration else None)
     summary = quantize(args.model, method, scheme, calib, run)
-    from .dist import env_world, finish
 
     finish()  # torchrun's processes: leave the process group before exiting
     if env_world()[1] == 0:  # the summary is rank 0's, the one that wrote

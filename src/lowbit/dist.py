@@ -1,6 +1,6 @@
 """Several processes, one run: devices from `--device_map`, data-parallel calibration with torch.distributed.
 
-Started by `torchrun` (or `lowbit quantize --nproc N`, which re-launches itself through torchrun's module):
+Started by `torchrun` (or `lowbit quantize --nproc N`, which starts the processes itself: launch.py):
 every process runs the same block loop on its contiguous share of the calibration windows, and the block
 engine's reducer (`DistributedReducer.sum`, an all_reduce) completes the statistics the algorithms reduce
 through their BlockContext. One process (no WORLD_SIZE in the environment) keeps engine.LocalReducer.
@@ -104,6 +104,7 @@ class DistributedReducer:
         self.device = device  # where collectives run: NCCL reduces CUDA tensors only
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.seconds = 0.0  # wall time inside collectives, waiting for the slowest process included
+        self.phases = None  # report.BlockPhases of the block loop: its "collectives" phase (set by the runner)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -123,7 +124,25 @@ class DistributedReducer:
         start = time.perf_counter()
         collective(t, **kwargs)
         self._sync()
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        if self.phases is not None:
+            self.phases.add("collectives", seconds)
+
+    def start(self, collective: str, t: torch.Tensor, owner: int | None = None):
+        """Launch "broadcast" (from owner), "reduce" (onto owner) or "all_reduce" (sum) on `t` in place without
+        waiting (t on this reducer's device); returns a handle whose `wait()` must come before `t` is read
+        (on CUDA wait() only orders the current stream after the collective: the host does not block).
+        Every process must start the same collectives in the same order. The host time spent in wait() is
+        counted as collectives (on CUDA ~0: the wait is then inside whatever phase next synchronizes)."""
+        dist = self.dist
+        if collective == "broadcast":
+            work = dist.broadcast(t, src=owner, async_op=True)
+        elif collective == "reduce":
+            work = dist.reduce(t, dst=owner, async_op=True)
+        else:
+            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+        return Pending(work, self)
 
     def broadcast_(self, t: torch.Tensor, owner: int) -> torch.Tensor:
         """`owner`'s `t` on every process, in place (every process passes a tensor of the same shape)."""
@@ -151,6 +170,24 @@ class DistributedReducer:
         box = [obj]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+class Pending:
+    """An asynchronous collective (DistributedReducer.start): wait() before reading its tensor."""
+
+    def __init__(self, work, reducer: DistributedReducer):
+        self.work, self.reducer = work, reducer
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        t0 = time.perf_counter()
+        self.work.wait()
+        self.work = None
+        seconds = time.perf_counter() - t0
+        self.reducer.seconds += seconds
+        if self.reducer.phases is not None:
+            self.reducer.phases.add("collectives", seconds)
+
 
 def start(run_device: str, device_map: tuple[str, ...] | None):
     """This process's (devices, reducer): the devices its blocks run on (the first holds the block's code and
@@ -239,30 +276,3 @@ def check_nproc(nproc: int, run, nsamples: int | None = None) -> None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     if devices[0].startswith("cuda") and nproc > len(devices):
         raise LowbitError(f"--nproc {nproc} needs {nproc} GPUs but {len(devices)} are given or visible ({', '.join(devices)})", f"pass --nproc {len(devices)} or name more GPUs in --device_map")
-
-
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """`lowbit quantize ... --nproc N`: run the same command as N processes through torchrun's launcher
-    (torch.distributed.run's elastic_launch, standalone on this host); returns their exit status, -1 when
-    this process already is one of them. A failed process (e.g. exit 2 after rank 0 printed its one-line
-    LowbitError) ends the run with its status, without the launcher's traceback."""
-    import logging
-    import sys
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    if os.environ.get("WORLD_SIZE"):
-        return -1
-    # as torchrun does for several processes per host: split the cores rather than oversubscribe them
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0)
-    try:
-        elastic_launch(config, sys.executable)("-m", "lowbit.cli", *argv)
-    except ChildFailedError as err:
-        _, failure = err.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
-    return 0

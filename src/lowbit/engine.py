@@ -30,6 +30,7 @@ import torch
 
 from .calib.capture import ReplayPlan
 from .calib.tree import cat_samples, split_samples, to_device
+from .report import BlockPhases
 
 
 def block_output(out) -> torch.Tensor:
@@ -90,8 +91,9 @@ class LocalReducer:
 
 
 class BlockEngine:
-    def __init__(self, plan: ReplayPlan, device, storage, batch_size: int, reducer=None):
+    def __init__(self, plan: ReplayPlan, device, storage, batch_size: int, reducer=None, phases: BlockPhases | None = None):
         self.plan = plan
+        self.phases = phases or BlockPhases()  # the run's per-phase seconds (algorithms: BlockContext.phase)
         self.device, self.storage = torch.device(device), torch.device(storage)
         self.batch_size = batch_size
         self.reducer = reducer or LocalReducer()
@@ -227,6 +229,11 @@ class BlockEngine:
     def reduce_to(self, t: torch.Tensor, owner: int) -> torch.Tensor:
         """The sum of `t` over the processes, complete on `owner` (one process: `t`)."""
         return self.reducer.reduce_to(t, owner)
+
+    def start(self, collective: str, t: torch.Tensor, owner: int | None = None):
+        """An asynchronous "broadcast" / "reduce" (from / onto owner) or "all_reduce" on `t`, in place; wait()
+        on the returned handle before reading `t` (dist.DistributedReducer.start; several processes only)."""
+        return self.reducer.start(collective, t, owner)
 
     def broadcast_(self, t: torch.Tensor, owner: int) -> torch.Tensor:
         """`owner`'s `t` into every process's `t` (same shape everywhere; one process: unchanged)."""

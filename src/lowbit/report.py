@@ -90,6 +90,65 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+class BlockPhases:
+    """Wall seconds per phase of the block loop on this process, exclusive: a phase inside another (collectives
+    inside GPTQ's solve, the solve inside the method's step) is counted once, in the innermost one.
+
+    Phases of one block: load (tensors read from the shards onto the device), targets (the fp chain through
+    the block: AutoRound's targets), experts (MoE routing counts), stats (calibration forwards accumulating
+    statistics: GPTQ's Hessians, AWQ's activation statistics), solve (GPTQ's column solves and the results
+    shared), train (AutoRound's steps), search (AWQ's scale and clipping searches), method (the rest of the
+    method's step, RTN), collectives (waiting in
+    torch.distributed collectives, the slowest process included: DistributedReducer.phases), propagate (the
+    quantized block replayed: the next block's inputs), write (packing and writing, rank 0). Each boundary
+    synchronizes the CUDA device (a few per block and stage, never per step), so queued kernels land in the
+    phase that queued them. Always on: the cost is those synchronizations."""
+
+    def __init__(self, device=None):
+        self.device = torch.device(device) if device is not None else None
+        self.totals: dict[str, float] = {}
+        self.per_block: list[dict[str, float]] = []
+        self._block: dict[str, float] = {}
+        self._stack: list[list] = []  # [name, seconds of the phases inside it]
+
+    def sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.sync()
+        start = time.perf_counter()
+        self._stack.append([name, 0.0])
+        try:
+            yield
+        finally:
+            self.sync()
+            total = time.perf_counter() - start
+            _, inner = self._stack.pop()
+            self._record(name, total - inner)
+            if self._stack:  # the enclosing phase counts it as inner time
+                self._stack[-1][1] += total
+
+    def add(self, name: str, seconds: float) -> None:
+        """`seconds` of phase `name`, measured by the caller (collectives): taken out of the enclosing phase."""
+        self._record(name, seconds)
+        if self._stack:
+            self._stack[-1][1] += seconds
+
+    def _record(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+        self._block[name] = self._block.get(name, 0.0) + seconds
+
+    def block_done(self) -> None:
+        self.per_block.append({k: round(v, 3) for k, v in self._block.items()})
+        self._block = {}
+
+
+def phase_text(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]))
+
+
 def gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
@@ -111,6 +170,8 @@ class RunSummary:
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (report.Phases)
     block_seconds: list[float] = field(default_factory=list)  # wall seconds of each block, in order
     placements: dict[int, dict[str, str]] = field(default_factory=dict)  # block -> {linear: device} when a block was split
+    block_phases: dict[str, float] = field(default_factory=dict)  # this process's block loop by phase (BlockPhases.totals)
+    block_phase_seconds: list[dict] = field(default_factory=list)  # the same per block
     ranks: list[dict] = field(default_factory=list)  # data parallel: per process, its peak RSS / VRAM and collective seconds
     # mixture of experts: experts module -> routed calibration tokens per expert; expert -> tokens, for RTN fallbacks
     routed: dict[str, list[int]] = field(default_factory=dict)
@@ -150,12 +211,16 @@ class RunSummary:
         ]
         if self.phases:
             lines.append("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()))
+        if self.block_phases and not self.ranks:
+            lines.append(f"  block loop by phase: {phase_text(self.block_phases)}")
         if self.placements:
             devices = sorted({d for p in self.placements.values() for d in p.values()})
             lines.append(f"  {len(self.placements)} blocks spread over {', '.join(devices)} (too big for one device with the method's state)")
         for r in self.ranks:
             rank_vram = ", ".join(f"{d} {gib(b)}" for d, b in r["peak_vram_bytes"].items()) or "no GPU"
             lines.append(f"  rank {r['rank']}: peak RSS {gib(r['peak_rss_bytes'])}, peak VRAM {rank_vram}, in collectives {r['collective_seconds']:.1f} s")
+            if r.get("block_phases"):
+                lines.append(f"    block loop by phase: {phase_text(r['block_phases'])}")
         return lines
 
     def to_dict(self) -> dict:
@@ -173,6 +238,8 @@ class RunSummary:
             "unmapped_checkpoint_tensors": self.unmapped,
             "phases": {k: round(v, 2) for k, v in self.phases.items()},
             "block_seconds": [round(v, 2) for v in self.block_seconds],
+            "block_phases": {k: round(v, 2) for k, v in self.block_phases.items()},
+            "block_phase_seconds": self.block_phase_seconds,
             "placements": self.placements,
             "ranks": self.ranks,
             "experts_routed_tokens": self.routed,

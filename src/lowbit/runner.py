@@ -34,6 +34,7 @@ from .dist import on_rank0, share, start
 from .engine import BlockEngine
 from .placement import Placer, attach, cache_bytes, describe, detach
 from .errors import LowbitError
+from .launch import command_started
 from .export import FORMAT_WRITERS, ShardWriter
 from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target, release_output_lock
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
@@ -42,7 +43,7 @@ from .model.scan import check_all_finite
 from .model.skeleton import free_tensors, load_tensors, submodule
 from .model.tokenizer import load_tokenizer
 from .quant import QuantResult
-from .report import Phases, RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
+from .report import BlockPhases, Phases, RssSampler, RunSummary, peak_vram_bytes, release_freed_memory
 
 PROGRESS = "lowbit_progress.json"
 LOG = "lowbit_log.json"
@@ -168,6 +169,7 @@ def quantize(
     rank 0 writes and returns the full summary, the others return after the block loop (dist.py).
     """
     started = time.time()
+    startup = started - command_started()  # interpreter, imports (and with --nproc: the launch) before this call
     scheme = check_quantize_args(method, scheme, calib, run)  # wrong kinds of argument, one line each
     target = Path(run.output_dir)
     refuse_unsafe_target(target)  # symlink, file, read-only parent: before any work
@@ -203,6 +205,9 @@ def quantize(
     key = key_of(world)
     partial = partial_path(target)
     phases = Phases(device)
+    block_phases = BlockPhases(device)  # inside the block loop, per phase (load, stats, solve, collectives, ...)
+    # before the claim: the command's startup, then this call's checks, checkpoint index, tokenizer, process group
+    phases.seconds.update(startup=startup, setup=time.time() - started)
     with phases("claim"):  # lock, NaN/inf scan, resume state
         state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
         scan_checkpoint(ckpt, target, reducer)
@@ -234,11 +239,13 @@ def quantize(
                 storage = placer.storage(cache_bytes(calib.nsamples // world + 1, calib.seqlen, hidden, dtype, chains), blocks[0], first_linears)
             with phases("capture"):
                 plan = capture(skeleton, ckpt, names, spec, calib, device, dtype, storage, blocks, reducer)
-            engine = BlockEngine(plan, device, storage, calib.batch_size, reducer)
+            engine = BlockEngine(plan, device, storage, calib.batch_size, reducer, block_phases)
 
         bar = tqdm(range(len(blocks)), desc=f"lowbit {method_cfg.name}", unit="block", disable=not (progress and writes))
         # the quantized chain, and the fp model's own beside it when the method wants fp targets (twice the cache)
-        step = BlockStep(method_cfg, scheme, spec, device, summary, engine, log=bar.write if writes else None)
+        step = BlockStep(method_cfg, scheme, spec, device, summary, engine, log=bar.write if writes else None, phases=block_phases)
+        if reducer is not None:
+            reducer.phases = block_phases
         loop_started = time.perf_counter()
         for i in bar:
             block_started = time.perf_counter()
@@ -249,8 +256,9 @@ def quantize(
                 summary.placements[i] = {n: str(d) for n, d in placement.linears.items()}
                 if writes and summary.placements.get(i - 1) != summary.placements[i]:  # said once for a run of equal placements
                     bar.write(f"block {i}: too big for {device} with {method_cfg.name}'s state; linears on {describe(placement)}")
-            block = load_module(skeleton, prefix, ckpt, names, placement.device_of(prefix), dtype)
-            attach(block, placement)
+            with block_phases("load"):
+                block = load_module(skeleton, prefix, ckpt, names, placement.device_of(prefix), dtype)
+                attach(block, placement)
             targets = step.begin(block, i, prefix, linears, kept)
             if i < done:  # resumed: the block is on disk; only its outputs are needed
                 if step.stream is not None:
@@ -258,15 +266,17 @@ def quantize(
                     step.replayed(block, i)
                 detach(block, placement)
                 free_module(block)
+                block_phases.block_done()
                 continue
             # mixture of experts: routed tokens counted; experts the method cannot calibrate go to RTN
-            experts = plan_experts(engine, block, i, step.stream, prefix, calib, method_cfg) if engine is not None else None
+            with block_phases("experts"):
+                experts = plan_experts(engine, block, i, step.stream, prefix, calib, method_cfg) if engine is not None else None
             fallback = frozenset(n for n in linears if experts and experts.falls_back(n))
             results = step.quantize(block, i, linears, targets, last=i == len(blocks) - 1, rtn=fallback,
                                     around=lambda: tokens_to_every_expert(block, experts))
             if experts is not None:
                 summary.add_experts(prefix, experts)
-            with phases("write"):
+            with phases("write"), block_phases("write"):
                 for out in outputs if writes else ():
                     out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
                 if writes and any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
@@ -279,11 +289,16 @@ def quantize(
             release_freed_memory()
             phases.sync()
             summary.block_seconds.append(time.perf_counter() - block_started)
+            block_phases.block_done()
         bar.close()
         phases.seconds["blocks"] = time.perf_counter() - loop_started
+        if reducer is not None:
+            reducer.phases = None
+        summary.block_phases, summary.block_phase_seconds = block_phases.totals, block_phases.per_block
         if reducer is not None:  # every process's own figures, for rank 0's summary (each sees only its device)
             summary.ranks = reducer.all_objects({"rank": reducer.rank, "peak_rss_bytes": rss.peak, "peak_vram_bytes": peak_vram_bytes(device),
-                                                 "collective_seconds": round(reducer.seconds, 2), "blocks_seconds": round(phases.seconds["blocks"], 2)})
+                                                 "collective_seconds": round(reducer.seconds, 2), "blocks_seconds": round(phases.seconds["blocks"], 2),
+                                                 "block_phases": {k: round(v, 2) for k, v in block_phases.totals.items()}})
         engine = step = None  # release the calibration caches before the final writes
         if not writes:
             return summary

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -260,8 +262,9 @@ def test_resume_of_a_two_process_run(runs):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_nproc_relaunches_through_torchrun(runs, tmp_path):
-    """`lowbit quantize --nproc 2` (torch.distributed.run, two gloo processes) writes the same RTN bytes."""
+def test_nproc_launches_two_processes(runs, tmp_path):
+    """`lowbit quantize --nproc 2` (launch.py: two gloo processes) writes the same RTN bytes, and its log
+    records the command's startup before the run (the launcher's start, not each process's)."""
     from lowbit.cli import main
 
     one, _ = runs
@@ -269,3 +272,17 @@ def test_nproc_relaunches_through_torchrun(runs, tmp_path):
     code = main(["quantize", str(one.parent / "m"), "--nproc", "2", "--device", "cpu", "--bits", "4", "--group_size", "32", "--asym", "--output_dir", str(out)])
     assert code == 0
     assert (out / "model.safetensors").read_bytes() == (one / "rtn" / "model.safetensors").read_bytes()
+    log = json.loads((out / "lowbit_log.json").read_text())
+    assert log["phases"]["startup"] > 0 and len(log["ranks"]) == 2
+
+
+def test_nproc_input_error_is_one_line_from_rank0(runs, tmp_path):
+    """Both processes meet the same input error (1 window for 2 processes); rank 0 alone prints its line, the
+    command exits 2, and the other process does not hang waiting for it."""
+    one, _ = runs
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(one.parent / "m"), "--nproc", "2", "--device", "cpu", "--method", "gptq",
+           "--dataset", str(one.parent / "t.txt"), "--nsamples", "1", "--seqlen", "32", "--output_dir", str(tmp_path / "q")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["lowbit: error: 1 calibration windows for 2 processes; pass --nsamples 2 or more, or fewer processes"]
+    assert not (tmp_path / "q").exists()

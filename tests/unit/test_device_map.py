@@ -1,6 +1,8 @@
 """--device_map in auto-round's spellings, --nproc, and their bad input (one line, exit 2), on any machine:
 the visible GPUs are faked where a case needs them."""
 
+import os
+
 import pytest
 import torch
 
@@ -137,3 +139,22 @@ def test_bad_placement_flags_on_the_cli(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_imports_no_torch():
+    """`lowbit quantize --nproc N` starts its processes before torch / transformers are imported (each took
+    seconds in the launching process, which then only waited)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lowbit.cli, lowbit.launch; sys.exit(int('torch' in sys.modules or 'transformers' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": os.pathsep.join(sys.path)}).returncode == 0
+
+
+def test_launch_env_and_bad_nproc():
+    from lowbit.launch import launch, worker_env
+
+    env = worker_env(1, 2, 29500, 123.5)
+    assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"], env["MASTER_PORT"], env["LOWBIT_COMMAND_STARTED"]) == ("2", "1", "1", "29500", "123.5")
+    with pytest.raises(LowbitError, match="--nproc 0 is not a number of processes"):
+        launch(0, ["quantize", "m"])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..arch.experts import experts_modules
+from ..arch.experts import expert_role, experts_modules
 from ..config import AutoRoundConfig, Scheme
 from ..quant import QuantResult, quantize_weight
 from ..quant.primitives import SCALE_FLOOR, group_view
@@ -186,31 +186,36 @@ class LinearState:
 class FakeQuantLinear(torch.nn.Module):
     """Stands in for an nn.Linear during training: y = x W_hat^T + b, W_hat [N, K] a leaf tensor refreshed
     before every step (`Trainer.refresh`); its gradient is carried through the grid afterwards
-    (`Trainer.through_grid`). The same leaf every step, so a compiled block sees one input, not a new constant."""
+    (`Trainer.through_grid`). The same leaf every step, so a compiled block sees one input, not a new constant.
+    ready: None, or (eager data-parallel training) a callable waiting for this W_hat's broadcast, called
+    right before the matmul, so the first linears compute while the later ones' W_hat still arrive."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_hat: torch.Tensor):
+    def __init__(self, linear: torch.nn.Linear, weight_hat: torch.Tensor, ready=None):
         super().__init__()
         self.bias = linear.bias
         self.weight_hat = weight_hat
+        self.ready = ready
 
     def forward(self, x):
         """On the weight's device (a block spread over several: the input comes from the block's first
         device and the output goes back there, differentiably)."""
+        if self.ready is not None:
+            self.ready()
         w = self.weight_hat
         y = F.linear(x.to(w.device), w, None if self.bias is None else self.bias.to(w.dtype))
         return y.to(x.device)
 
 
 @contextmanager
-def fake_quant_swapped(block: torch.nn.Module, linears: dict, weights: dict):
-    """Swap each named linear for a FakeQuantLinear reading weights[name] in its parent; always put the
-    originals back."""
+def fake_quant_swapped(block: torch.nn.Module, linears: dict, weights: dict, ready: dict | None = None):
+    """Swap each named linear for a FakeQuantLinear reading weights[name] in its parent (waiting on
+    ready[name]() first, when given); always put the originals back."""
     swapped = []
     try:
         for name, linear in linears.items():
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, attr, FakeQuantLinear(linear, weights[name]))
+            setattr(parent, attr, FakeQuantLinear(linear, weights[name], (ready or {}).get(name)))
             swapped.append((parent, attr, linear))
         yield
     finally:
@@ -255,84 +260,170 @@ class Trainer:
     Each linear's fake quantization (the grid's forward and backward over all N x K weights) and its sign
     step do not shrink with the samples, so each process does them only for the linears it owns
     (`BlockContext.owners`, by N x K). The block reads each W_hat from a leaf tensor (`leaves`); the leaves
-    of one (owner, device) are slices of one flat buffer, and so are their gradients, so each step moves
-    one buffer per process, not one per linear (a MoE block has hundreds): `refresh` writes the owned W_hat
-    from their LinearStates into the leaves and broadcasts each buffer from its owner; after a micro-batch's
-    backward, `through_grid` sums each gradient buffer over the processes onto its owner (float32) and runs
-    the owned linears' grid backward, so V / min_scale / max_scale get the gradient of the loss over every
-    process's samples. Only owners hold LinearStates (V, its gradient, its best copy): the state is split
-    too. One process owns everything; the broadcasts and sums are skipped."""
+    of one (owner, device, role) are slices of one flat buffer, and so are their gradients, so a step moves
+    a few buffers per process, not one per linear (a MoE block has hundreds; its experts of one role share a
+    buffer): `refresh` writes the owned W_hat from their LinearStates into the leaves and broadcasts each
+    buffer from its owner; after a micro-batch's backward, `through_grid` sums each gradient buffer over the
+    processes onto its owner (float32) and runs the owned linears' grid backward, so V / min_scale /
+    max_scale get the gradient of the loss over every process's samples. Only owners hold LinearStates (V,
+    its gradient, its best copy): the state is split too. One process owns everything; the broadcasts and
+    sums are skipped.
 
-    def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns):
+    Overlap (several processes): the collectives are asynchronous and waited right before their data is used.
+    Buffers are broadcast in forward order as their owner fills them (the next buffer's fake quantization
+    runs while the previous one travels); an eager block waits for each W_hat in its linear's forward
+    (`ready`), a compiled one for all of them before the step (a wait inside the graph would break it). A
+    gradient buffer's sum is launched from a hook as soon as autograd has accumulated all of its leaves
+    (backward reaches the last linears first), in reverse forward order on every process, so the collectives
+    match; `through_grid` launches what is left, then runs each owned buffer's grid backward as its sum
+    arrives."""
+
+    def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns, wait_in_forward: bool = False):
         linears = ctx.linears
         self.ctx, self.out_dtype, self.fns = ctx, out_dtype, fns
         self.owner = ctx.owners(list(linears), cost=lambda n: linears[n].in_features * linears[n].out_features)
-        rank = ctx.engine.rank
-        self.states = {n: LinearState.from_weight(l.weight, ctx.schemes[n], config.enable_minmax_tuning) for n, l in linears.items() if self.owner[n] == rank}
-        self.slices, sizes = {}, {}  # linear -> ((owner, device), start); (owner, device) -> elements
+        self.rank, self.world = ctx.engine.rank, ctx.world_size
+        self.states = {n: LinearState.from_weight(l.weight, ctx.schemes[n], config.enable_minmax_tuning) for n, l in linears.items() if self.owner[n] == self.rank}
+        # buffer key (owner, device, role) -> its linears, keys in forward order (the linears' order, the same
+        # on every process: the collectives match)
+        self.members: dict[tuple, list[str]] = {}
         for name, l in linears.items():
-            key = (self.owner[name], l.weight.device)
-            self.slices[name] = (key, sizes.get(key, 0))
-            sizes[key] = sizes.get(key, 0) + l.out_features * l.in_features
-        order = sorted(sizes, key=lambda k: (k[0], str(k[1])))  # the same on every process: the collectives match
-        self.values = {k: torch.zeros(sizes[k], dtype=out_dtype, device=k[1]) for k in order}
-        self.grads = {k: torch.zeros(sizes[k], dtype=out_dtype, device=k[1]) for k in order}
-        self.leaves = {}
-        for name, ((owner, device), start) in self.slices.items():
-            l = linears[name]
-            n = l.out_features * l.in_features
-            # a leaf sharing the buffer's storage; its .grad a slice of the gradient buffer, which autograd
-            # then accumulates into in place
-            leaf = self.values[(owner, device)][start : start + n].view(l.out_features, l.in_features).detach().requires_grad_()
-            leaf.grad = self.grads[(owner, device)][start : start + n].view_as(leaf)
-            self.leaves[name] = leaf
+            self.members.setdefault((self.owner[name], l.weight.device, expert_role(name)), []).append(name)
+        self.order = list(self.members)
+        self.values, self.grads, self.leaves, self.slices = {}, {}, {}, {}
+        for key, names in self.members.items():
+            size = sum(linears[n].out_features * linears[n].in_features for n in names)
+            self.values[key] = torch.zeros(size, dtype=out_dtype, device=key[1])
+            self.grads[key] = torch.zeros(size, dtype=out_dtype, device=key[1])
+            start = 0
+            for name in names:
+                l = linears[name]
+                n = l.out_features * l.in_features
+                # a leaf sharing the buffer's storage; its .grad a slice of the gradient buffer, which autograd
+                # then accumulates into in place
+                leaf = self.values[key][start : start + n].view(l.out_features, l.in_features).detach().requires_grad_()
+                leaf.grad = self.grads[key][start : start + n].view_as(leaf)
+                self.leaves[name], self.slices[name] = leaf, (key, start)
+                start += n
         self.graphs: dict[str, torch.Tensor] = {}
+        self.arriving: dict[tuple, object] = {}  # key -> pending broadcast of its W_hat buffer
+        self.summing: dict[tuple, tuple] = {}  # key -> (float32 buffer, pending sum onto its owner)
+        self.ready = {}  # linear -> wait for its W_hat (eager data-parallel blocks)
+        self.hooks = []
+        if self.world > 1:
+            if wait_in_forward:
+                self.ready = {name: self._waiter(key) for key, names in self.members.items() for name in names}
+            self._complete = {key: set() for key in self.order}  # leaves whose gradient autograd has accumulated
+            self._launched = 0  # gradient sums started this micro-batch, in reverse forward order
+            for key, names in self.members.items():
+                for name in names:
+                    self.hooks.append(self.leaves[name].register_post_accumulate_grad_hook(self._grad_hook(key, name)))
+
+    def _waiter(self, key):
+        def wait():
+            pending = self.arriving.pop(key, None)
+            if pending is not None:
+                pending.wait()
+
+        return wait
+
+    def _grad_hook(self, key, name: str):
+        def hook(_leaf):
+            if key in self.summing:  # its sum already started: a linear called twice in one forward
+                raise RuntimeError(f"AutoRound: {name} received a second gradient after its buffer's sum started (a linear called twice per forward)")
+            self._complete[key].add(name)
+            self._launch_sums(upto=None)
+
+        return hook
+
+    def _launch_sums(self, upto: int | None) -> None:
+        """Start the gradient sums in reverse forward order: while the next one's leaves are all accumulated
+        (upto None: from the backward's hooks), or all of them (upto = len(order): after the backward)."""
+        backward_order = self.order[::-1]
+        while self._launched < len(backward_order):
+            key = backward_order[self._launched]
+            if upto is None and len(self._complete[key]) < len(self.members[key]):
+                return
+            buf = self.grads[key].float()  # the sum in float32 (bf16 gradients summed in bf16 lose digits)
+            self.summing[key] = (buf, self.ctx.engine.start("reduce", buf, key[0]))
+            self._launched += 1
 
     def params(self) -> list[torch.Tensor]:
         return [p for st in self.states.values() for p in st.params()]
 
     def refresh(self) -> None:
-        """W_hat of every linear into the leaves: computed (with its graph) by the owner, broadcast to the rest."""
-        with torch.enable_grad():
-            self.graphs = {n: st.weight_hat(self.out_dtype, self.fns) for n, st in self.states.items()}
-        with torch.no_grad():
-            for name, graph in self.graphs.items():
-                self.leaves[name].copy_(graph)
-            for (owner, _), buffer in self.values.items():
-                self.ctx.engine.broadcast_(buffer, owner)
+        """W_hat of every linear into the leaves: computed (with its graph) by the owner, broadcast to the rest
+        (asynchronously: wait_arrivals, or the linears' `ready`, before they are read)."""
+        self.graphs = {}
+        for key, names in self.members.items():  # forward order
+            if key[0] == self.rank:
+                for name in names:
+                    with torch.enable_grad():
+                        graph = self.states[name].weight_hat(self.out_dtype, self.fns)
+                    with torch.no_grad():
+                        self.leaves[name].copy_(graph)
+                    self.graphs[name] = graph
+            if self.world > 1:
+                self.arriving[key] = self.ctx.engine.start("broadcast", self.values[key], key[0])
+
+    def wait_arrivals(self) -> None:
+        for key in self.order:
+            pending = self.arriving.pop(key, None)
+            if pending is not None:
+                pending.wait()
 
     def through_grid(self, last: bool) -> None:
         """After a micro-batch's backward: each gradient buffer (this process's samples) summed onto its owner,
         then through the owned linears' grid into V and the min/max factors (accumulating over micro-batches)."""
-        if self.ctx.world_size > 1:
-            summed = {k: self.ctx.engine.reduce_to(g.float(), k[0]) for k, g in self.grads.items()}
-            grads = {n: self._slice(summed, n).to(self.out_dtype) for n in self.graphs}
+        if self.world == 1:
+            if self.graphs:
+                names = list(self.graphs)
+                torch.autograd.backward([self.graphs[n] for n in names], [self.leaves[n].grad for n in names], retain_graph=not last)
         else:
-            grads = {n: self.leaves[n].grad for n in self.graphs}
-        if self.graphs:
-            names = list(self.graphs)
-            torch.autograd.backward([self.graphs[n] for n in names], [grads[n] for n in names], retain_graph=not last)
+            self._launch_sums(upto=len(self.order))
+            for key in self.order[::-1]:  # the order they were started in
+                buf, pending = self.summing.pop(key)
+                pending.wait()
+                names = [n for n in self.members[key] if n in self.graphs]  # the owner's
+                if names:
+                    grads = [buf[self.slices[n][1] : self.slices[n][1] + self.leaves[n].numel()].view_as(self.leaves[n]).to(self.out_dtype) for n in names]
+                    torch.autograd.backward([self.graphs[n] for n in names], grads, retain_graph=not last)
+            self._complete = {key: set() for key in self.order}
+            self._launched = 0
         for g in self.grads.values():
             g.zero_()
         if last:
             self.graphs = {}
 
-    def _slice(self, buffers: dict, name: str) -> torch.Tensor:
-        key, start = self.slices[name]
-        return buffers[key][start : start + self.leaves[name].numel()].view_as(self.leaves[name])
-
     def clear(self) -> None:
+        """Forget a failed step (a compiled block that did not compile): its started collectives are waited
+        (every process failed at the same point), gradients zeroed."""
+        self.wait_arrivals()
+        for _, pending in self.summing.values():
+            pending.wait()
+        self.summing = {}
+        if self.world > 1:
+            self._complete = {key: set() for key in self.order}
+            self._launched = 0
         for p in self.params():
             p.grad = None
         for g in self.grads.values():
             g.zero_()
 
-    def mean_loss(self, loss: torch.Tensor) -> float:
-        """The step's loss averaged over the processes (each the mean over its share of the global batch):
-        every process keeps the same best iteration."""
-        if self.ctx.world_size == 1:
-            return loss.item()  # one sync per step
-        return (self.ctx.reduce_sum(loss.reshape(1).float()) / self.ctx.world_size).item()
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss averaged over the processes (each the mean over its share of the global batch), []
+        float32 on the device, not synchronized with the host: every process keeps the same best iteration."""
+        loss = loss.reshape(()).float()
+        if self.world == 1:
+            return loss
+        buf = loss.clone()
+        self.ctx.engine.start("all_reduce", buf).wait()
+        return buf / self.world
 
 
 def block_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -461,7 +552,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     # fp targets per sample [1, T, H], where the engine keeps its samples (the device unless low_gpu_mem)
     targets = ctx.targets
     if targets is None:  # the block's own fp outputs on the quantized chain's inputs
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), ctx.phase("targets"):
             targets = [ctx.engine.store(t.unsqueeze(0)) for indices in ctx.batches() for t in ctx.forward(indices)]
 
     def gather_targets(indices: list[int]) -> torch.Tensor:
@@ -469,7 +560,12 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
 
     compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
     fns = compilers.grid_fns(config.compile, device)
-    trainer = Trainer(ctx, config, out_dtype, fns)
+    # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
+    # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
+    # recompile on every batch); the grid functions stay compiled
+    eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
+    train_block = block if eager else compilers.block(block, config.compile, device)
+    trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block)
     states = trainer.states  # the linears this process owns (all of them for one process)
     groups = []
     for name, st in states.items():
@@ -483,7 +579,9 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     global_bs = min(n, -(-bs * config.gradient_accumulate_steps // ctx.world_size))
     bs = min(bs, global_bs)
     sampler = IndexSampler(n, global_bs, config.seed + ctx.index)
-    first_loss, best_loss, best_iter = None, float("inf"), 0
+    # the best step is tracked on the device: no host synchronization per step (the host queues the next
+    # step while the device runs this one); the same float32 comparison as on the host
+    first_loss, best_loss, best_iter = None, torch.full((), float("inf"), device=device), torch.zeros((), dtype=torch.int64, device=device)
 
     def step_loss(run_block, indices: list[int]) -> torch.Tensor:
         """Forward and backward over one global batch (micro-batches of bs); returns its mean loss []."""
@@ -500,15 +598,12 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             total += loss.detach()
         return total
 
-    # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
-    # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
-    # recompile on every batch); the grid functions stay compiled
-    eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
-    train_block = block if eager else compilers.block(block, config.compile, device)
-    with frozen(block), fake_quant_swapped(block, linears, trainer.leaves), torch.enable_grad(), recompile_limit(64):
+    with frozen(block), fake_quant_swapped(block, linears, trainer.leaves, trainer.ready), torch.enable_grad(), recompile_limit(64), ctx.phase("train"):
         for it in range(config.iters):
             indices = sampler.next()
             trainer.refresh()
+            if not trainer.ready:  # compiled (a wait inside the graph would break it): every W_hat first
+                trainer.wait_arrivals()
             if train_block is block or it > 0:
                 value = step_loss(train_block, indices)
             else:  # the first compiled step compiles forward and backward: fall back to eager if that fails
@@ -518,18 +613,23 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
                     compilers.block_compile_failed(exc)
                     trainer.clear()
                     trainer.refresh()
+                    trainer.wait_arrivals()
                     train_block = block
                     value = step_loss(block, indices)
+            trainer.wait_arrivals()  # W_hat of linears the forward did not call (unrouted experts): before the next refresh
             value = trainer.mean_loss(value)
             if first_loss is None:
                 first_loss = value
-            if value < best_loss:  # these parameters produced this loss: keep them before stepping
-                best_loss, best_iter = value, it
-                for name, st in states.items():
-                    for dst, src in zip(best[name], (st.v, st.min_scale, st.max_scale)):
-                        dst.copy_(src.detach())
+            better = value < best_loss  # these parameters produced this loss: keep them before stepping
+            best_loss = torch.where(better, value, best_loss)
+            best_iter.masked_fill_(better, it)
+            for name, st in states.items():
+                for dst, src in zip(best[name], (st.v, st.min_scale, st.max_scale)):
+                    torch.where(better, src.detach(), dst, out=dst)
             sign_sgd_step([(ps, linear_lr(lr, it, config.iters), bounds) for ps, lr, bounds in groups])
 
+    trainer.close()
+    first_loss, best_loss, best_iter = float(first_loss), float(best_loss), int(best_iter)
     results = {}
     for name, linear in linears.items():  # each linear quantized by its owner, shared with the others
         result = None

@@ -323,10 +323,12 @@ def search(ctx: BlockContext, config: AwqConfig) -> tuple[AwqSearch, float, floa
     # data-parallel: each process scores its share of the search samples
     samples = ctx.n_samples if config.search_samples is None else -(-config.search_samples // ctx.world_size)
     max_calls = -(-samples // ctx.batch_size)  # batches whose windows score the grid
-    stats = collect(ctx, [inspected_module(g.linears) for g in groups], max_calls)
+    with ctx.phase("stats"):
+        stats = collect(ctx, [inspected_module(g.linears) for g in groups], max_calls)
     result, before, after = AwqSearch(), 0.0, 0.0
     for g in groups:
-        scale, loss0, loss = search_group(ctx, g, stats, config)
+        with ctx.phase("search"):
+            scale, loss0, loss = search_group(ctx, g, stats, config)
         result.scales.append(scale)
         before, after = before + loss0, after + loss
     stats.calls.clear()
@@ -337,7 +339,8 @@ def search(ctx: BlockContext, config: AwqConfig) -> tuple[AwqSearch, float, floa
             for n in g.linears:
                 if n in samples:
                     samples[n] = samples[n] / g.scale[None, :].to(samples[n])
-        result.clips = search_clips(ctx, samples, config.n_grid)
+        with ctx.phase("search"):
+            result.clips = search_clips(ctx, samples, config.n_grid)
         apply_clips(ctx.block, result.clips, ctx.schemes)
     return result, before, after
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,11 @@ class BlockContext:
     def forward(self, indices: list[int], block: torch.nn.Module | None = None) -> torch.Tensor:
         """The block (or a stand-in for it, e.g. a compiled copy) on these samples: [b, T, H]."""
         return self.engine.call(self.block if block is None else block, self.index, self.stream, indices)
+
+    def phase(self, name: str):
+        """Time what runs inside as phase `name` of this process's block loop (report.BlockPhases: stats,
+        solve, train, ...); a context manager."""
+        return self.engine.phases(name) if self.engine is not None else nullcontext()
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of `t` over the data-parallel processes (one process: `t`). Every process must call it

@@ -101,6 +101,11 @@ class Expert(torch.nn.Module):
         self.row_weight: torch.Tensor | None = None
 
 
+def expert_role(name: str) -> str:
+    """A linear's role in its block: experts of one module share roles (mlp.experts.3.gate_proj -> mlp.experts.*.gate_proj)."""
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", name)
+
+
 def row_weight(block: torch.nn.Module, linear: str) -> Callable[[], torch.Tensor | None]:
     """For a linear of the block (block-relative name): a function giving its current input's row weights
     (an expert's linear while every token runs through every expert, see Expert) or None."""

@@ -14,13 +14,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
+from . import INDEX, is_pipeline  # noqa: F401  (is_pipeline: still importable from here)
 from .spec import DiffusionSpec, diffusion_spec, registered_transformers
-
-INDEX = "model_index.json"
-
-
-def is_pipeline(path) -> bool:
-    return (Path(path) / INDEX).is_file()
 
 
 def component_class(library: str, name: str):

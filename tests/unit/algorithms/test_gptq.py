@@ -66,6 +66,20 @@ def test_hessian_accumulates_to_two_xtx_over_n():
     torch.testing.assert_close(h, 2 * flat.t() @ flat / 21)
 
 
+def test_16bit_inputs_give_the_float64_hessian_of_their_values():
+    """bf16 / fp16 inputs (a GPU run's blocks) take the 16-bit GEMM path (`gram`; on the CPU the float32 GEMM
+    of the upcast values): H is 2 X^T X / n of the 16-bit values as computed in float64, to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(3, 64, 48, generator=g).to(dtype)
+        h, n = None, 0
+        for chunk in x:
+            h, n = accumulate_hessian(h, n, chunk)
+        flat = x.reshape(-1, 48).double()
+        assert n == 192 and h.dtype == torch.float32
+        torch.testing.assert_close(h.double(), 2 * flat.t() @ flat / 192, rtol=1e-5, atol=1e-6)
+
+
 def test_weighted_hessian_is_the_weighted_mean_over_every_call():
     """Row weights (an expert's routed rows while every token runs through it): 2 sum w x x^T / sum w in
     float64 over all calls, zero-weight rows contributing nothing, n the weight total."""
