@@ -623,9 +623,10 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             better = value < best_loss  # these parameters produced this loss: keep them before stepping
             best_loss = torch.where(better, value, best_loss)
             best_iter.masked_fill_(better, it)
+            on = {}  # `better` lives with the loss; a block split over GPUs keeps some linears' state on another
             for name, st in states.items():
                 for dst, src in zip(best[name], (st.v, st.min_scale, st.max_scale)):
-                    torch.where(better, src.detach(), dst, out=dst)
+                    torch.where(on.setdefault(dst.device, better.to(dst.device)), src.detach(), dst, out=dst)
             sign_sgd_step([(ps, linear_lr(lr, it, config.iters), bounds) for ps, lr, bounds in groups])
 
     trainer.close()
