@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -95,7 +96,30 @@ def test_w8_latents_agree_with_fp(rtn_w8, fp_latents):
     assert rel(latents(pipe), fp_latents) < 2e-3
 
 
-def test_autoround_w4_is_closer_to_fp_than_rtn_w4(pipeline_dir, prompt_file, fp_latents, rtn_w8, tmp_path, capsys):
+def mapped_rss(folder) -> int:
+    """Bytes of files under `folder` that this process has mapped and resident (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+            inside = len(head) >= 6 and head[5].startswith(str(folder))
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_autoround_w4_is_closer_to_fp_than_rtn_w4(pipeline_dir, prompt_file, fp_latents, rtn_w8, tmp_path, capsys, monkeypatch):
+    from lowbit.diffusion import runner
+
+    after_capture = []
+
+    def calibrate(*args, **kwargs):  # the real capture, then what of the transformer's shards stays mapped
+        out = real(*args, **kwargs)
+        after_capture.append(mapped_rss(pipeline_dir / "transformer"))
+        return out
+
+    real = runner.calibrate
+    monkeypatch.setattr(runner, "calibrate", calibrate)
     rtn = tmp_path / "rtn4"
     quantize_pipeline(str(pipeline_dir), "rtn", lowbit.Scheme(4, 32, True), run=lowbit.RunConfig(output_dir=str(rtn), device="cpu"), progress=False)
     ar = tmp_path / "ar4"
@@ -108,6 +132,13 @@ def test_autoround_w4_is_closer_to_fp_than_rtn_w4(pipeline_dir, prompt_file, fp_
     # on the CPU the components run where they were loaded and every block is streamed from the shards
     where = log["placement"]["devices"]
     assert {where[c] for c in ("text_encoder", "text_encoder_2", "vae")} == {"cpu"} and where["single_transformer_blocks.1"] == "stream"
+    # the streamed blocks' pages were unmapped after their calls: only the non-block tensors (views of the map,
+    # in use) stay resident, not the blocks (RSS would otherwise grow to the whole transformer: 22 GiB at FLUX.1-dev)
+    with safe_open(next((pipeline_dir / "transformer").glob("*.safetensors")), framework="pt") as f:
+        sizes = {n: f.get_slice(n).get_shape() for n in f.keys()}
+    block = sum(math.prod(shape) * 4 for n, shape in sizes.items() if "transformer_blocks." in n)
+    rest = sum(math.prod(shape) * 4 for n, shape in sizes.items() if "transformer_blocks." not in n)
+    assert block > 2 * rest and after_capture[0] <= rest + 64 * 1024, (after_capture, rest, block)
     e8, e_rtn = rel(latents(load_pipeline(rtn_w8)), fp_latents), rel(latents(load_pipeline(rtn)), fp_latents)
     ar_latents = latents(load_pipeline(ar / "auto_round"))
     e_ar = rel(ar_latents, fp_latents)

@@ -49,13 +49,14 @@ def budget(max_memory: dict) -> dict[str, int]:
 
 
 def plan_placement(components: dict[str, int], transformer_rest: int, blocks: list[tuple[str, int]], max_memory: dict, home: str,
-                   workspace: int = 0) -> Placement:
+                   workspace: int = 0, reserve: int = 0) -> Placement:
     """Place a pipeline over `max_memory`'s devices (in their order; "cpu" is never given blocks).
 
     components: component name -> bytes (placed whole, largest first); transformer_rest: bytes of the
     transformer outside its blocks (on `home`); blocks: (name, bytes) in forward order; workspace: bytes kept
-    free on `home` for the block being quantized and its activations. Raises when `home` cannot hold the
-    transformer's own modules plus the workspace."""
+    free on `home` for the block being quantized and its activations; reserve: bytes kept free on every other
+    GPU the plan puts anything on, for the activations of what runs there (a block's forward, a text encoder's).
+    Raises when `home` cannot hold the transformer's own modules plus the workspace."""
     free = budget(max_memory)
     if home not in free:
         raise LowbitError(f"the device {home} has no memory budget in {sorted(free)}", f"give max_memory an entry for {home}")
@@ -71,21 +72,32 @@ def plan_placement(components: dict[str, int], transformer_rest: int, blocks: li
                           "give the first device more memory (--device_map / max_memory)")
     take(home, need)
     gpus = [d for d in free if d != "cpu"]
+    reserved = {home, "cpu"}  # home's workspace already holds its activations; the CPU runs what fits nowhere
+
+    def room(dev: str) -> int:  # what `dev` can still take, its reserve counted on first use
+        return free[dev] - (0 if dev in reserved else reserve)
+
+    def put(dev: str, n: int) -> None:
+        if dev not in reserved:
+            reserved.add(dev)
+            take(dev, reserve)
+        take(dev, n)
+
     for name, size in sorted(components.items(), key=lambda kv: -kv[1]):
-        dev = next((d for d in gpus if free[d] >= size), "cpu")
+        dev = next((d for d in gpus if room(d) >= size), "cpu")
         plan.components[name] = dev
         if dev in free:
-            take(dev, size)
+            put(dev, size)
     order = iter(gpus)
     dev = next(order, None)
     for name, size in blocks:
-        while dev is not None and free[dev] < size:
+        while dev is not None and room(dev) < size:
             dev = next(order, None)
         if dev is None:
             plan.blocks[name] = STREAM
             continue
         plan.blocks[name] = dev
-        take(dev, size)
+        put(dev, size)
     return plan
 
 
