@@ -10,6 +10,7 @@ is between real quantization errors, not noise).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -97,7 +98,9 @@ def test_w8_latents_agree_with_fp(rtn_w8, fp_latents):
 
 
 def mapped_rss(folder) -> int:
-    """Bytes of files under `folder` that this process has mapped and resident (/proc/self/smaps)."""
+    """Bytes of files under `folder` that this process has mapped and resident (/proc/self/smaps); after a
+    collection, so that models the other tests loaded from the same files (diffusers' own) are gone."""
+    gc.collect()
     total, inside = 0, False
     for line in open("/proc/self/smaps"):
         head = line.split()
