@@ -95,7 +95,13 @@ def load_progress(folder: Path, key_of, world_size: int = 1) -> dict | None:
     path = folder / PROGRESS
     if not path.is_file():
         return None
-    state = json.loads(path.read_text())
+    try:  # written atomically by save_progress: anything unreadable was changed by someone else
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise LowbitError(f"the resume record {path} of an interrupted run is unreadable ({err})",
+                          f"delete {folder} (the interrupted run's partial output) to start over") from None
     if state.get("fingerprint") == key_of(world_size):
         return state
     was = state.get("world_size", 1)

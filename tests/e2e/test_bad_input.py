@@ -547,3 +547,31 @@ def test_interrupted_run_announces_its_resume(capsys, tmp_path, tiny, monkeypatc
     resumed = [line for line in capsys.readouterr().err.splitlines() if "resuming" in line]
     assert len(resumed) == 1 and resumed[0].startswith("lowbit: resuming at block 1 of 2"), resumed
     assert leftovers(tmp_path / "o") == ["o"]
+
+
+@pytest.mark.parametrize("record", [b"{not json", b"\xff\xfe", b"[1, 2]"])
+def test_unreadable_resume_record_is_one_line(capsys, tmp_path, tiny, monkeypatch, record):
+    """A partial output whose lowbit_progress.json someone damaged: one line naming the file and the fix, and
+    the partial output left as it was (not resumed from garbage, not deleted)."""
+    import lowbit.runner as runner
+
+    real, calls = runner.block_tensors, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "block_tensors", dying)
+    with pytest.raises(KeyboardInterrupt):
+        api_quantize(tiny, tmp_path / "o", max_shard_bytes=1)
+    monkeypatch.setattr(runner, "block_tensors", real)
+    partial = tmp_path / "o.lowbit-partial"
+    (partial / runner.PROGRESS).write_bytes(record)
+    before = sorted(p.name for p in partial.iterdir())
+    assert_one_line(*quantize_cli(capsys, tiny, tmp_path / "o"), "lowbit_progress.json", "unreadable", f"delete {partial}")
+    assert sorted(p.name for p in partial.iterdir()) == before
+    shutil.rmtree(partial)  # the fix the line names
+    rc, err = quantize_cli(capsys, tiny, tmp_path / "o")
+    assert rc == 0 and leftovers(tmp_path / "o") == ["o"], err
