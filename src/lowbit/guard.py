@@ -88,6 +88,11 @@ class OutputLock:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise LowbitError(f"output {target} is being written by another lowbit run (pid {holder})", "wait for it to finish, or choose another --output_dir") from None
+            except OSError as err:  # ENOLCK / EOPNOTSUPP: a file system without flock (some NFS mounts)
+                os.close(fd)
+                os.unlink(lock.path)
+                raise LowbitError(f"cannot lock {lock.path}: {err.strerror} (the file system offers no flock)",
+                                  "choose an --output_dir on a local file system") from None
             # the holder may have released and unlinked the file between our open and flock: retry on the new one
             try:
                 same = os.stat(lock.path).st_ino == os.fstat(fd).st_ino

@@ -385,6 +385,20 @@ def test_same_process_run_on_an_output_it_is_writing(tmp_path, tiny):
     assert leftovers(tmp_path / "o") == []
 
 
+def test_file_system_without_flock_is_one_line(capsys, tmp_path, tiny, monkeypatch):
+    """flock(2) failing as on an NFS mount without locking (ENOLCK): one line, nothing left behind."""
+    import errno
+
+    import lowbit.guard as guard
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(guard.fcntl, "flock", no_locks)
+    assert_one_line(*quantize_cli(capsys, tiny, tmp_path / "o"), "cannot lock", "no flock", "local file system")
+    assert leftovers(tmp_path / "o") == []
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, tiny):
     out = tmp_path / "o"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
