@@ -6,6 +6,7 @@ Refused with one line (LowbitError), before anything is read or written:
     it would write where the user did not point), or a path that exists but is not a folder
   - a parent that cannot be written (read-only folder or file system) or that is not a folder
   - an output equal to the model folder, inside it, or containing it (--overwrite would delete the model)
+  - a file system that cannot hold the lock (no flock: some NFS mounts)
 
 The lock is a file `<output>.lowbit-lock` beside the output, held with flock(2) for the whole run and
 holding the owner's pid. The kernel drops a flock when its process dies, so a lock file left by a killed
