@@ -65,12 +65,19 @@ def lowbit_kernel_names() -> tuple[str, ...]:
         import lowbit.kernels.triton as pkg
     except ImportError:
         return ()
+    kinds = (JITFunction,)
+    try:  # under TRITON_INTERPRET=1 (CI) @triton.jit makes an InterpretedFunction instead
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kinds += (InterpretedFunction,)
+    except ImportError:
+        pass
     names = set()
     for info in pkgutil.iter_modules(pkg.__path__):
         module = importlib.import_module(f"{pkg.__name__}.{info.name}")
         for obj in vars(module).values():
             fn = getattr(obj, "fn", None)
-            if isinstance(obj, JITFunction) and fn is not None and fn.__name__.endswith("_kernel"):
+            if isinstance(obj, kinds) and fn is not None and fn.__name__.endswith("_kernel"):
                 names.add(fn.__name__)  # helpers (@triton.jit functions called from kernels) never launch
     return tuple(sorted(names))
 
