@@ -121,13 +121,15 @@ class BlockContext:
         w, r = self.world_size, self.engine.rank if rank is None else rank
         return slice(n * r // w, n * (r + 1) // w)
 
-    def joined_rows(self, result: QuantResult, value: float, linear: torch.nn.Linear) -> tuple[QuantResult, float]:
+    def joined_rows(self, result: QuantResult, value: float, linear: torch.nn.Linear, rows: int | None = None) -> tuple[QuantResult, float]:
         """Every process's row share of `linear`'s QuantResult (this process's is `result`), joined in row
-        order on every process, and the sum of their values (e.g. losses). One process: unchanged."""
+        order on every process, and the sum of their values (e.g. losses). rows: the solved weight's rows when
+        not `linear`'s own (linears sharing an input, stacked; scheme and device are `linear`'s). One process:
+        unchanged."""
         if self.world_size == 1:
             return result, value
         parts = []
         for r in range(self.world_size):
-            share = self.row_share(linear.out_features, r)
+            share = self.row_share(linear.out_features if rows is None else rows, r)
             parts.append(self.shared_result(r, result if r == self.engine.rank else None, value, linear, rows=share.stop - share.start))
         return QuantResult(result.scheme, *(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("codes", "scale", "zero"))), sum(v for _, v in parts)

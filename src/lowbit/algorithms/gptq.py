@@ -333,16 +333,34 @@ def reduce_hessian(ctx: BlockContext, linear: torch.nn.Linear, h: torch.Tensor |
 
 def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[list[str]]:
     """The stage's linears in solve batches: the experts of one module that play one role (same shape and
-    scheme) are solved together (gptq_quantize_many), at most SOLVE_BATCH at a time; every other linear alone."""
+    scheme) are solved together as a batch (gptq_quantize_many), at most SOLVE_BATCH at a time; other linears
+    that share one Hessian (they read one input: q/k/v, gate/up) with the same scheme and device form one
+    group whose rows are stacked (`joins_rows`); every other linear alone."""
     groups: dict[tuple, list[str]] = {}
     for name in names:
-        if hessians[name][0] is None:
+        h = hessians[name][0]
+        if h is None:
             continue
         linear = ctx.linears[name]
-        # same role, shape, scheme and device (a block spread over several devices places experts apart)
-        key = (expert_role(name), linear.out_features, linear.in_features, ctx.schemes[name], linear.weight.device) if expert_role(name) != name else (name,)
+        if expert_role(name) != name:  # same role, shape, scheme and device (a block spread over several devices places experts apart)
+            key = (expert_role(name), linear.out_features, linear.in_features, ctx.schemes[name], linear.weight.device)
+        else:  # stage_hessians hands linears reading one input the very same H tensor
+            key = ("rows", id(h), ctx.schemes[name], linear.weight.device)
         groups.setdefault(key, []).append(name)
     return [g[i : i + SOLVE_BATCH] for g in groups.values() for i in range(0, len(g), SOLVE_BATCH)]
+
+
+def solve_cost(linears: list[torch.nn.Linear], joined: bool) -> int:
+    """~ the solve's work: per solved weight K x (K + N) (the factorisation of H, then the column loop over N rows)."""
+    k = linears[0].in_features
+    return k * (k + sum(l.out_features for l in linears)) if joined else len(linears) * k * (k + linears[0].out_features)
+
+
+def joins_rows(group: list[str]) -> bool:
+    """A solve_groups group of linears that share H, solved as one weight of their stacked rows: GPTQ treats
+    every row of W alone given H (its scale / zero groups run along K), so stacking q/k/v's rows gives each row
+    the codes it gets alone, with one factorisation of H and one column loop instead of one per linear."""
+    return len(group) > 1 and expert_role(group[0]) == group[0]
 
 
 def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[str, QuantResult]:
@@ -370,20 +388,30 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
         # down): every process solves its share of each linear's rows (rows are independent given H), so no
         # process waits while another solves down_proj alone.
         whole = len(groups) >= DEAL_OUT_PER_PROCESS * ctx.world_size
-        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: len(g) * ctx.linears[g[0]].in_features * (ctx.linears[g[0]].in_features + ctx.linears[g[0]].out_features)) if whole else {}
+        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: solve_cost([ctx.linears[n] for n in g], joins_rows(list(g)))) if whole else {}
         for group in groups:
             owner = solver.get(tuple(group))
             linears = [ctx.linears[n] for n in group]
-            rows = slice(None) if whole else ctx.row_share(linears[0].out_features)
-            mine, losses = [None] * len(group), [0.0] * len(group)
+            joined = joins_rows(group)
+            n_rows = sum(l.out_features for l in linears) if joined else linears[0].out_features  # rows of one solved weight
+            rows = slice(None) if whole else ctx.row_share(n_rows)
+            mine, losses = [None] * (1 if joined else len(group)), [0.0] * (1 if joined else len(group))
             with ctx.phase("solve"):
                 if not whole or owner == ctx.engine.rank:
-                    mine, losses = gptq_quantize_many(torch.stack([l.weight[rows] for l in linears]), torch.stack([hessians[n][0] for n in group]),
-                                                      ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
-                for name, linear, result, loss in zip(group, linears, mine, losses):
-                    result, loss = ctx.shared_result(owner, result, loss, linear) if whole else ctx.joined_rows(result, loss, linear)
+                    w = torch.cat([l.weight for l in linears])[None, rows] if joined else torch.stack([l.weight[rows] for l in linears])  # [B, rows, K]
+                    h = torch.stack([hessians[n][0] for n in group[: len(w)]])  # [B, K, K]
+                    mine, losses = gptq_quantize_many(w, h, ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
+                solved = []
+                for linear, result, loss in zip(linears, mine, losses):
+                    result, loss = ctx.shared_result(owner, result, loss, linear, rows=n_rows) if whole else ctx.joined_rows(result, loss, linear, rows=n_rows)
+                    solved.append(result)
+                    total += loss
+                if joined:  # the stacked rows back to their linears, in order
+                    cuts = torch.tensor([0] + [l.out_features for l in linears]).cumsum(0).tolist()
+                    solved = [QuantResult(solved[0].scheme, *(getattr(solved[0], f)[a:b] for f in ("codes", "scale", "zero"))) for a, b in zip(cuts, cuts[1:])]
+                for name, linear, result in zip(group, linears, solved):
                     result.bias = None if linear.bias is None else linear.bias.detach().clone()
-                    results[name], total = result, total + loss
+                    results[name] = result
                     # later stages must see this linear quantized (their inputs are recomputed through it)
                     linear.weight.data = result.dequantize().to(linear.weight)
     if ctx.log:

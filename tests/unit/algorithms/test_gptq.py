@@ -188,6 +188,35 @@ def test_block_output_error_below_rtn(captured, config):
     assert block_mse(ctx, fp, results) < 0.8 * rtn
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_sharing_an_input_solved_as_stacked_rows_get_their_own_codes(captured, monkeypatch, act_order):
+    """q/k/v (and gate/up) share one Hessian and are solved as one weight of their stacked rows: every linear
+    gets exactly the codes, scales and zeros of its own solve against that Hessian (the block's real stage
+    Hessians, true sequential), with one factorisation and column loop per stage instead of one per linear."""
+    import lowbit.algorithms.gptq as gptq
+
+    model, inputs = captured
+    scheme, config = Scheme(4, 32, sym=False), GptqConfig(act_order=act_order)
+    stacked_groups = []
+    real_solve = gptq.gptq_quantize_many
+
+    def spy(w, h, *args):
+        if w.shape[0] == 1 and w.shape[1] not in {l.out_features for l in ctx.linears.values()}:
+            stacked_groups.append(w.shape[1])  # rows of several linears
+        return real_solve(w, h, *args)
+
+    ctx = make_ctx(copy.deepcopy(model), inputs, scheme)
+    monkeypatch.setattr(gptq, "gptq_quantize_many", spy)
+    stacked = quantize_block(ctx, config)
+    real_groups = gptq.solve_groups
+    monkeypatch.setattr(gptq, "solve_groups", lambda *a: [[n] for g in real_groups(*a) for n in g])  # each linear its own solve
+    alone = quantize_block(make_ctx(copy.deepcopy(model), inputs, scheme), config)
+    assert sorted(stacked_groups) == [64 + 32 + 32, 2 * 160]  # q/k/v (kv_heads 2 of 4: 32 rows each), gate/up
+    for name in alone:
+        for f in ("codes", "scale", "zero"):
+            assert torch.equal(getattr(stacked[name], f), getattr(alone[name], f)), (name, f)
+
+
 # ---------------------------------------------------------------- end to end
 
 
