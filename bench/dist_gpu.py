@@ -137,6 +137,7 @@ def check_gptq_kernel(device: str) -> dict:
     out = {}
     for act_order in (False, True):
         cpu, loss_cpu = gptq_quantize(w, h, Scheme(4, 128, True), act_order=act_order)
+        gptq_quantize(w.cuda(), h.cuda(), Scheme(4, 128, True), act_order=act_order)  # Triton compiles here: not timed
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         gpu, loss_gpu = gptq_quantize(w.cuda(), h.cuda(), Scheme(4, 128, True), act_order=act_order)
@@ -169,6 +170,44 @@ def check_hessian(device: str) -> dict:
         torch.cuda.synchronize()
         err[name] = round(time.perf_counter() - t0, 4)
     return err
+
+
+def check_gptq_solve(device: str, tiny: bool = False) -> dict:
+    """Where one GPTQ solve's seconds go, for the question the phase tables leave open (two processes halve the
+    statistics but not the solve): the Hessian's inverse factor alone and the whole solve (gptq_quantize_many),
+    for Llama-3-8B's down_proj (4096 x 14336) and its stacked q/k/v (6144 x 4096), with all rows (one process)
+    and half of them (each of two). Warm calls (Triton compiled first), median of 3, synchronized."""
+    from lowbit.algorithms.gptq import gptq_quantize_many, inverse_hessian_factor
+    from lowbit.config import Scheme
+
+    if device != "cpu" and not torch.cuda.is_available():
+        return {"skipped": "no GPU"}
+    dev = "cuda" if device != "cpu" else "cpu"
+    shapes = {"down_proj": (4096, 14336), "qkv_stacked": (6144, 4096)} if not tiny else {"tiny": (64, 256)}
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def seconds(fn) -> float:
+        fn()  # warm: compile, allocator
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return round(sorted(times)[1], 4)
+
+    out = {}
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (n, k) in shapes.items():
+        x = torch.randn(2 * k, k, device=dev, generator=g)
+        h = x.t() @ x / (2 * k)  # [K, K] positive definite
+        w = torch.randn(n, k, device=dev, generator=g) * 0.02
+        out[name] = {"factor_s": seconds(lambda: inverse_hessian_factor(h, 0.01))}
+        for rows, label in ((n, "all_rows_s"), (n // 2, "half_rows_s")):
+            out[name][label] = seconds(lambda: gptq_quantize_many(w[None, :rows], h[None], Scheme(4, 128, True)))
+        del x, h, w
+    return out
 
 
 AUTO_ROUND_CHILD = """
@@ -325,6 +364,7 @@ def main() -> None:
     env["checkpoint_write_s"] = round(time.time() - t0, 1)
     results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
     results["checks"]["gptq_hessian"] = check_hessian(args.device)
+    results["checks"]["gptq_solve"] = check_gptq_solve(args.device, tiny=args.tiny)
     save()
 
     eager = [] if args.compile else ["--disable_torch_compile"]
