@@ -203,11 +203,31 @@ def check_gptq_solve(device: str, tiny: bool = False) -> dict:
         x = torch.randn(2 * k, k, device=dev, generator=g)
         h = x.t() @ x / (2 * k)  # [K, K] positive definite
         w = torch.randn(n, k, device=dev, generator=g) * 0.02
-        out[name] = {"factor_s": seconds(lambda: inverse_hessian_factor(h, 0.01))}
+        out[name] = {"factor_s": seconds(lambda: inverse_hessian_factor(h, 0.01)),
+                     "factor_before_s": seconds(lambda: factor_before(h, 0.01)),  # the path it replaced (stop 23)
+                     "cholesky_s": seconds(lambda: torch.linalg.cholesky(h))}
+        u0, u1 = factor_before(h, 0.01).double(), inverse_hessian_factor(h, 0.01).double()
+        out[name]["factor_rel_diff"] = float((u0 - u1).abs().max() / u0.abs().max())
         for rows, label in ((n, "all_rows_s"), (n // 2, "half_rows_s")):
             out[name][label] = seconds(lambda: gptq_quantize_many(w[None, :rows], h[None], Scheme(4, 128, True)))
+        if dev == "cuda":  # where the whole solve's GPU and host time go, by op
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                gptq_quantize_many(w[None], h[None], Scheme(4, 128, True))
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=48)
+            out[name]["profile"] = table
+            print(f"gptq solve profile, {name} {n} x {k}:\n{table}", flush=True)
         del x, h, w
     return out
+
+
+def factor_before(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """GPTQ's inverse factor as lowbit computed it until stop 23 (and GPTQ's reference code does): Cholesky of
+    H + damp I, the inverse from it, the upper Cholesky of that inverse."""
+    hd = h + damp_percent * h.diagonal().mean() * torch.eye(h.shape[0], device=h.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
 
 
 AUTO_ROUND_CHILD = """
@@ -329,6 +349,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
     p.add_argument("--compile", action="store_true", help="AutoRound with lowbit's default on CUDA (compiled block and grid), not eager")
+    p.add_argument("--checks_only", action="store_true", help="the checks (kernel, Hessian, solve profile) and no runs")
     p.add_argument("--only", default="", help="comma list of runs to keep, e.g. 'llama gptq,qwen3-moe gptq' (default: all)")
     args = p.parse_args()
     date = time.strftime("%Y-%m-%d-%H%M", time.gmtime())  # several runs a day keep their own files
@@ -347,6 +368,13 @@ def main() -> None:
     def save():
         result_file.write_text(json.dumps(results, indent=2))
 
+    results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
+    results["checks"]["gptq_hessian"] = check_hessian(args.device)
+    results["checks"]["gptq_solve"] = check_gptq_solve(args.device, tiny=args.tiny)
+    save()
+    if args.checks_only:
+        print(json.dumps({k: v for k, v in results["checks"].items()}, indent=1, default=str))
+        return
     t0 = time.time()
     from moe_scale import qwen3_30b_a3b
 
@@ -362,10 +390,6 @@ def main() -> None:
         write_tokenizer(moe, Path(args.text).read_text(encoding="utf-8"))
         ckpts[("qwen3-moe", "gptq")] = ckpts[("qwen3-moe", "autoround")] = moe
     env["checkpoint_write_s"] = round(time.time() - t0, 1)
-    results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
-    results["checks"]["gptq_hessian"] = check_hessian(args.device)
-    results["checks"]["gptq_solve"] = check_gptq_solve(args.device, tiny=args.tiny)
-    save()
 
     eager = [] if args.compile else ["--disable_torch_compile"]
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text]

@@ -85,16 +85,33 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.t() @ x
 
 
+PANEL = 1024  # columns of U per triangular solve (inverse_hessian_factor)
+
+
 def inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp I)^-1, damp = damp_percent * mean(diag H); [K, K]."""
-    eye = torch.eye(h.shape[0], device=h.device)
+    """Upper Cholesky factor U of (H + damp I)^-1, damp = damp_percent * mean(diag H); [K, K].
+
+    One factorisation and one triangular inverse: with R the Cholesky factor of H + damp I taken in reversed
+    order (H + damp I = R R^T, R upper: the lower factor of the flipped matrix, flipped back), U = R^-1 is
+    upper with a positive diagonal and U^T U = R^-T R^-1 = (R R^T)^-1, so it is the factor (which is unique).
+    R^-1 is solved in column panels: columns [a, b) of R^-1 are zero below row b, so each panel is
+    solve_triangular(R[:b, :b], I[:b, a:b]), ~K^3 / 3 multiply-adds in all instead of K^3 for the whole
+    identity. The factor -> inverse -> factor of H^-1 this replaces took 0.22 s at K = 14336 on an H200, 78%
+    of down_proj's whole solve, and every data-parallel process pays it (bench/dist_gpu.py, gptq_solve).
+    """
+    k = h.shape[0]
+    eye = torch.eye(k, device=h.device)
     damp = damp_percent * h.diagonal().mean()
     for _ in range(MAX_DAMP_TRIES):
-        try:
-            lower = torch.linalg.cholesky(h + damp * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            damp = damp * 10
+        lower, info = torch.linalg.cholesky_ex((h + damp * eye).flip(0, 1))
+        if int(info) == 0:
+            r = lower.flip(0, 1)  # [K, K] upper
+            u = torch.zeros_like(r)
+            for a in range(0, k, PANEL):
+                b = min(a + PANEL, k)
+                u[:b, a:b] = torch.linalg.solve_triangular(r[:b, :b], eye[:b, a:b], upper=True)
+            return u
+        damp = damp * 10
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp:.3g}")
 
 

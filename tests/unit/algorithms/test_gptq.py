@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import lowbit
 from tests.conftest import save_tiny_model_with_tokenizer
 from lowbit.algorithms.rtn import quantize_block as rtn_block
-from lowbit.algorithms.gptq import accumulate_hessian, gptq_quantize, quantize_block, sequential_stages
+from lowbit.algorithms.gptq import PANEL, accumulate_hessian, gptq_quantize, inverse_hessian_factor, quantize_block, sequential_stages
 from lowbit.arch import spec_for
 from tests.engine_helpers import block_outputs, capture
 from tests.engine_helpers import make_ctx as engine_ctx
@@ -54,6 +54,34 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, damp_percen
         W[:, j + 1 :] -= err[:, None] * Hinv[j, j + 1 :][None, :]
         Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
     return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def factor64(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The textbook factor in float64: upper Cholesky of the explicit inverse of H + damp I."""
+    h = h.double() + damp * torch.eye(h.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+
+
+def test_inverse_factor_is_the_upper_cholesky_of_the_inverse():
+    # K past two panels and not a multiple of one: the panel cuts and the ragged last panel are exercised
+    k = 2 * PANEL + 300
+    x = correlated_inputs(3 * k, k)
+    h = 2 * x.t() @ x / x.shape[0]
+    u = inverse_hessian_factor(h, 0.01)
+    ref = factor64(h, 0.01 * float(h.diagonal().mean()))
+    assert torch.equal(u.tril(-1), torch.zeros_like(u).tril(-1))  # upper triangular
+    assert float((u.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_inverse_factor_raises_dampening_until_positive_definite():
+    # eigenvalues down to -3% of the mean diagonal: 1% dampening fails, 10% is the first that holds
+    k = 64
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    eig = torch.linspace(-0.03, 2.0, k, dtype=torch.float64)
+    h = (q * eig) @ q.t()
+    u = inverse_hessian_factor(h.float(), 0.01)
+    ref = factor64(h, 0.1 * float(h.diagonal().mean()))
+    assert float((u.double() - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
 def test_hessian_accumulates_to_two_xtx_over_n():
