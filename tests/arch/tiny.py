@@ -89,9 +89,10 @@ def tiny_config(arch: str):
     return TINY[arch]()
 
 
-def save_tiny_checkpoint(arch: str, path, text: str, seed: int = 0):
+def save_tiny_checkpoint(arch: str, path, text: str, seed: int = 0, **overrides):
     """A random tiny model of `arch` (norms perturbed, so no weight is a constant) plus a word-piece tokenizer
-    of < 128 tokens trained on `text`, saved as a checkpoint folder; returns the fp model."""
+    of < 128 tokens trained on `text`, saved as a checkpoint folder; returns the fp model. overrides: config
+    fields changed (e.g. num_experts)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -103,6 +104,8 @@ def save_tiny_checkpoint(arch: str, path, text: str, seed: int = 0):
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=100, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
     config = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = model_class(config)._from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -19,6 +19,8 @@ from safetensors import safe_open
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.algorithms.gptq import DEAL_OUT_PER_PROCESS, SOLVE_BATCH
+from tests.arch.tiny import save_tiny_checkpoint
 from tests.conftest import dying_on, save_tiny_model_with_tokenizer
 
 # seeded random words: windows that differ (a repeated sentence gives every process the same statistics, and
@@ -39,6 +41,9 @@ METHODS = {
     # auto-round's usual steps on a random batch: 2 windows per step for one process, 1 per process for two
     "autoround_sampled": lambda: lowbit.AutoRoundConfig(iters=6),
 }
+# a tiny Qwen3-MoE with as many experts as Qwen3-30B-A3B: GPTQ's gate / up stage is then 8 solve batches of up to
+# 32 experts, dealt out whole between two processes (gptq.DEAL_OUT_PER_PROCESS), its down stage 4 batches split by rows
+MOE_EXPERTS = 128
 
 
 def quantize(model, text_file, out, method: str, **run):
@@ -79,6 +84,9 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
             decided.clear()
             if rank == 0:
                 torch.save(summary.block_losses, f"{root}/{method}.losses")
+        quantize(f"{root}/moe-model", text_file, f"{root}/moe-gptq", "gptq")  # MOE_EXPERTS: solves dealt out whole
+        torch.save(decided, f"{root}/moe-gptq.rank{rank}")
+        decided.clear()
         blockstep.handler_for = real_handler
         # NaN in a tensor of rank 1's half of the bytes: rank 1 finds it, both processes stop with its line
         try:
@@ -137,11 +145,13 @@ def runs(tmp_path_factory):
     two = root / "two"
     two.mkdir()
     nan_model(model, two / "nan-model")
+    save_tiny_checkpoint("Qwen3MoeForCausalLM", two / "moe-model", TEXT, num_experts=MOE_EXPERTS)
     spawn(model, text_file, two, "methods")
     one = root / "one"
     for method in METHODS:
         summary = quantize(model, text_file, one / method, method)
         torch.save(summary.block_losses, one / f"{method}.losses")
+    quantize(two / "moe-model", text_file, one / "moe-gptq", "gptq")
     return one, two
 
 
@@ -174,8 +184,8 @@ def test_rtn_is_byte_identical(runs):
 
 def test_only_rank0_writes_and_nothing_is_left(runs):
     _, two = runs
-    finished = sorted(p.name for p in two.iterdir() if p.is_dir() and not p.name.startswith(("crashed", "nan")))
-    assert finished == sorted(METHODS)
+    finished = sorted(p.name for p in two.iterdir() if p.is_dir() and not p.name.startswith(("crashed", "nan", "moe-model")))
+    assert finished == sorted([*METHODS, "moe-gptq"])
     assert not [p for p in two.glob("*.lowbit-*") if not p.name.startswith("crashed")]
     log = json.loads((two / "gptq" / "lowbit_log.json").read_text())
     assert log["method"] == "gptq"
@@ -210,6 +220,24 @@ def test_matches_one_process(runs, method):
             torch.testing.assert_close(b[name].float(), a[name].float(), rtol=1e-3, atol=1e-4, msg=name)
     la, lb, fp = logits(one / method), logits(two / method), logits(one.parent / "m")
     assert (lb - la).abs().max() < 0.05 * (la - fp).abs().max()
+
+
+def test_moe_gptq_solves_dealt_out_whole_match_one_process(runs):
+    """GPTQ on a 128-expert MoE: the gate / up solves dealt out whole to their owners and shared back in two
+    broadcasts per batch, the down solves split by rows; both processes hold every expert's result, and the
+    export is one process's within reduction-order noise (as test_matches_one_process)."""
+    assert 2 * -(-MOE_EXPERTS // SOLVE_BATCH) >= DEAL_OUT_PER_PROCESS * 2  # the gate / up stage is dealt out whole
+    one, two = runs
+    a, b = torch.load(two / "moe-gptq.rank0"), torch.load(two / "moe-gptq.rank1")
+    assert len(a) == len(b) == 2 and all(x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x) for x, y in zip(a, b))
+    assert sum("experts.127.up_proj" in n for n in a[0]) == 1
+    ta, tb = tensors(one / "moe-gptq"), tensors(two / "moe-gptq")
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        if not ta[name].is_floating_point():
+            assert (ta[name] != tb[name]).float().mean() <= 0.02, name
+        else:
+            torch.testing.assert_close(tb[name].float(), ta[name].float(), rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_sampled_autoround_agrees_loosely(runs):

@@ -632,14 +632,18 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     trainer.close()
     first_loss, best_loss, best_iter = float(first_loss), float(best_loss), int(best_iter)
     results = {}
-    for name, linear in linears.items():  # each linear quantized by its owner, shared with the others
-        result = None
-        if name in states:
-            v, mn, mx = states[name].export(*best[name])
-            result = quantize_weight(linear.weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx)
-        result, _ = ctx.shared_result(trainer.owner[name], result, 0.0, linear)
-        result.bias = None if linear.bias is None else linear.bias.detach().clone()
-        results[name] = result
+    for (owner, _, _), names in trainer.members.items():  # each linear quantized by its owner, shared with the others
+        mine = None  # a buffer's linears (one owner, device and role) shared together: two broadcasts
+        if owner == trainer.rank:
+            mine = []
+            for name in names:
+                v, mn, mx = states[name].export(*best[name])
+                mine.append(quantize_weight(linears[name].weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx))
+        shared, _ = ctx.shared_results(owner, mine, [0.0] * len(names), [linears[n] for n in names])
+        for name, result in zip(names, shared):
+            result.bias = None if linears[name].bias is None else linears[name].bias.detach().clone()
+            results[name] = result
+    results = {name: results[name] for name in linears}  # the block's order
     ctx.losses = (first_loss, best_loss)
     if ctx.log:
         ctx.log(f"block {ctx.index}: loss {first_loss:.4g} -> {best_loss:.4g} (best at iter {best_iter}/{config.iters}), {time.time() - started:.1f}s")

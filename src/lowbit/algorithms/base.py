@@ -96,22 +96,30 @@ class BlockContext:
             load[rank] += cost(key)
         return out
 
-    def shared_result(self, owner: int, result: QuantResult | None, value: float, linear: torch.nn.Linear, rows: int | None = None) -> tuple[QuantResult, float]:
-        """The owner's QuantResult of `linear` (and a float of its, e.g. a loss) on every process, broadcast
-        exactly: codes uint8 [N, K], then scale, zero [N, G] and the value as one float32 buffer. rows: the
-        result holds that many of the linear's output rows (a share, `row_share`), not all N."""
+    def shared_results(self, owner: int, results: list[QuantResult] | None, values: list[float], linears: list[torch.nn.Linear],
+                       rows: int | None = None) -> tuple[list[QuantResult], list[float]]:
+        """The owner's QuantResults of `linears` (all on one device; and a float per linear, e.g. a loss) on every
+        process, broadcast exactly in two collectives for all of them: the codes (uint8) as one buffer, then
+        every scale, zero and float as one float32 buffer; one host sync for the floats. A MoE stage's batch of
+        32 experts is 2 broadcasts, not 64 and 32 syncs. results: the owner's (None elsewhere). rows: each result
+        holds that many output rows (a share, `row_share`; or stacked linears' rows), not its linear's N."""
         if self.world_size == 1:
-            return result, value
-        scheme = self.schemes[next(n for n, l in self.linears.items() if l is linear)]
-        n, k = linear.out_features if rows is None else rows, linear.in_features
-        g, device = scheme.groups(k), linear.weight.device
-        mine = codes = None
-        if result is not None:
-            codes = result.codes
-            mine = torch.cat([result.scale.float().flatten(), result.zero.float().flatten(), torch.tensor([value], device=result.scale.device)])
-        codes = self.engine.from_rank(owner, codes, (n, k), dtype=torch.uint8, device=device)
-        flat = self.engine.from_rank(owner, mine, (2 * n * g + 1,), device=device)
-        return QuantResult(scheme, codes, flat[: n * g].view(n, g), flat[n * g : -1].view(n, g).to(torch.uint8)), float(flat[-1])
+            return list(results), list(values)
+        names = {id(l): n for n, l in self.linears.items()}
+        schemes = [self.schemes[names[id(l)]] for l in linears]
+        shapes = [(l.out_features if rows is None else rows, l.in_features, s.groups(l.in_features)) for l, s in zip(linears, schemes)]
+        device = linears[0].weight.device
+        codes = flat = None
+        if results is not None:
+            codes = torch.cat([r.codes.reshape(-1) for r in results])
+            flat = torch.cat([*(t.float().reshape(-1) for r in results for t in (r.scale, r.zero)), torch.tensor(values, dtype=torch.float32, device=device)])
+        codes = self.engine.from_rank(owner, codes, (sum(n * k for n, k, _ in shapes),), dtype=torch.uint8, device=device)
+        flat = self.engine.from_rank(owner, flat, (sum(2 * n * g for n, _, g in shapes) + len(linears),), device=device)
+        out, c, f = [], 0, 0
+        for (n, k, g), scheme in zip(shapes, schemes):
+            out.append(QuantResult(scheme, codes[c : c + n * k].view(n, k), flat[f : f + n * g].view(n, g), flat[f + n * g : f + 2 * n * g].view(n, g).to(torch.uint8)))
+            c, f = c + n * k, f + 2 * n * g
+        return out, flat[f:].tolist()
 
     def row_share(self, n: int, rank: int | None = None) -> slice:
         """A process's contiguous share of n output rows (this process's by default): for work whose rows are
@@ -121,15 +129,16 @@ class BlockContext:
         w, r = self.world_size, self.engine.rank if rank is None else rank
         return slice(n * r // w, n * (r + 1) // w)
 
-    def joined_rows(self, result: QuantResult, value: float, linear: torch.nn.Linear, rows: int | None = None) -> tuple[QuantResult, float]:
-        """Every process's row share of `linear`'s QuantResult (this process's is `result`), joined in row
-        order on every process, and the sum of their values (e.g. losses). rows: the solved weight's rows when
-        not `linear`'s own (linears sharing an input, stacked; scheme and device are `linear`'s). One process:
-        unchanged."""
+    def joined_rows(self, results: list[QuantResult], values: list[float], linears: list[torch.nn.Linear], rows: int | None = None) -> tuple[list[QuantResult], list[float]]:
+        """Every process's row share of each of `linears`' QuantResults (this process's are `results`), joined in
+        row order on every process, and the sums of their values (e.g. losses); `shared_results` per process.
+        rows: the solved weight's rows when not the linear's own (linears sharing an input, stacked; scheme and
+        device are the linear's). One process: unchanged."""
         if self.world_size == 1:
-            return result, value
+            return list(results), list(values)
         parts = []
         for r in range(self.world_size):
-            share = self.row_share(linear.out_features if rows is None else rows, r)
-            parts.append(self.shared_result(r, result if r == self.engine.rank else None, value, linear, rows=share.stop - share.start))
-        return QuantResult(result.scheme, *(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("codes", "scale", "zero"))), sum(v for _, v in parts)
+            share = self.row_share(linears[0].out_features if rows is None else rows, r)
+            parts.append(self.shared_results(r, results if r == self.engine.rank else None, values, linears, rows=share.stop - share.start))
+        joined = [QuantResult(results[i].scheme, *(torch.cat([getattr(p[0][i], f) for p in parts]) for f in ("codes", "scale", "zero"))) for i in range(len(linears))]
+        return joined, [sum(p[1][i] for p in parts) for i in range(len(linears))]

@@ -418,11 +418,12 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
                     w = torch.cat([l.weight for l in linears])[None, rows] if joined else torch.stack([l.weight[rows] for l in linears])  # [B, rows, K]
                     h = torch.stack([hessians[n][0] for n in group[: len(w)]])  # [B, K, K]
                     mine, losses = gptq_quantize_many(w, h, ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
-                solved = []
-                for linear, result, loss in zip(linears, mine, losses):
-                    result, loss = ctx.shared_result(owner, result, loss, linear, rows=n_rows) if whole else ctx.joined_rows(result, loss, linear, rows=n_rows)
-                    solved.append(result)
-                    total += loss
+                solved_linears = linears[:1] if joined else linears  # one stacked weight, or each linear
+                if whole:
+                    solved, losses = ctx.shared_results(owner, mine if owner == ctx.engine.rank else None, losses, solved_linears, rows=n_rows)
+                else:
+                    solved, losses = ctx.joined_rows(mine, losses, solved_linears, rows=n_rows)
+                total += sum(losses)
                 if joined:  # the stacked rows back to their linears, in order
                     cuts = torch.tensor([0] + [l.out_features for l in linears]).cumsum(0).tolist()
                     solved = [QuantResult(solved[0].scheme, *(getattr(solved[0], f)[a:b] for f in ("codes", "scale", "zero"))) for a, b in zip(cuts, cuts[1:])]
