@@ -27,6 +27,11 @@ def pack_bitstream(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     v = values.movedim(dim, -1).to(torch.int64) & ((1 << bits) - 1)
     *lead, length = v.shape
     n_words = length * bits // 32
+    if 32 % bits == 0:  # 2 / 4 / 8 bits: each word's values in disjoint bit fields, so their sum is their OR
+        # a few kernels per tensor, not two per value position: a MoE block packs hundreds of linears
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=v.device)  # [32 / bits]
+        words = (v.reshape(*lead, n_words, 32 // bits) << shifts).sum(-1)  # [..., n_words] in [0, 2**32)
+        return (words - (words >= 2**31) * 2**32).to(torch.int32).movedim(-1, dim).contiguous()
     words = torch.zeros(*lead, n_words, dtype=torch.int64, device=v.device)
     # A run is the smallest stretch that fills whole words: 32 values in `bits` words for 3 bits, 32/bits
     # values in one word for 2/4/8 bits. Vectorise over runs, loop over the positions inside one run.
