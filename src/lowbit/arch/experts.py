@@ -257,15 +257,22 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if grouped is not None and not self.lowbit_all_tokens and self.lowbit_routed is None and grouped.applies(self, hidden_states):
         return grouped(self, hidden_states, top_k_index, top_k_weights)
     layout: ExpertLayout = self.lowbit_layout
-    num_experts = layout.num_experts
+    num_experts, k = layout.num_experts, top_k_index.shape[-1]
+    # the (token, slot) pairs grouped by expert with one stable sort and one host sync for all experts (a
+    # `torch.where` per expert waits for the device once per expert: 128 waits per MoE forward and backward,
+    # which kept the device idle); within an expert the pairs keep the row-major order torch.where gives
+    flat = top_k_index.reshape(-1)  # [T * k], entry t * k + s; expert-parallel sentinels (>= E) sort last
+    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]  # [E]
     if self.lowbit_routed is not None:
-        self.lowbit_routed += torch.bincount(top_k_index.flatten().clamp(max=num_experts), minlength=num_experts + 1)[:num_experts].to(self.lowbit_routed)
+        self.lowbit_routed += counts.to(self.lowbit_routed)
+    order = torch.sort(flat, stable=True).indices  # [T * k]
+    bounds = [0, *counts.cumsum(0).tolist()]
     out = torch.zeros(hidden_states.shape[0], hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device)
-    hit = range(num_experts) if self.lowbit_all_tokens else torch.unique(top_k_index).tolist()
-    for e in hit:
-        if e >= num_experts:  # expert-parallel sentinels
+    for e in range(num_experts):
+        if bounds[e + 1] == bounds[e] and not self.lowbit_all_tokens:  # no token routed to it
             continue
-        token, slot = torch.where(top_k_index == e)
+        pairs = order[bounds[e] : bounds[e + 1]]
+        token, slot = pairs // k, pairs % k
         expert = getattr(self, str(e))
         x = hidden_states if self.lowbit_all_tokens else hidden_states[token]
         if self.lowbit_all_tokens and self.lowbit_unrouted_weight is not None:  # statistics: routed rows 1 + w, the others w
