@@ -297,7 +297,9 @@ def fmt_row(name: str, r: dict, base: dict | None) -> str:
     speed = ""
     if base and "error" not in base and r is not base and "phases" in base:
         b_steady = sorted(base["block_seconds"][1:])[len(base["block_seconds"][1:]) // 2] if base["block_seconds"][1:] else None
-        speed = f"{base['wall_s'] / r['wall_s']:.2f}x / {base['phases']['blocks'] / loop:.2f}x" + (f" / {b_steady / per_block:.2f}x" if per_block and b_steady else "")
+        speed = f"{base['wall_s'] / r['wall_s']:.2f}x"  # wall; a peer's row (auto-round) has only this
+        if loop:
+            speed += f" / {base['phases']['blocks'] / loop:.2f}x" + (f" / {b_steady / per_block:.2f}x" if per_block and b_steady else "")
         if per_block and b_steady:  # projected to the real depth: everything outside the block loop + the loop's first block + the rest at the median
             depth = FULL_DEPTH[name.split()[0]]
 
@@ -350,6 +352,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
     p.add_argument("--compile", action="store_true", help="AutoRound with lowbit's default on CUDA (compiled block and grid), not eager")
     p.add_argument("--checks_only", action="store_true", help="the checks (kernel, Hessian, solve profile) and no runs")
+    p.add_argument("--ways", default="", help="comma list of ways to keep, e.g. 'one GPU' (default: all)")
     p.add_argument("--only", default="", help="comma list of runs to keep, e.g. 'llama gptq,qwen3-moe gptq' (default: all)")
     args = p.parse_args()
     date = time.strftime("%Y-%m-%d-%H%M", time.gmtime())  # several runs a day keep their own files
@@ -413,6 +416,8 @@ def main() -> None:
     order += [("llama", "autoround", "block split over 2 GPUs")]
     if args.only:
         order = [o for o in order if f"{o[0]} {o[1]}" in args.only.split(",")]
+    if args.ways:
+        order = [o for o in order if o[2] in args.ways.split(",")]
     outputs = {}
     for model, method, how in order:
         if how == "auto-round":

@@ -314,3 +314,33 @@ def test_nproc_input_error_is_one_line_from_rank0(runs, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["lowbit: error: 1 calibration windows for 2 processes; pass --nsamples 2 or more, or fewer processes"]
     assert not (tmp_path / "q").exists()
+
+
+def nccl_sum_worker(rank: int, port: int, root: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("nccl", rank=rank, world_size=2)
+    torch.cuda.set_device(rank)
+    g = torch.Generator().manual_seed(rank)
+    # gradients of very different sizes, so sums round (and cancel) in every way
+    x = (torch.randn(1 << 20, generator=g) * torch.logspace(-8, 4, 1 << 20)).bfloat16().cuda()
+    for dtype in (torch.bfloat16, torch.float16):
+        v = x.to(dtype)
+        mine, wide = v.clone(), v.float()
+        torch.distributed.reduce(mine, dst=0)
+        torch.distributed.reduce(wide, dst=0)
+        if rank == 0:
+            torch.save({"sum16": mine.cpu(), "sum32_rounded": wide.to(dtype).cpu()}, f"{root}/{dtype}".replace("torch.", ""))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multigpu
+def test_nccl_sums_two_16bit_gradients_as_float32_rounded_once(tmp_path):
+    """AutoRound's two-process gradient sum runs in the gradients' own 16-bit dtype (Trainer._launch_sums):
+    NCCL's sum of two bf16 / fp16 values must be the float32 sum rounded once, what the float32 reduction
+    gave before, bit for bit."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.multiprocessing.spawn(nccl_sum_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for dtype in ("bfloat16", "float16"):
+        out = torch.load(tmp_path / dtype)
+        assert torch.equal(out["sum16"], out["sum32_rounded"]), dtype
