@@ -246,11 +246,21 @@ def linear_lr(base: float, step: int, iters: int) -> float:
 
 @torch.no_grad()
 def sign_sgd_step(groups: list[tuple[list[torch.Tensor], float, tuple[float, float]]]) -> None:
-    """p <- clamp(p - lr sign(grad), bounds) for each (params, lr, bounds) group; clears the grads."""
-    for params, lr, (low, high) in groups:
-        for p in params:
-            if p.grad is not None:
-                p.add_(p.grad.sign(), alpha=-lr).clamp_(low, high)
+    """p <- clamp(p - lr sign(grad), bounds) for each (params, lr, bounds) group; clears the grads.
+
+    The parameters of every group with the same (lr, bounds) step together through torch's foreach
+    kernels: a MoE block trains ~1,200 of them (V, min_scale, max_scale per expert linear), which stepped
+    one by one were three ops each, a third of the step's host-side ops. The arithmetic is the same
+    elementwise add, then the clamp (min, then max), per element."""
+    together: dict[tuple, list[torch.Tensor]] = {}
+    for params, lr, bounds in groups:
+        together.setdefault((lr, bounds), []).extend(p for p in params if p.grad is not None)
+    for (lr, (low, high)), params in together.items():
+        if params:
+            torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-lr)
+            torch._foreach_clamp_min_(params, low)
+            torch._foreach_clamp_max_(params, high)
+            for p in params:
                 p.grad = None
 
 
