@@ -139,10 +139,13 @@ class FakeQuant(torch.autograd.Function):
 
 @dataclass
 class LinearState:
-    """What is learned for one linear, plus its constant group view.
+    """What is learned for B same-shaped linears of one scheme (the experts of one role in a MoE block, or one
+    linear), plus their constant group view; the grid runs once over all B (a few ops per step for a role's
+    128 experts, not a few per expert: a MoE block's step was bound by the host issuing them).
 
-    x: [N, G, gs] float32 weight, the partial last group zero-padded; lo / hi: [N, G, 1];
-    v: [N, G, gs]; min_scale / max_scale: [N, G, 1]; k: the real in_features.
+    x: [B, N, G, gs] float32 weights, each partial last group zero-padded; lo / hi: [B, N, G, 1];
+    v: [B, N, G, gs]; min_scale / max_scale: [B, N, G, 1]; k: the real in_features. Every op of the grid is
+    elementwise or reduces over the last axis, so each linear's values are what it would get alone.
     """
 
     scheme: Scheme
@@ -155,8 +158,8 @@ class LinearState:
     k: int
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, scheme: Scheme, tune_minmax: bool) -> "LinearState":
-        x = group_view(w.detach().float(), scheme.group_size)  # [N, G, gs]
+    def from_weights(cls, ws: list[torch.Tensor], scheme: Scheme, tune_minmax: bool) -> "LinearState":
+        x = torch.stack([group_view(w.detach().float(), scheme.group_size) for w in ws])  # [B, N, G, gs]
         lo = x.amin(-1, keepdim=True).clamp(max=0)
         hi = x.amax(-1, keepdim=True).clamp(min=0)
         ones = torch.ones_like(lo)
@@ -165,22 +168,22 @@ class LinearState:
             v=torch.zeros_like(x, requires_grad=True),
             min_scale=ones.clone().requires_grad_(tune_minmax),
             max_scale=ones.clone().requires_grad_(tune_minmax),
-            k=w.shape[1],
+            k=ws[0].shape[1],
         )
 
     def params(self) -> list[torch.Tensor]:
         return [p for p in (self.v, self.min_scale, self.max_scale) if p.requires_grad]
 
     def weight_hat(self, out_dtype: torch.dtype, fns) -> torch.Tensor:
-        """Fake-quantized weight [N, K] in out_dtype, differentiable in the learned parameters."""
-        n = self.x.shape[0]
+        """Fake-quantized weights [B, N, K] in out_dtype, differentiable in the learned parameters."""
+        b, n = self.x.shape[:2]
         w = FakeQuant.apply(self.x, self.lo, self.hi, self.v, self.min_scale, self.max_scale, self.scheme.maxq, self.scheme.sym, out_dtype, fns)
-        return w.reshape(n, -1)[:, : self.k]  # [N, G*gs] -> [N, K]
+        return w.reshape(b, n, -1)[:, :, : self.k]  # [B, N, G*gs] -> [B, N, K]
 
-    def export(self, v: torch.Tensor, min_scale: torch.Tensor, max_scale: torch.Tensor):
-        """Group-view parameters -> (v [N, K], min_scale [N, G], max_scale [N, G]) for quantize_weight."""
-        n = self.x.shape[0]
-        return v.reshape(n, -1)[:, : self.k], min_scale.squeeze(-1), max_scale.squeeze(-1)
+    def export(self, i: int, v: torch.Tensor, min_scale: torch.Tensor, max_scale: torch.Tensor):
+        """Linear i's group-view parameters -> (v [N, K], min_scale [N, G], max_scale [N, G]) for quantize_weight."""
+        n = self.x.shape[1]
+        return v[i].reshape(n, -1)[:, : self.k], min_scale[i].squeeze(-1), max_scale[i].squeeze(-1)
 
 
 class FakeQuantLinear(torch.nn.Module):
@@ -270,14 +273,14 @@ class Trainer:
     Each linear's fake quantization (the grid's forward and backward over all N x K weights) and its sign
     step do not shrink with the samples, so each process does them only for the linears it owns
     (`BlockContext.owners`, by N x K). The block reads each W_hat from a leaf tensor (`leaves`); the leaves
-    of one (owner, device, role) are slices of one flat buffer, and so are their gradients, so a step moves
-    a few buffers per process, not one per linear (a MoE block has hundreds; its experts of one role share a
-    buffer): `refresh` writes the owned W_hat from their LinearStates into the leaves and broadcasts each
-    buffer from its owner; after a micro-batch's backward, `through_grid` sums each gradient buffer over the
-    processes onto its owner (float32) and runs the owned linears' grid backward, so V / min_scale /
-    max_scale get the gradient of the loss over every process's samples. Only owners hold LinearStates (V,
-    its gradient, its best copy): the state is split too. One process owns everything; the broadcasts and
-    sums are skipped.
+    of one (owner, device, role, scheme) are slices of one flat buffer, and so are their gradients, and one
+    LinearState learns for all of them, so a step moves and fake-quantizes a few buffers per process, not one
+    per linear (a MoE block has hundreds; its experts of one role share a buffer): `refresh` writes each
+    owned buffer's W_hat [B, N, K] from its LinearState into the buffer and broadcasts it from its owner;
+    after a micro-batch's backward, `through_grid` sums each gradient buffer over the processes onto its
+    owner (`_launch_sums`) and runs the owned buffers' grid backward, so V / min_scale / max_scale get the
+    gradient of the loss over every process's samples. Only owners hold LinearStates (V, its gradient, its
+    best copy): the state is split too. One process owns everything; the broadcasts and sums are skipped.
 
     Overlap (several processes): the collectives are asynchronous and waited right before their data is used.
     Buffers are broadcast in forward order as their owner fills them (the next buffer's fake quantization
@@ -293,14 +296,16 @@ class Trainer:
         self.ctx, self.out_dtype, self.fns = ctx, out_dtype, fns
         self.owner = ctx.owners(list(linears), cost=lambda n: linears[n].in_features * linears[n].out_features)
         self.rank, self.world = ctx.engine.rank, ctx.world_size
-        self.states = {n: LinearState.from_weight(l.weight, ctx.schemes[n], config.enable_minmax_tuning) for n, l in linears.items() if self.owner[n] == self.rank}
-        # buffer key (owner, device, role) -> its linears, keys in forward order (the linears' order, the same
-        # on every process: the collectives match)
+        # buffer key (owner, device, role, scheme) -> its linears, keys in forward order (the linears' order, the
+        # same on every process: the collectives match); a role's linears share one shape
         self.members: dict[tuple, list[str]] = {}
         for name, l in linears.items():
-            self.members.setdefault((self.owner[name], l.weight.device, expert_role(name)), []).append(name)
+            self.members.setdefault((self.owner[name], l.weight.device, expert_role(name), ctx.schemes[name]), []).append(name)
         self.order = list(self.members)
-        self.values, self.grads, self.leaves, self.slices = {}, {}, {}, {}
+        # the learned state of each buffer this process owns, one LinearState for all of its linears
+        self.states = {key: LinearState.from_weights([linears[n].weight for n in names], key[3], config.enable_minmax_tuning)
+                       for key, names in self.members.items() if key[0] == self.rank}
+        self.values, self.grads, self.leaves = {}, {}, {}
         for key, names in self.members.items():
             size = sum(linears[n].out_features * linears[n].in_features for n in names)
             self.values[key] = torch.zeros(size, dtype=out_dtype, device=key[1])
@@ -313,7 +318,7 @@ class Trainer:
                 # then accumulates into in place
                 leaf = self.values[key][start : start + n].view(l.out_features, l.in_features).detach().requires_grad_()
                 leaf.grad = self.grads[key][start : start + n].view_as(leaf)
-                self.leaves[name], self.slices[name] = leaf, (key, start)
+                self.leaves[name] = leaf
                 start += n
         self.graphs: dict[str, torch.Tensor] = {}
         self.arriving: dict[tuple, object] = {}  # key -> pending broadcast of its W_hat buffer
@@ -373,13 +378,12 @@ class Trainer:
         (asynchronously: wait_arrivals, or the linears' `ready`, before they are read)."""
         self.graphs = {}
         for key, names in self.members.items():  # forward order
-            if key[0] == self.rank:
-                for name in names:
-                    with torch.enable_grad():
-                        graph = self.states[name].weight_hat(self.out_dtype, self.fns)
-                    with torch.no_grad():
-                        self.leaves[name].copy_(graph)
-                    self.graphs[name] = graph
+            if key in self.states:
+                with torch.enable_grad():
+                    graph = self.states[key].weight_hat(self.out_dtype, self.fns)  # [B, N, K]
+                with torch.no_grad():
+                    self.values[key].view_as(graph).copy_(graph)  # the buffer is the B leaves back to back
+                self.graphs[key] = graph
             if self.world > 1:
                 self.arriving[key] = self.ctx.engine.start("broadcast", self.values[key], key[0])
 
@@ -394,17 +398,16 @@ class Trainer:
         then through the owned linears' grid into V and the min/max factors (accumulating over micro-batches)."""
         if self.world == 1:
             if self.graphs:
-                names = list(self.graphs)
-                torch.autograd.backward([self.graphs[n] for n in names], [self.leaves[n].grad for n in names], retain_graph=not last)
+                keys = list(self.graphs)
+                torch.autograd.backward([self.graphs[k] for k in keys], [self.grads[k].view_as(self.graphs[k]) for k in keys], retain_graph=not last)
         else:
             self._launch_sums(upto=len(self.order))
             for key in self.order[::-1]:  # the order they were started in
                 buf, pending = self.summing.pop(key)
                 pending.wait()
-                names = [n for n in self.members[key] if n in self.graphs]  # the owner's
-                if names:
-                    grads = [buf[self.slices[n][1] : self.slices[n][1] + self.leaves[n].numel()].view_as(self.leaves[n]).to(self.out_dtype) for n in names]
-                    torch.autograd.backward([self.graphs[n] for n in names], grads, retain_graph=not last)
+                if key in self.graphs:  # the owner's
+                    graph = self.graphs[key]
+                    torch.autograd.backward([graph], [buf.view_as(graph).to(self.out_dtype)], retain_graph=not last)
             self._complete = {key: set() for key in self.order}
             self._launched = 0
         for g in self.grads.values():
@@ -583,14 +586,14 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
     train_block = block if eager else compilers.block(block, config.compile, device)
     trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block)
-    states = trainer.states  # the linears this process owns (all of them for one process)
+    states = trainer.states  # per buffer this process owns (all of them for one process)
     groups = []
-    for name, st in states.items():
+    for st in states.values():
         lr, minmax_lr = step_sizes(config, st.scheme)
         groups.append(([st.v], lr, (-V_BOUND, V_BOUND)))
         if config.enable_minmax_tuning:
             groups.append(([st.min_scale, st.max_scale], minmax_lr, MINMAX_BOUNDS))
-    best = {name: [p.detach().clone() for p in (st.v, st.min_scale, st.max_scale)] for name, st in states.items()}
+    best = {key: [p.detach().clone() for p in (st.v, st.min_scale, st.max_scale)] for key, st in states.items()}
 
     # samples per step: one process's, divided over the data-parallel processes (each from its own share)
     global_bs = min(n, -(-bs * config.gradient_accumulate_steps // ctx.world_size))
@@ -641,22 +644,22 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             best_loss = torch.where(better, value, best_loss)
             best_iter.masked_fill_(better, it)
             on = {}  # `better` lives with the loss; a block split over GPUs keeps some linears' state on another
-            for name, st in states.items():
-                for dst, src in zip(best[name], (st.v, st.min_scale, st.max_scale)):
+            for key, st in states.items():
+                for dst, src in zip(best[key], (st.v, st.min_scale, st.max_scale)):
                     torch.where(on.setdefault(dst.device, better.to(dst.device)), src.detach(), dst, out=dst)
             sign_sgd_step([(ps, linear_lr(lr, it, config.iters), bounds) for ps, lr, bounds in groups])
 
     trainer.close()
     first_loss, best_loss, best_iter = float(first_loss), float(best_loss), int(best_iter)
     results = {}
-    for (owner, _, _), names in trainer.members.items():  # each linear quantized by its owner, shared with the others
+    for key, names in trainer.members.items():  # each linear quantized by its owner, shared with the others
         mine = None  # a buffer's linears (one owner, device and role) shared together: two broadcasts
-        if owner == trainer.rank:
+        if key in states:
             mine = []
-            for name in names:
-                v, mn, mx = states[name].export(*best[name])
+            for i, name in enumerate(names):
+                v, mn, mx = states[key].export(i, *best[key])
                 mine.append(quantize_weight(linears[name].weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx))
-        shared, _ = ctx.shared_results(owner, mine, [0.0] * len(names), [linears[n] for n in names])
+        shared, _ = ctx.shared_results(key[0], mine, [0.0] * len(names), [linears[n] for n in names])
         for name, result in zip(names, shared):
             result.bias = None if linears[name].bias is None else linears[name].bias.detach().clone()
             results[name] = result
