@@ -352,6 +352,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
     p.add_argument("--compile", action="store_true", help="AutoRound with lowbit's default on CUDA (compiled block and grid), not eager")
     p.add_argument("--checks_only", action="store_true", help="the checks (kernel, Hessian, solve profile) and no runs")
+    p.add_argument("--repeats", type=int, default=1, help="run the chosen rows this many times, in turn (rows of noisy runs: '#2', '#3', ...)")
     p.add_argument("--ways", default="", help="comma list of ways to keep, e.g. 'one GPU' (default: all)")
     p.add_argument("--only", default="", help="comma list of runs to keep, e.g. 'llama gptq,qwen3-moe gptq' (default: all)")
     args = p.parse_args()
@@ -419,22 +420,26 @@ def main() -> None:
     if args.ways:
         order = [o for o in order if o[2] in args.ways.split(",")]
     outputs = {}
-    for model, method, how in order:
+    for rep, (model, method, how) in [(rep, o) for rep in range(args.repeats) for o in order]:
         if how == "auto-round":
-            auto_round_row(results, ckpts[(model, method)], args, log)
-            save()
+            if rep == 0:
+                auto_round_row(results, ckpts[(model, method)], args, log)
+                save()
             continue
         extra, factor = ways[how]
-        row = f"{model} {method} | {how}"
+        suffix = f" #{rep + 1}" if rep else ""  # a repeat of the same rows, in turn: the noise between runs
+        row = f"{model} {method} | {how}{suffix}"
         left = args.budget - (time.time() - STARTED)
-        base = results["rows"].get(f"{model} {method} | one GPU")
+        base = results["rows"].get(f"{model} {method} | one GPU{suffix}")
         need = 60 if factor is None or base is None or "wall_s" not in base else factor * base["wall_s"] + 15
         if left < need:
             results["rows"][row] = {"skipped": f"{left:.0f} s left of the budget, about {need:.0f} s needed"}
             continue
         out = work / f"out-{model}-{method}-{how.split()[0]}"
         results["rows"][row] = run_cli(ckpts[(model, method)], out, methods[(model, method)] + calib + extra, one_device, log, timeout=left - 5)
-        if (out / "lowbit_log.json").exists():
+        if rep:
+            shutil.rmtree(out, ignore_errors=True)
+        elif (out / "lowbit_log.json").exists():
             outputs[(model, method, how)] = out
             if how != "one GPU" and (model, method, "one GPU") in outputs:
                 results["checks"][f"{model} {method}: {how} vs one GPU"] = compare(outputs[(model, method, "one GPU")], out)
@@ -450,7 +455,8 @@ def main() -> None:
     print("| run | wall s | run s | block loop s | s per block | speed-up | peak RSS GiB (per process) | peak VRAM GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results["rows"].items():
-        print(fmt_row(name, r, results["rows"].get(f"{name.split(' | ')[0]} | one GPU")))
+        suffix = " #" + name.rsplit(" #", 1)[1] if " #" in name else ""
+        print(fmt_row(name, r, results["rows"].get(f"{name.split(' | ')[0]} | one GPU{suffix}")))
     print("\n".join(phase_table(results)))
 
 
