@@ -191,6 +191,7 @@ def unfuse_experts(model: torch.nn.Module) -> dict[str, ExpertLayout]:
         module.lowbit_all_tokens = False
         module.lowbit_unrouted_weight = None  # with lowbit_all_tokens: the row weight of unrouted tokens (None: all alike)
         module.lowbit_routed = None  # a [E] int64 tensor while the runner counts
+        module.lowbit_count_only = False  # while counting: count the routes, run no expert (calib/experts.count_routed)
         layouts[name] = layout
     set_implementation(model)
     return layouts
@@ -265,6 +266,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]  # [E]
     if self.lowbit_routed is not None:
         self.lowbit_routed += counts.to(self.lowbit_routed)
+        if self.lowbit_count_only:  # the block's output is not used: the routes were all that was wanted
+            return torch.zeros_like(hidden_states)
     order = torch.sort(flat, stable=True).indices  # [T * k]
     bounds = [0, *counts.cumsum(0).tolist()]
     out = torch.zeros(hidden_states.shape[0], hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device)

@@ -45,7 +45,11 @@ class ExpertPlan:
 @torch.no_grad()
 def count_routed(engine, block: torch.nn.Module, index: int, stream) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Routed tokens per expert of every experts module in the block, and the tokens each module was called
-    on, over every sample (and process)."""
+    on, over every sample (and process).
+
+    The pass's block output is thrown away, so with one experts module in the block (every MoE family lowbit
+    knows) its experts are not run, only routed: nothing after them feeds a router. With several, the later
+    routers read the earlier experts' outputs, and every expert runs."""
     modules = experts_modules(block)
     seen = {n: 0 for n in modules}
 
@@ -57,6 +61,7 @@ def count_routed(engine, block: torch.nn.Module, index: int, stream) -> tuple[di
     handles = [m.register_forward_pre_hook(count(n), with_kwargs=True) for n, m in modules.items()]
     for m in modules.values():
         m.lowbit_routed = torch.zeros(m.lowbit_layout.num_experts, dtype=torch.int64, device=engine.device)
+        m.lowbit_count_only = len(modules) == 1
     try:
         for indices in engine.batches(len(stream.hidden)):
             engine.call(block, index, stream, indices)
@@ -67,7 +72,7 @@ def count_routed(engine, block: torch.nn.Module, index: int, stream) -> tuple[di
         for h in handles:
             h.remove()
         for m in modules.values():
-            m.lowbit_routed = None
+            m.lowbit_routed, m.lowbit_count_only = None, False
 
 
 def plan_experts(engine, block: torch.nn.Module, index: int, stream, prefix: str, calib, method_cfg) -> ExpertPlan | None:
