@@ -159,7 +159,11 @@ class LinearState:
 
     @classmethod
     def from_weights(cls, ws: list[torch.Tensor], scheme: Scheme, tune_minmax: bool) -> "LinearState":
-        x = torch.stack([group_view(w.detach().float(), scheme.group_size) for w in ws])  # [B, N, G, gs]
+        first = group_view(ws[0].detach().float(), scheme.group_size)  # [N, G, gs]
+        x = torch.empty((len(ws), *first.shape), dtype=torch.float32, device=first.device)  # [B, N, G, gs]
+        x[0] = first
+        for i, w in enumerate(ws[1:], 1):  # filled one by one: one linear's float copy at a time beside x
+            x[i] = group_view(w.detach().float(), scheme.group_size)
         lo = x.amin(-1, keepdim=True).clamp(max=0)
         hi = x.amax(-1, keepdim=True).clamp(min=0)
         ones = torch.ones_like(lo)
@@ -320,7 +324,7 @@ class Trainer:
                 leaf.grad = self.grads[key][start : start + n].view_as(leaf)
                 self.leaves[name] = leaf
                 start += n
-        self.graphs: dict[str, torch.Tensor] = {}
+        self.graphs: dict[tuple, torch.Tensor] = {}  # key -> W_hat [B, N, K] with its graph (the owner's buffers)
         self.arriving: dict[tuple, object] = {}  # key -> pending broadcast of its W_hat buffer
         self.summing: dict[tuple, tuple] = {}  # key -> (float32 buffer, pending sum onto its owner)
         self.ready = {}  # linear -> wait for its W_hat (eager data-parallel blocks)
