@@ -223,6 +223,69 @@ def check_gptq_solve(device: str, tiny: bool = False) -> dict:
     return out
 
 
+def check_grouped_experts(device: str, tiny: bool = False) -> dict:
+    """A Qwen3-30B-A3B experts layer (128 experts, 2048 -> 768 -> 2048, top 8) trained the way AutoRound trains
+    it: forward and backward into every expert's weight, bf16, on one batch (8 x 2048 tokens: one process) and
+    half of it (each of two), through the grouped GEMMs (arch/experts.dense_grouped_forward) and through the
+    per-expert loop (forced by a hook); output and weight gradients compared, warm, median of 3."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from lowbit.arch.experts import dense_grouped_applies, unfuse_experts
+
+    if device != "cpu" and not torch.cuda.is_available():
+        return {"skipped": "no GPU"}
+    dev = "cuda" if device != "cpu" else "cpu"
+    e, h, i, k, tokens = (8, 64, 32, 2, 256) if tiny else (128, 2048, 768, 8, 16384)
+    config = Qwen3MoeConfig(hidden_size=h, moe_intermediate_size=i, num_experts=e, num_experts_per_tok=k)
+    with torch.device("meta"):
+        holder = torch.nn.Sequential(Qwen3MoeExperts(config))
+    unfuse_experts(holder)
+    experts = holder[0].to_empty(device=dev).to(torch.bfloat16 if dev == "cuda" else torch.float32)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for p in experts.parameters():
+        p.data.normal_(0, 0.02, generator=g).requires_grad_(True)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    out = {}
+    for n in (tokens, tokens // 2):
+        x = torch.randn(n, h, device=dev, generator=g, dtype=getattr(experts, "0").gate_proj.weight.dtype)
+        index = torch.rand(n, e, device=dev, generator=g).topk(k, dim=-1).indices  # [n, k] distinct experts
+        weights = torch.rand(n, k, device=dev, generator=g).softmax(-1).to(x.dtype)
+
+        def step():
+            for p in experts.parameters():
+                p.grad = None
+            y = experts(x, index, weights)
+            y.float().pow(2).mean().backward()
+            return y
+
+        def timed() -> tuple[float, torch.Tensor]:
+            y = step()  # warm
+            times = []
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - t0)
+            return round(sorted(times)[1], 4), y
+
+        grouped_s, y_grouped = timed()
+        applies = dense_grouped_applies(experts, x)
+        grads = torch.cat([p.grad.flatten().float() for p in experts.parameters()])
+        handle = getattr(experts, "0").gate_proj.register_forward_pre_hook(lambda m, a: None)  # a watched linear: the loop
+        try:
+            loop_s, y_loop = timed()
+            loop_grads = torch.cat([p.grad.flatten().float() for p in experts.parameters()])
+        finally:
+            handle.remove()
+        out[f"{n}_tokens"] = {"grouped_s": grouped_s, "loop_s": loop_s, "speedup": round(loop_s / grouped_s, 2), "grouped_path": applies,
+                              "out_rel_diff": float((y_grouped.detach().float() - y_loop.detach().float()).abs().max() / y_loop.detach().float().abs().max()),
+                              "grad_rel_diff": float((grads - loop_grads).abs().max() / loop_grads.abs().max())}
+    print(f"grouped experts: {json.dumps(out)}", flush=True)
+    return out
+
+
 def factor_before(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     """GPTQ's inverse factor as lowbit computed it until stop 23 (and GPTQ's reference code does): Cholesky of
     H + damp I, the inverse from it, the upper Cholesky of that inverse."""
@@ -375,6 +438,7 @@ def main() -> None:
     results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
     results["checks"]["gptq_hessian"] = check_hessian(args.device)
     results["checks"]["gptq_solve"] = check_gptq_solve(args.device, tiny=args.tiny)
+    results["checks"]["grouped_experts"] = check_grouped_experts(args.device, tiny=args.tiny)
     save()
     if args.checks_only:
         print(json.dumps({k: v for k, v in results["checks"].items()}, indent=1, default=str))

@@ -203,6 +203,12 @@ class FakeQuantLinear(torch.nn.Module):
         self.weight_hat = weight_hat
         self.ready = ready
 
+    def dense_weight(self) -> torch.Tensor:
+        """W_hat [N, K] once it is here (arch/experts.py's grouped experts read it without calling forward)."""
+        if self.ready is not None:
+            self.ready()
+        return self.weight_hat
+
     def forward(self, x):
         """On the weight's device (a block spread over several: the input comes from the block's first
         device and the output goes back there, differentiably)."""

@@ -22,6 +22,7 @@ Calibration switches live on the module (set by the runner around one block, nev
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,6 +258,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     grouped = getattr(self, "lowbit_grouped", None)  # kernels/moe.py: all experts in one launch per projection
     if grouped is not None and not self.lowbit_all_tokens and self.lowbit_routed is None and grouped.applies(self, hidden_states):
         return grouped(self, hidden_states, top_k_index, top_k_weights)
+    if not self.lowbit_all_tokens and self.lowbit_routed is None and dense_grouped_applies(self, hidden_states):
+        return dense_grouped_forward(self, hidden_states, top_k_index, top_k_weights)
     layout: ExpertLayout = self.lowbit_layout
     num_experts, k = layout.num_experts, top_k_index.shape[-1]
     # the (token, slot) pairs grouped by expert with one stable sort and one host sync for all experts (a
@@ -291,6 +294,120 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             y = y[token]
         out.index_add_(0, token, y.float() * top_k_weights[token, slot, None].float())
     return out.to(hidden_states.dtype)
+
+
+# ---------------------------------------------------------------- dense experts, grouped
+
+
+def dense_weight(linear: torch.nn.Module) -> torch.Tensor | None:
+    """A projection's dense weight [N, K] as its forward would use it: an nn.Linear's weight, or what a stand-in
+    exposes through `dense_weight()` (AutoRound's fake-quant linears: W_hat, waited for when it is still
+    arriving from another process); None for anything else (QuantLinears: the loop or kernels/moe.py)."""
+    if type(linear) is torch.nn.Linear:
+        return linear.weight
+    fn = getattr(linear, "dense_weight", None)
+    return fn() if callable(fn) else None
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Someone watches this module's calls (GPTQ / AWQ statistics, accelerate's device hooks): it must be called."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or getattr(module, "_hf_hook", None) is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm, forward and backward, runs for `dtype` on `device` (a capability, found once
+    per device and dtype: CUDA's kernel needs a recent GPU and 16-bit types; the CPU's reference runs all)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.enable_grad():
+            x = torch.ones(16, 16, dtype=dtype, device=device, requires_grad=True)
+            w = torch.ones(2, 16, 16, dtype=dtype, device=device, requires_grad=True)
+            offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
+            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            y.backward(torch.ones_like(y))  # a real upstream gradient (its backward refuses stride-0 expanded ones)
+        return bool(torch.all(y == 16).item()) and bool(torch.all(w.grad == 8).item())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def dense_grouped_applies(module: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Every expert's projections are dense weights on the input's device, in one dtype, unhooked, with widths
+    the grouped GEMM reads (multiples of 8 elements: CUDA's 16-byte alignment); nothing routes tokens outside
+    the routed pairs (every-token statistics and the counting pass keep the loop)."""
+    layout: ExpertLayout = module.lowbit_layout
+    if _global_hooks():
+        return False
+    dtypes = set()
+    for e in range(layout.num_experts):
+        expert = getattr(module, str(e))
+        for name in layout.linear_names():
+            linear = getattr(expert, name)
+            w = None if _hooked(linear) else dense_weight(linear)
+            if w is None or w.device != hidden_states.device or w.dim() != 2 or w.shape[0] % 8 or w.shape[1] % 8:
+                return False
+            dtypes.add(w.dtype)
+    return len(dtypes) == 1 and grouped_mm_runs(hidden_states.device, dtypes.pop())
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: torch._grouped_mm's backward refuses strided ones
+    (gpt-oss's interleaved gate/up join gives every other column of the joined gradient)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def dense_grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """experts_forward's result with each projection of all experts as one grouped GEMM (torch._grouped_mm over the
+    (token, slot) pairs sorted by expert): a few launches per layer and no host sync, instead of ~10 per expert
+    (a 128-expert block's AutoRound step was bound by the host issuing the loop's launches). Differentiable in
+    the weights (AutoRound trains W_hat through it) and the inputs; the weights are stacked per projection,
+    [E, N, K] (a copy: each expert's weight is its own tensor).
+
+    hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H] in hidden_states' dtype, accumulated in
+    float32 as the loop does."""
+    layout: ExpertLayout = self.lowbit_layout
+    num_experts, k = layout.num_experts, top_k_index.shape[-1]
+    tokens = hidden_states.shape[0]
+    flat = top_k_index.reshape(-1)  # [P = T * k], pair t * k + s; expert-parallel sentinels (>= E) sort last
+    order = torch.sort(flat, stable=True).indices  # [P], grouped by expert
+    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]  # [E]
+    ends = counts.cumsum(0).to(torch.int32)  # [E] each expert's end row in the sorted pairs
+    token, slot = order // k, order % k
+    valid = flat[order] < num_experts  # [P] sentinel pairs past the last group: no expert's rows
+    experts = [getattr(self, str(e)) for e in range(num_experts)]
+
+    def project(name: str, x: torch.Tensor) -> torch.Tensor:  # x [P, K] -> [P, N]
+        linears = [getattr(ex, name) for ex in experts]
+        w = torch.stack([dense_weight(l) for l in linears])  # [E, N, K]
+        y = _ContiguousGrad.apply(torch._grouped_mm(x.to(w.dtype), w.transpose(-2, -1), offs=ends))
+        if linears[0].bias is not None:  # each pair's expert's bias
+            bias = torch.stack([l.bias for l in linears]).to(y.dtype)  # [E, N]
+            y = y + bias[flat[order].clamp(max=num_experts - 1)]
+        return y
+
+    x = hidden_states[token]  # [P, H]
+    first = layout.join([project(n, x) for n in layout.names[layout.first]])
+    h = self._apply_gate(first) if layout.first == "gate_up_proj" else self.act_fn(first)
+    y = project(layout.down, h)  # [P, H]
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    weighted = torch.where(valid[:, None], y.float() * top_k_weights[token, slot, None].float(), 0.0)
+    out = torch.zeros(tokens, hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device)
+    return out.index_add_(0, token, weighted).to(hidden_states.dtype)
 
 
 _REGISTERED = False

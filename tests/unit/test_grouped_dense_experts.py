@@ -1,0 +1,106 @@
+"""Dense experts run as grouped GEMMs (arch/experts.py `dense_grouped_forward`): the unfused experts module's
+output and its gradients, for the weights, biases and inputs, against transformers' own fused experts module
+run in float64 on the same routes (an independent implementation and precision); a hooked linear keeps the
+per-expert loop, so statistics see each expert's routed rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.arch.experts import dense_grouped_applies, experts_modules
+from lowbit.model import Checkpoint, build_skeleton
+from lowbit.model.names import map_names
+from lowbit.model.skeleton import load_tensors
+from tests.arch.tiny import TINY_TEXT, save_tiny_checkpoint
+
+
+def fused_and_unfused(arch, path):
+    """Layer 0's experts: transformers' fused module (float64, its own experts implementation) and lowbit's
+    unfused one (float32, loaded from the same checkpoint)."""
+    fp_model = save_tiny_checkpoint(arch, path, TINY_TEXT)
+    ckpt = Checkpoint(path)
+    skeleton = build_skeleton(ckpt.config)
+    load_tensors(skeleton, list(skeleton.state_dict(keep_vars=True).items()), ckpt, map_names(skeleton, ckpt.index), "cpu", torch.float32)
+    unfused = next(iter(experts_modules(skeleton).values()))
+    fused = next(m for m in fp_model.modules() if hasattr(m, "has_gate")).double()
+    fused.config._experts_implementation = "eager"
+    return fused, unfused
+
+
+def routes(tokens: int, experts: int, k: int, seed: int = 0):
+    """top_k_index [T, k] (distinct experts per token; expert 1 never chosen: an expert without rows) and
+    router weights [T, k]."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = [e for e in range(experts) if e != 1]
+    index = torch.stack([torch.tensor(pool)[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(tokens)])
+    return index, torch.rand(tokens, k, generator=gen, dtype=torch.float64).softmax(-1)
+
+
+def fused_grads(fused, layout, e: int) -> dict[str, torch.Tensor]:
+    """Expert e's per-linear gradients out of the fused module's 3-D gradients ([E, out, in], or [E, in, out]
+    transposed; gate/up split by the layout)."""
+    out = {}
+    for p in (layout.first, "down_proj"):
+        g = getattr(fused, p).grad[e]
+        g = g.t() if layout.transposed else g
+        for name, part in zip(layout.names[p], layout.split(p, g)):
+            out[f"{name}.weight"] = part
+        if layout.bias:
+            for name, part in zip(layout.names[p], layout.split(p, getattr(fused, f"{p}_bias").grad[e])):
+                out[f"{name}.bias"] = part
+    return out
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "GptOssForCausalLM"])
+def test_grouped_forward_and_gradients_match_the_fused_module_in_float64(arch, tmp_path):
+    """Qwen3-MoE (gate/up concatenated, no bias) and gpt-oss (transposed, interleaved, biases, its own clamped
+    gate): outputs and every gradient agree with transformers' fused module at float32 precision."""
+    fused, unfused = fused_and_unfused(arch, tmp_path)
+    layout = unfused.lowbit_layout
+    hidden = torch.randn(24, fused.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    index, weights = routes(24, layout.num_experts, fused.config.num_experts_per_tok)
+
+    x64 = hidden.clone().requires_grad_()
+    want = fused(x64, index, weights)
+    upstream = torch.randn_like(want)
+    (want * upstream).sum().backward()
+
+    for p in unfused.parameters():
+        p.requires_grad_(True)
+    x32 = hidden.float().requires_grad_()
+    assert dense_grouped_applies(unfused, x32)
+    got = unfused(x32, index, weights.float())
+    (got * upstream.float()).sum().backward()
+
+    scale = want.abs().max()
+    assert (got.double() - want).abs().max() <= 1e-5 * scale
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-5 * x64.grad.abs().max().item())
+    for e in range(layout.num_experts):
+        expert = getattr(unfused, str(e))
+        for name, g in fused_grads(fused, layout, e).items():
+            mine = expert.get_parameter(name).grad
+            if e == 1:  # no token routed to it: no gradient (or a zero one)
+                assert mine is None or not mine.any()
+                continue
+            torch.testing.assert_close(mine.double(), g, rtol=1e-4, atol=1e-5 * max(g.abs().max().item(), 1e-12))
+
+
+def test_a_hooked_expert_linear_keeps_the_loop_and_sees_its_routed_rows(tmp_path):
+    """A forward hook on one expert's linear (statistics): the grouped path steps aside, the hook sees exactly
+    the rows routed to that expert, and the output is unchanged."""
+    _, unfused = fused_and_unfused("Qwen3MoeForCausalLM", tmp_path)
+    hidden = torch.randn(16, unfused.lowbit_layout.num_experts and getattr(unfused, "0").gate_proj.in_features)
+    index, weights = routes(16, unfused.lowbit_layout.num_experts, 2, seed=2)
+    weights = weights.float()
+    grouped = unfused(hidden, index, weights)
+    seen = []
+    handle = getattr(unfused, "0").gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        assert not dense_grouped_applies(unfused, hidden)
+        looped = unfused(hidden, index, weights)
+    finally:
+        handle.remove()
+    rows = (index == 0).any(-1).nonzero().flatten()
+    assert len(seen) == 1 and torch.equal(seen[0], hidden[rows])
+    torch.testing.assert_close(looped, grouped, rtol=1e-5, atol=1e-6)
