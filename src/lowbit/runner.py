@@ -36,6 +36,7 @@ from .placement import Placer, attach, cache_bytes, describe, detach
 from .errors import LowbitError
 from .launch import command_started
 from .export import FORMAT_WRITERS, ShardWriter
+from .export.shards import BackgroundWrites, staged
 from .guard import OutputLock, refuse_source_overlap, refuse_unsafe_target, release_output_lock
 from .model import Checkpoint, build_skeleton, free_module, load_module, resolve_model
 from .model.names import NameMap, check_complete, map_names
@@ -218,7 +219,9 @@ def quantize(
         state = on_rank0(reducer, claim_output, target, ckpt, key_of, world)  # every rank resumes at the same block
         scan_checkpoint(ckpt, target, reducer)
 
-    with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder:
+    # block i's tensors are written by a thread while block i + 1 computes; it exits first (a failed run waits
+    # for the write in flight before atomic_folder handles the folder)
+    with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder, BackgroundWrites(writes) as background:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
         names = map_names(skeleton, ckpt.index)
         check_complete(skeleton, names, ckpt.path)  # every tensor the model needs is found before block 0
@@ -282,13 +285,10 @@ def quantize(
                                     around=lambda: tokens_to_every_expert(block, experts))
             if experts is not None:
                 summary.add_experts(prefix, experts)
-            with phases("write"), block_phases("write"):
-                for out in outputs if writes else ():
-                    out.writer.add(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt)))
-                if writes and any(out.writer.full for out in outputs):  # flush together: everything up to this block is durable
-                    for out in outputs:
-                        out.writer.flush()
-                    save_progress(folder, key, i + 1, outputs, world)
+            with phases("write"), block_phases("write"):  # on the loop: packing queued, the last write waited for
+                if writes:
+                    tensors = [staged(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt))) for out in outputs]
+                    background.submit(partial_args(write_block, folder, key, i + 1, outputs, tensors, world))
             detach(block, placement)
             free_module(block)
             ckpt.close()  # unmap the shards: pages of finished blocks must not stay resident (and count in RSS)
@@ -296,6 +296,8 @@ def quantize(
             phases.sync()
             summary.block_seconds.append(time.perf_counter() - block_started)
             block_phases.block_done()
+        with phases("write"), block_phases("write"):
+            background.close()  # the last block's write
         bar.close()
         phases.seconds["blocks"] = time.perf_counter() - loop_started
         if reducer is not None:
@@ -343,6 +345,17 @@ def quantize(
         (folder / LOG).write_text(json.dumps(summary.to_dict(), indent=2))
     summary.peak_rss = max(summary.peak_rss, rss.peak)
     return summary
+
+
+def write_block(folder: Path, key: str, blocks_done: int, outputs: list, tensors: list, world: int) -> None:
+    """One block's tensors (staged, one entry per format) into the shard writers (the background thread); when a
+    shard is full, every format flushes and the resume record moves past this block: all of it is durable."""
+    for out, (block, ready) in zip(outputs, tensors):
+        out.writer.add(block, ready)
+    if any(out.writer.full for out in outputs):
+        for out in outputs:
+            out.writer.flush()
+        save_progress(folder, key, blocks_done, outputs, world)
 
 
 def method_metadata(method_cfg: MethodConfig, calib: CalibConfig | None) -> dict:
