@@ -107,8 +107,8 @@ class DistributedReducer:
         self.phases = None  # report.BlockPhases of the block loop: its "collectives" phase (set by the runner)
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":  # the loop's stream, not the background writer's (export/shards.py)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of `t` over every process (a copy; `t` is unchanged), on t's device.

@@ -78,7 +78,7 @@ class Phases:
 
     def sync(self) -> None:
         if self.device is not None and torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()  # the loop's stream: not the writer's side stream
 
     @contextmanager
     def __call__(self, name: str):
@@ -101,7 +101,7 @@ class BlockPhases:
     method's step, RTN), collectives (waiting in
     torch.distributed collectives, the slowest process included: DistributedReducer.phases), propagate (the
     quantized block replayed: the next block's inputs), write (packing and writing, rank 0). Each boundary
-    synchronizes the CUDA device (a few per block and stage, never per step), so queued kernels land in the
+    synchronizes the loop's CUDA stream (a few per block and stage, never per step), so queued kernels land in the
     phase that queued them. Always on: the cost is those synchronizations."""
 
     def __init__(self, device=None):
@@ -112,8 +112,10 @@ class BlockPhases:
         self._stack: list[list] = []  # [name, seconds of the phases inside it]
 
     def sync(self) -> None:
+        """The block loop's stream only: a device-wide synchronize would also wait for the background writer's
+        copies (export/shards.py) and put them back on the loop's path (the load phase grew by them on an H200)."""
         if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     @contextmanager
     def __call__(self, name: str):
