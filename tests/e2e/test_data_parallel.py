@@ -223,10 +223,11 @@ def test_matches_one_process(runs, method):
 
 
 def test_moe_gptq_solves_dealt_out_whole_match_one_process(runs):
-    """GPTQ on a 128-expert MoE: the gate / up solves dealt out whole to their owners and shared back in two
-    broadcasts per batch, the down solves split by rows; both processes hold every expert's result, and the
-    export is one process's within reduction-order noise (as test_matches_one_process)."""
-    assert 2 * -(-MOE_EXPERTS // SOLVE_BATCH) >= DEAL_OUT_PER_PROCESS * 2  # the gate / up stage is dealt out whole
+    """GPTQ on a 128-expert MoE: each expert's gate / up (one unit: they share its Hessian) and the downs in
+    batches dealt out whole to their owners, each Hessian reduced onto its solver, the results shared back in two
+    broadcasts per batch; both processes hold every expert's result, and the export is one process's within
+    reduction-order noise (as test_matches_one_process)."""
+    assert -(-MOE_EXPERTS // SOLVE_BATCH) < DEAL_OUT_PER_PROCESS * 2  # full batches would be too few: smaller ones are dealt out
     one, two = runs
     a, b = torch.load(two / "moe-gptq.rank0"), torch.load(two / "moe-gptq.rank1")
     assert len(a) == len(b) == 2 and all(x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x) for x, y in zip(a, b))

@@ -336,70 +336,106 @@ def stage_hessians(ctx: BlockContext, names: list[str], shared: dict[str, str] |
     finally:
         for h in handles:
             h.remove()
-    reduced = reduce_hessians(ctx, acc)
-    return {name: reduced[source[name]] for name in names}
+    return {name: acc[source[name]] for name in names}  # linears sharing an input share one entry (one object)
 
 
-def reduce_hessians(ctx: BlockContext, acc: dict[str, tuple[torch.Tensor | None, float]]) -> dict[str, tuple[torch.Tensor | None, float]]:
-    """Each linear's mean Hessian over every process's rows, sum_p n_p H_p / sum_p n_p (one process: unchanged).
-
-    All of a stage's linears at once: their row counts in one reduction (float64: exact past 2^24; the one host
-    sync), then every n_p H_p reduced asynchronously and waited for together. A MoE stage has 128 experts:
-    a count and a Hessian reduction per expert, each waited for by the host, were ~0.35 s per Qwen3-30B-A3B
-    block on two H200s. A linear no process called keeps H None. H is scaled in place (the local sums are not
-    used again)."""
+def count_rows(ctx: BlockContext, hessians: dict) -> dict[str, tuple[torch.Tensor | None, float]]:
+    """Every process's row counts summed per Hessian in one reduction (float64: exact past 2^24; the one host sync
+    of the reduction), each entry then (n_p H_p, total rows): the local part of the sum, reduced by
+    `reduce_hessians` once the stage knows who solves what. No process called the linear: (None, 0); this one did
+    not but another did: a zero part. Entries shared by linears reading one input stay shared. One process:
+    unchanged (H is already the mean)."""
     if ctx.world_size == 1:
-        return acc
-    names, where = list(acc), torch.device(getattr(ctx.engine.reducer, "device", ctx.device))  # where collectives run
-    totals = ctx.reduce_sum(torch.tensor([float(acc[n][1]) for n in names], dtype=torch.float64, device=where)).tolist()
-    pending, out = [], {}
-    for name, total in zip(names, totals):
-        h, n = acc[name]
-        if total == 0:
-            out[name] = (None, 0.0)
+        return hessians
+    entries = {id(e): e for e in hessians.values()}  # one per distinct Hessian, in the stage's order
+    where = torch.device(getattr(ctx.engine.reducer, "device", ctx.device))  # where collectives run
+    totals = ctx.reduce_sum(torch.tensor([float(e[1]) for e in entries.values()], dtype=torch.float64, device=where)).tolist()
+    first = {}  # entry -> the first linear holding it (its shape and device)
+    for name, e in hessians.items():
+        first.setdefault(id(e), name)
+    counted = {}
+    for (key, (h, n)), total in zip(entries.items(), totals):
+        name = first[key]
+        k = ctx.linears[name].in_features
+        counted[key] = (None, 0.0) if total == 0 else (h.mul_(n) if h is not None else torch.zeros(k, k, device=ctx.linears[name].weight.device), total)
+    return {name: counted[id(e)] for name, e in hessians.items()}
+
+
+def reduce_hessians(ctx: BlockContext, counted: dict, owner_of: dict[str, int]) -> dict[str, tuple[torch.Tensor | None, float]]:
+    """The mean Hessians sum_p n_p H_p / sum_p n_p from `count_rows`' parts: onto the one process that solves with
+    it (owner_of gives a linear's solver when solves are dealt out whole: half an all-reduce's traffic), else on
+    every process; launched asynchronously and waited for together (a MoE stage's 128 experts: one wait, not a
+    count, a Hessian and a host sync per expert). Elsewhere than its solver an entry holds a partial sum: it is
+    not read there. One process: unchanged."""
+    if ctx.world_size == 1:
+        return counted
+    where = torch.device(getattr(ctx.engine.reducer, "device", ctx.device))
+    solvers: dict[int, set] = {}
+    for name, entry in counted.items():
+        solvers.setdefault(id(entry), set()).add(owner_of.get(name))
+    pending, done = [], set()
+    for entry in counted.values():
+        weighted, total = entry
+        if weighted is None or id(entry) in done:
             continue
-        linear = ctx.linears[name]
-        weighted = h.mul_(n) if h is not None else torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+        done.add(id(entry))
+        owners = solvers[id(entry)]
+        owner = next(iter(owners)) if len(owners) == 1 else None  # None: every process solves with it
         if weighted.device != where:  # a linear placed on another device: reduced where the reducer works
-            out[name] = (ctx.reduce_sum(weighted).div_(total), total)
+            weighted.copy_(ctx.reduce_sum(weighted))
+            weighted.div_(total)
             continue
-        pending.append((name, weighted, total, ctx.engine.start("all_reduce", weighted)))
-    for name, weighted, total, work in pending:
+        pending.append((weighted, total, ctx.engine.start("all_reduce" if owner is None else "reduce", weighted, owner)))
+    for weighted, total, work in pending:
         work.wait()
-        out[name] = (weighted.div_(total), total)
-    return out
+        weighted.div_(total)
+    return counted
 
 
-def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[list[str]]:
-    """The stage's linears in solve batches: the experts of one module that play one role (same shape and
-    scheme) are solved together as a batch (gptq_quantize_many), at most SOLVE_BATCH at a time; other linears
-    that share one Hessian (they read one input: q/k/v, gate/up) with the same scheme and device form one
-    group whose rows are stacked (`joins_rows`); every other linear alone."""
-    groups: dict[tuple, list[str]] = {}
+Unit = tuple  # linear names sharing one Hessian, solved as one weight of their stacked rows
+
+
+def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[list[Unit]]:
+    """The stage's linears in solve batches of units. A unit is the linears that share one Hessian (they read one
+    input: q/k/v, gate/up, and an expert's own gate/up) and have the same scheme and device: solved as one weight
+    of their stacked rows (`gptq_quantize_many` on [B, rows, K]); GPTQ treats each row alone given H, so each
+    linear gets the codes it gets alone, with one factorisation of H and one column loop instead of one per
+    linear. The units of one experts module that play one role (same shapes and scheme) form batches of at most
+    SOLVE_BATCH (smaller with several processes, to be dealt out whole); every other unit is its own batch."""
+    units: dict[tuple, list[str]] = {}
     for name in names:
         h = hessians[name][0]
         if h is None:
             continue
         linear = ctx.linears[name]
-        if expert_role(name) != name:  # same role, shape, scheme and device (a block spread over several devices places experts apart)
-            key = (expert_role(name), linear.out_features, linear.in_features, ctx.schemes[name], linear.weight.device)
-        else:  # stage_hessians hands linears reading one input the very same H tensor
-            key = ("rows", id(h), ctx.schemes[name], linear.weight.device)
-        groups.setdefault(key, []).append(name)
-    return [g[i : i + SOLVE_BATCH] for g in groups.values() for i in range(0, len(g), SOLVE_BATCH)]
+        prefix = name.rpartition(".")[0] if expert_role(name) != name else ""  # an expert's linears share only with each other
+        units.setdefault((id(h), prefix, ctx.schemes[name], linear.weight.device), []).append(name)
+    groups: dict[tuple, list[Unit]] = {}
+    for (_, prefix, scheme, device), members in units.items():
+        unit = tuple(members)
+        if prefix:  # experts: batched by their roles and shapes
+            shapes = tuple((ctx.linears[n].out_features, ctx.linears[n].in_features) for n in unit)
+            key = ("experts", tuple(expert_role(n) for n in unit), shapes, scheme, device)
+        else:
+            key = ("alone", unit)
+        groups.setdefault(key, []).append(unit)
+    out = []
+    for key, g in groups.items():
+        # several processes: batches small enough that there are DEAL_OUT_PER_PROCESS per process to deal out
+        # whole (128 experts, two processes: 8 batches of 16), so each process factors only its experts' Hessians
+        size = SOLVE_BATCH if key[0] != "experts" else min(SOLVE_BATCH, max(1, -(-len(g) // (DEAL_OUT_PER_PROCESS * ctx.world_size))))
+        out += [g[i : i + size] for i in range(0, len(g), size)]
+    return out
 
 
-def solve_cost(linears: list[torch.nn.Linear], joined: bool) -> int:
-    """~ the solve's work: per solved weight K x (K + N) (the factorisation of H, then the column loop over N rows)."""
-    k = linears[0].in_features
-    return k * (k + sum(l.out_features for l in linears)) if joined else len(linears) * k * (k + linears[0].out_features)
+def unit_rows(ctx: BlockContext, unit: Unit) -> int:
+    return sum(ctx.linears[n].out_features for n in unit)
 
 
-def joins_rows(group: list[str]) -> bool:
-    """A solve_groups group of linears that share H, solved as one weight of their stacked rows: GPTQ treats
-    every row of W alone given H (its scale / zero groups run along K), so stacking q/k/v's rows gives each row
-    the codes it gets alone, with one factorisation of H and one column loop instead of one per linear."""
-    return len(group) > 1 and expert_role(group[0]) == group[0]
+def solve_cost(ctx: BlockContext, group: list[Unit]) -> int:
+    """~ the solve's work: per unit K x (K + rows) (the factorisation of H, then the column loop over its rows)."""
+    k = ctx.linears[group[0][0]].in_features
+    return len(group) * k * (k + unit_rows(ctx, group[0]))
 
 
 def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[str, QuantResult]:
@@ -416,44 +452,45 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
     results, total = {}, 0.0
     for names in stages:
         with ctx.phase("stats"):
-            hessians = stage_hessians(ctx, names, shared)
+            hessians = count_rows(ctx, stage_hessians(ctx, names, shared))
         for name in names:
             if hessians[name][0] is None:  # never called: nothing to be faithful to
                 linear = ctx.linears[name]
                 results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], bias=linear.bias)
         groups = solve_groups(ctx, names, hessians)
         # the solve (the loop over K columns) does not shrink with the samples: data-parallel processes split
-        # it. Many batches (a MoE stage): dealt out whole by cost; few (a dense stage: q/k/v, o, gate/up,
-        # down): every process solves its share of each linear's rows (rows are independent given H), so no
-        # process waits while another solves down_proj alone.
+        # it. Many batches (a MoE stage): dealt out whole by cost, each Hessian reduced onto its solver; few (a
+        # dense stage: q/k/v, o, gate/up, down): every process solves its share of each unit's rows (rows are
+        # independent given H), so no process waits while another solves down_proj alone.
         whole = len(groups) >= DEAL_OUT_PER_PROCESS * ctx.world_size
-        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: solve_cost([ctx.linears[n] for n in g], joins_rows(list(g)))) if whole else {}
+        solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: solve_cost(ctx, list(g))) if whole else {}
+        with ctx.phase("stats"):
+            hessians = reduce_hessians(ctx, hessians, {n: solver[tuple(g)] for g in groups for unit in g for n in unit} if whole else {})
         for group in groups:
             owner = solver.get(tuple(group))
-            linears = [ctx.linears[n] for n in group]
-            joined = joins_rows(group)
-            n_rows = sum(l.out_features for l in linears) if joined else linears[0].out_features  # rows of one solved weight
+            n_rows = unit_rows(ctx, group[0])  # rows of one solved weight (a unit's linears stacked)
             rows = slice(None) if whole else ctx.row_share(n_rows)
-            mine, losses = [None] * (1 if joined else len(group)), [0.0] * (1 if joined else len(group))
+            mine, losses = [None] * len(group), [0.0] * len(group)
+            firsts = [ctx.linears[unit[0]] for unit in group]  # each solved weight's scheme and device
             with ctx.phase("solve"):
                 if not whole or owner == ctx.engine.rank:
-                    w = torch.cat([l.weight for l in linears])[None, rows] if joined else torch.stack([l.weight[rows] for l in linears])  # [B, rows, K]
-                    h = torch.stack([hessians[n][0] for n in group[: len(w)]])  # [B, K, K]
-                    mine, losses = gptq_quantize_many(w, h, ctx.schemes[group[0]], config.block_size, config.damp_percent, config.act_order)
-                solved_linears = linears[:1] if joined else linears  # one stacked weight, or each linear
+                    w = torch.stack([torch.cat([ctx.linears[n].weight for n in unit])[rows] for unit in group])  # [B, rows, K]
+                    h = torch.stack([hessians[unit[0]][0] for unit in group])  # [B, K, K]
+                    mine, losses = gptq_quantize_many(w, h, ctx.schemes[group[0][0]], config.block_size, config.damp_percent, config.act_order)
                 if whole:
-                    solved, losses = ctx.shared_results(owner, mine if owner == ctx.engine.rank else None, losses, solved_linears, rows=n_rows)
+                    solved, losses = ctx.shared_results(owner, mine if owner == ctx.engine.rank else None, losses, firsts, rows=n_rows)
                 else:
-                    solved, losses = ctx.joined_rows(mine, losses, solved_linears, rows=n_rows)
+                    solved, losses = ctx.joined_rows(mine, losses, firsts, rows=n_rows)
                 total += sum(losses)
-                if joined:  # the stacked rows back to their linears, in order
-                    cuts = torch.tensor([0] + [l.out_features for l in linears]).cumsum(0).tolist()
-                    solved = [QuantResult(solved[0].scheme, *(getattr(solved[0], f)[a:b] for f in ("codes", "scale", "zero"))) for a, b in zip(cuts, cuts[1:])]
-                for name, linear, result in zip(group, linears, solved):
-                    result.bias = None if linear.bias is None else linear.bias.detach().clone()
-                    results[name] = result
-                    # later stages must see this linear quantized (their inputs are recomputed through it)
-                    linear.weight.data = result.dequantize().to(linear.weight)
+                for unit, stacked in zip(group, solved):  # the stacked rows back to their linears, in order
+                    cuts = [0, *torch.tensor([ctx.linears[n].out_features for n in unit]).cumsum(0).tolist()]
+                    for name, a, b in zip(unit, cuts, cuts[1:]):
+                        linear = ctx.linears[name]
+                        result = QuantResult(stacked.scheme, *(getattr(stacked, f)[a:b] for f in ("codes", "scale", "zero")))
+                        result.bias = None if linear.bias is None else linear.bias.detach().clone()
+                        results[name] = result
+                        # later stages must see this linear quantized (their inputs are recomputed through it)
+                        linear.weight.data = result.dequantize().to(linear.weight)
     if ctx.log:
         ctx.log(f"block {ctx.index}: gptq {len(stages)} stages, error {total:.4g}, {time.time() - started:.1f}s")
     return results

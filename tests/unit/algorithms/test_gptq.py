@@ -237,7 +237,7 @@ def test_linears_sharing_an_input_solved_as_stacked_rows_get_their_own_codes(cap
     monkeypatch.setattr(gptq, "gptq_quantize_many", spy)
     stacked = quantize_block(ctx, config)
     real_groups = gptq.solve_groups
-    monkeypatch.setattr(gptq, "solve_groups", lambda *a: [[n] for g in real_groups(*a) for n in g])  # each linear its own solve
+    monkeypatch.setattr(gptq, "solve_groups", lambda *a: [[(n,)] for g in real_groups(*a) for unit in g for n in unit])  # each linear its own solve
     alone = quantize_block(make_ctx(copy.deepcopy(model), inputs, scheme), config)
     assert sorted(stacked_groups) == [64 + 32 + 32, 2 * 160]  # q/k/v (kv_heads 2 of 4: 32 rows each), gate/up
     for name in alone:
