@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.nn.modules import module as _nn_module  # the global hook registries
 
 from ..errors import LowbitError
 
@@ -337,8 +338,8 @@ def dense_grouped_applies(module: torch.nn.Module, hidden_states: torch.Tensor) 
     the grouped GEMM reads (multiples of 8 elements: CUDA's 16-byte alignment); nothing routes tokens outside
     the routed pairs (every-token statistics and the counting pass keep the loop)."""
     layout: ExpertLayout = module.lowbit_layout
-    if _global_hooks():
-        return False
+    if dense_weight(getattr(getattr(module, "0"), layout.linear_names()[0])) is None or _global_hooks():
+        return False  # quantized experts (the loop or kernels/moe.py), or someone watching every module
     dtypes = set()
     for e in range(layout.num_experts):
         expert = getattr(module, str(e))
@@ -352,9 +353,7 @@ def dense_grouped_applies(module: torch.nn.Module, hidden_states: torch.Tensor) 
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as nn_module
-
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
 class _ContiguousGrad(torch.autograd.Function):
