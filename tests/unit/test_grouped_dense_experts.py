@@ -104,3 +104,30 @@ def test_a_hooked_expert_linear_keeps_the_loop_and_sees_its_routed_rows(tmp_path
     rows = (index == 0).any(-1).nonzero().flatten()
     assert len(seen) == 1 and torch.equal(seen[0], hidden[rows])
     torch.testing.assert_close(looped, grouped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stack_bytes", [1, 3 * 32 * 64 * 4])
+def test_experts_stacked_in_chunks_compute_the_same_forward_and_gradients(tmp_path, stack_bytes):
+    """Past `lowbit_stack_bytes` the experts' weights are stacked a chunk at a time (one expert, or three of the
+    8): the output and every gradient equal the single grouped GEMM's."""
+    _, unfused = fused_and_unfused("Qwen3MoeForCausalLM", tmp_path)
+    layout = unfused.lowbit_layout
+    hidden = torch.randn(20, getattr(unfused, "0").gate_proj.in_features, generator=torch.Generator().manual_seed(4))
+    index, weights = routes(20, layout.num_experts, 2, seed=5)
+    for p in unfused.parameters():
+        p.requires_grad_(True)
+
+    def run():
+        unfused.zero_grad(set_to_none=True)
+        x = hidden.clone().requires_grad_()
+        y = unfused(x, index, weights.float())
+        (y * y).sum().backward()
+        return y.detach(), x.grad, [p.grad.clone() if p.grad is not None else None for p in unfused.parameters()]
+
+    whole = run()
+    unfused.lowbit_stack_bytes = stack_bytes
+    chunked = run()
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(chunked[2], whole[2]):
+        assert (a is None and b is None) or torch.allclose(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a), rtol=1e-6, atol=1e-6)

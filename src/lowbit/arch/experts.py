@@ -369,12 +369,17 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+STACK_BYTES = 1 << 30  # a projection's expert weights stacked per grouped GEMM at most (a module may set lowbit_stack_bytes)
+
+
 def dense_grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """experts_forward's result with each projection of all experts as one grouped GEMM (torch._grouped_mm over the
     (token, slot) pairs sorted by expert): a few launches per layer and no host sync, instead of ~10 per expert
     (a 128-expert block's AutoRound step was bound by the host issuing the loop's launches). Differentiable in
     the weights (AutoRound trains W_hat through it) and the inputs; the weights are stacked per projection,
-    [E, N, K] (a copy: each expert's weight is its own tensor).
+    [E, N, K] (a copy: each expert's weight is its own tensor), in chunks of experts when that copy would pass
+    `lowbit_stack_bytes` (STACK_BYTES: 1 GiB; a DeepSeek-V3 projection is 7.5 GB of bf16 weights), which costs
+    one host sync for the chunks' row bounds.
 
     hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H] in hidden_states' dtype, accumulated in
     float32 as the loop does."""
@@ -388,11 +393,30 @@ def dense_grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
     token, slot = order // k, order % k
     valid = flat[order] < num_experts  # [P] sentinel pairs past the last group: no expert's rows
     experts = [getattr(self, str(e)) for e in range(num_experts)]
+    budget = getattr(self, "lowbit_stack_bytes", STACK_BYTES)
+    bounds: list[int] = []  # [0, ends...] on the host, read once (one sync) if a projection is stacked in chunks
+
+    def grouped(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:  # x [P, K], E weights [N, K] -> [P, N]
+        size = max(1, budget // (weights[0].numel() * weights[0].element_size()))  # experts per stacked copy
+        if size >= num_experts:
+            w = torch.stack(weights)  # [E, N, K]
+            return _ContiguousGrad.apply(torch._grouped_mm(x.to(w.dtype), w.transpose(-2, -1), offs=ends))
+        if not bounds:
+            bounds.extend([0, *ends.tolist()])
+        parts = []
+        for a in range(0, num_experts, size):  # each chunk's pairs are contiguous rows of the sorted pairs
+            b = min(num_experts, a + size)
+            w = torch.stack(weights[a:b])  # [b - a, N, K]
+            rows = x[bounds[a] : bounds[b]].to(w.dtype)
+            if rows.shape[0] == 0:
+                continue
+            parts.append(_ContiguousGrad.apply(torch._grouped_mm(rows, w.transpose(-2, -1), offs=ends[a:b] - bounds[a])))
+        parts.append(x.new_zeros(x.shape[0] - bounds[-1], weights[0].shape[0], dtype=weights[0].dtype))  # sentinel pairs
+        return torch.cat(parts)
 
     def project(name: str, x: torch.Tensor) -> torch.Tensor:  # x [P, K] -> [P, N]
         linears = [getattr(ex, name) for ex in experts]
-        w = torch.stack([dense_weight(l) for l in linears])  # [E, N, K]
-        y = _ContiguousGrad.apply(torch._grouped_mm(x.to(w.dtype), w.transpose(-2, -1), offs=ends))
+        y = grouped(x, [dense_weight(l) for l in linears])
         if linears[0].bias is not None:  # each pair's expert's bias
             bias = torch.stack([l.bias for l in linears]).to(y.dtype)  # [E, N]
             y = y + bias[flat[order].clamp(max=num_experts - 1)]
