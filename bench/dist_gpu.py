@@ -415,6 +415,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU smoke test of this script")
     p.add_argument("--compile", action="store_true", help="AutoRound with lowbit's default on CUDA (compiled block and grid), not eager")
     p.add_argument("--checks_only", action="store_true", help="the checks (kernel, Hessian, solve profile) and no runs")
+    p.add_argument("--skip_checks", action="store_true", help="the runs only (a short call re-measuring some rows)")
     p.add_argument("--repeats", type=int, default=1, help="run the chosen rows this many times, in turn (rows of noisy runs: '#2', '#3', ...)")
     p.add_argument("--ways", default="", help="comma list of ways to keep, e.g. 'one GPU' (default: all)")
     p.add_argument("--only", default="", help="comma list of runs to keep, e.g. 'llama gptq,qwen3-moe gptq' (default: all)")
@@ -435,10 +436,11 @@ def main() -> None:
     def save():
         result_file.write_text(json.dumps(results, indent=2))
 
-    results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
-    results["checks"]["gptq_hessian"] = check_hessian(args.device)
-    results["checks"]["gptq_solve"] = check_gptq_solve(args.device, tiny=args.tiny)
-    results["checks"]["grouped_experts"] = check_grouped_experts(args.device, tiny=args.tiny)
+    if not args.skip_checks:
+        results["checks"]["gptq_kernel"] = check_gptq_kernel(args.device)
+        results["checks"]["gptq_hessian"] = check_hessian(args.device)
+        results["checks"]["gptq_solve"] = check_gptq_solve(args.device, tiny=args.tiny)
+        results["checks"]["grouped_experts"] = check_grouped_experts(args.device, tiny=args.tiny)
     save()
     if args.checks_only:
         print(json.dumps({k: v for k, v in results["checks"].items()}, indent=1, default=str))
