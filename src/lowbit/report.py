@@ -100,7 +100,8 @@ class BlockPhases:
     shared), train (AutoRound's steps), search (AWQ's scale and clipping searches), method (the rest of the
     method's step, RTN), collectives (waiting in
     torch.distributed collectives, the slowest process included: DistributedReducer.phases), propagate (the
-    quantized block replayed: the next block's inputs), write (packing and writing, rank 0). Each boundary
+    quantized block replayed: the next block's inputs), write (rank 0: packing queued, and the wait for the previous
+    block's write, which a thread does while the next block computes: export/shards.BackgroundWrites). Each boundary
     synchronizes the loop's CUDA stream (a few per block and stage, never per step), so queued kernels land in the
     phase that queued them. Always on: the cost is those synchronizations."""
 
