@@ -322,7 +322,7 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):  # the dtype itself, not autocast's
             x = torch.ones(16, 16, dtype=dtype, device=device, requires_grad=True)
             w = torch.ones(2, 16, 16, dtype=dtype, device=device, requires_grad=True)
             offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
