@@ -101,7 +101,9 @@ def activation_bytes(sizes: BlockSizes, training: bool) -> int:
     states in and out, the residual and a norm's output [t, H] float32, and the widest linears' outputs (gate,
     up, their product) [t, N]. With
     one (AutoRound): every linear's saved input and output [t, K + N] (an expert's: its routed share of
-    the tokens) plus the float32 prediction, target and loss terms [t, H] x 4."""
+    the tokens) plus the float32 prediction, target and loss terms [t, H] x 4, and the experts' weights twice:
+    stacked per projection for the grouped GEMMs (arch/experts.dense_grouped_forward, saved for the backward)
+    and their gradient stacked in it."""
     if not sizes.linears or not sizes.batch_tokens:
         return 0
     t = sizes.batch_tokens
@@ -109,7 +111,8 @@ def activation_bytes(sizes: BlockSizes, training: bool) -> int:
     widest = max(n for n, _ in sizes.linears.values())
     if training:
         saved = sum(sizes.routed.get(name, 1.0) * (n + k) for name, (n, k) in sizes.linears.items())
-        return int(t * saved * sizes.weight_bytes) + t * 4 * hidden * 4
+        stacked = sum(n * k for name, (n, k) in sizes.linears.items() if name in sizes.routed)
+        return int(t * saved * sizes.weight_bytes) + t * 4 * hidden * 4 + 2 * stacked * sizes.weight_bytes
     return t * (4 * hidden + 3 * widest) * 4
 
 

@@ -140,5 +140,6 @@ def test_experts_see_their_routed_share():
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     sizes = BlockSizes.of(block, linears, torch.float32, batch_tokens=10)
     assert sizes.routed == {n: 2 / 8 for n in linears if n.startswith("experts.")}
-    # q_proj: every token (4 + 4); 8 experts x (up 6 + 4, down 4 + 6) at a quarter of the tokens each
-    assert activation_bytes(sizes, training=True) == int(10 * (8 + 8 * 20 * 0.25) * 4) + 10 * 4 * 4 * 4
+    # q_proj: every token (4 + 4); 8 experts x (up 6 + 4, down 4 + 6) at a quarter of the tokens each; the
+    # experts' weights (8 x (6 x 4 + 4 x 6)) stacked for the grouped GEMMs and their gradient, twice
+    assert activation_bytes(sizes, training=True) == int(10 * (8 + 8 * 20 * 0.25) * 4) + 10 * 4 * 4 * 4 + 2 * 8 * 48 * 4
