@@ -423,7 +423,9 @@ def solve_groups(ctx: BlockContext, names: list[str], hessians: dict) -> list[li
     for key, g in groups.items():
         # several processes: batches small enough that there are DEAL_OUT_PER_PROCESS per process to deal out
         # whole (128 experts, two processes: 8 batches of 16), so each process factors only its experts' Hessians
-        size = SOLVE_BATCH if key[0] != "experts" else min(SOLVE_BATCH, max(1, -(-len(g) // (DEAL_OUT_PER_PROCESS * ctx.world_size))))
+        size = SOLVE_BATCH
+        if key[0] == "experts" and ctx.world_size > 1:
+            size = min(SOLVE_BATCH, max(1, -(-len(g) // (DEAL_OUT_PER_PROCESS * ctx.world_size))))
         out += [g[i : i + size] for i in range(0, len(g), size)]
     return out
 
