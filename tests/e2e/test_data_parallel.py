@@ -38,6 +38,9 @@ METHODS = {
     # every step on all windows (4 batches of 2; each of two processes: its 2 batches), so the step's loss is
     # a function of the parameters alone and the two-process gradient mean is one process's gradient
     "autoround": lambda: lowbit.AutoRoundConfig(iters=6, gradient_accumulate_steps=4),
+    # the same through torch.compile (inductor on the CPU): two processes wait for W_hat in module pre-hooks
+    # (graph breaks) and launch the gradient sums from the compiled backward's pieces
+    "autoround_compiled": lambda: lowbit.AutoRoundConfig(iters=6, gradient_accumulate_steps=4, compile=True),
     # auto-round's usual steps on a random batch: 2 windows per step for one process, 1 per process for two
     "autoround_sampled": lambda: lowbit.AutoRoundConfig(iters=6),
 }
@@ -191,7 +194,7 @@ def test_only_rank0_writes_and_nothing_is_left(runs):
     assert log["method"] == "gptq"
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "autoround", "autoround_sampled"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "autoround", "autoround_compiled", "autoround_sampled"])
 def test_processes_stay_in_lockstep(runs, method):
     """Every process quantizes a block to the same weights as rank 0 (which alone writes them): GPTQ's
     reduced Hessians, AWQ's reduced scale losses and gathered clip samples, AutoRound's averaged gradients
@@ -202,7 +205,7 @@ def test_processes_stay_in_lockstep(runs, method):
     assert all(x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "autoround"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "autoround", "autoround_compiled"])
 def test_matches_one_process(runs, method):
     """Within reduction-order noise: the two processes' statistics (GPTQ's H as sum_p n_p H_p / n, AWQ's
     channel sums and candidate losses, AutoRound's full-batch gradients and losses as the mean of the two

@@ -190,6 +190,19 @@ class LinearState:
         return v[i].reshape(n, -1)[:, : self.k], min_scale[i].squeeze(-1), max_scale[i].squeeze(-1)
 
 
+class ModuleWait:
+    """A forward pre-hook of a module holding trained linears (compiled data-parallel blocks): waits for their
+    W_hat buffers' broadcasts. Outside the graph (torch.compiler.disable): a graph break, and the same code for
+    every block (a class, not a closure per block: dynamo does not recompile for the next block's hooks)."""
+
+    def __init__(self, trainer: "Trainer", keys: list):
+        self.trainer, self.keys = trainer, keys
+
+    @torch.compiler.disable
+    def __call__(self, module, args):
+        self.trainer.wait_for(self.keys)
+
+
 class FakeQuantLinear(torch.nn.Module):
     """Stands in for an nn.Linear during training: y = x W_hat^T + b, W_hat [N, K] a leaf tensor refreshed
     before every step (`Trainer.refresh`); its gradient is carried through the grid afterwards
@@ -295,11 +308,13 @@ class Trainer:
     Overlap (several processes): the collectives are asynchronous and waited right before their data is used.
     Buffers are broadcast in forward order as their owner fills them (the next buffer's fake quantization
     runs while the previous one travels); an eager block waits for each W_hat in its linear's forward
-    (`ready`), a compiled one for all of them before the step (a wait inside the graph would break it). A
-    gradient buffer's sum is launched from a hook as soon as autograd has accumulated all of its leaves
-    (backward reaches the last linears first), in reverse forward order on every process, so the collectives
-    match; `through_grid` launches what is left, then runs each owned buffer's grid backward as its sum
-    arrives."""
+    (`ready`); a compiled one in a forward pre-hook of each module that holds linears (self_attn, mlp, ...),
+    for that module's buffers: a wait is a graph break, so one per module, not one per linear. A gradient
+    buffer's sum is launched from a hook as soon as autograd has accumulated all of its leaves (backward
+    reaches the last linears first; a compiled block's pieces between the breaks are separate autograd nodes,
+    so the MLP's sums travel while the attention's backward runs), in reverse forward order on every process,
+    so the collectives match; `through_grid` launches what is left, then runs each owned buffer's grid
+    backward as its sum arrives."""
 
     def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns, wait_in_forward: bool = False):
         linears = ctx.linears
@@ -335,9 +350,20 @@ class Trainer:
         self.summing: dict[tuple, tuple] = {}  # key -> (float32 buffer, pending sum onto its owner)
         self.ready = {}  # linear -> wait for its W_hat (eager data-parallel blocks)
         self.hooks = []
+        self.waits_in_forward = self.world > 1  # else every W_hat is waited for before the step (one process: none)
         if self.world > 1:
             if wait_in_forward:
                 self.ready = {name: self._waiter(key) for key, names in self.members.items() for name in names}
+            else:  # compiled: the module holding a linear waits for the buffers of its linears before it runs
+                modules: dict[str, list] = {}
+                for key, names in self.members.items():
+                    for name in names:
+                        keys = modules.setdefault(name.rpartition(".")[0], [])
+                        if key not in keys:
+                            keys.append(key)
+                for parent, keys in modules.items():
+                    module = ctx.block.get_submodule(parent) if parent else ctx.block
+                    self.hooks.append(module.register_forward_pre_hook(ModuleWait(self, keys)))
             self._complete = {key: set() for key in self.order}  # leaves whose gradient autograd has accumulated
             self._launched = 0  # gradient sums started this micro-batch, in reverse forward order
             for key, names in self.members.items():
@@ -346,11 +372,15 @@ class Trainer:
 
     def _waiter(self, key):
         def wait():
+            self.wait_for([key])
+
+        return wait
+
+    def wait_for(self, keys) -> None:
+        for key in keys:
             pending = self.arriving.pop(key, None)
             if pending is not None:
                 pending.wait()
-
-        return wait
 
     def _grad_hook(self, key, name: str):
         def hook(_leaf):
@@ -398,10 +428,7 @@ class Trainer:
                 self.arriving[key] = self.ctx.engine.start("broadcast", self.values[key], key[0])
 
     def wait_arrivals(self) -> None:
-        for key in self.order:
-            pending = self.arriving.pop(key, None)
-            if pending is not None:
-                pending.wait()
+        self.wait_for(self.order)
 
     def through_grid(self, last: bool) -> None:
         """After a micro-batch's backward: each gradient buffer (this process's samples) summed onto its owner,
@@ -632,7 +659,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
         for it in range(config.iters):
             indices = sampler.next()
             trainer.refresh()
-            if not trainer.ready:  # compiled (a wait inside the graph would break it): every W_hat first
+            if not trainer.waits_in_forward:
                 trainer.wait_arrivals()
             if train_block is block or it > 0:
                 value = step_loss(train_block, indices)
