@@ -68,14 +68,23 @@ def log_line(log: Path, text: str) -> None:
         f.write(text + "\n")
 
 
-def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, timeout: float) -> dict:
-    """One `lowbit quantize` process (it re-launches itself with --nproc); its figures from its log."""
+def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, timeout: float, profile: Path | None = None) -> dict:
+    """One `lowbit quantize` process (it re-launches itself with --nproc); its figures from its log.
+
+    Each run compiles from scratch (its own empty inductor and triton caches): a run after another on the
+    same machine would otherwise reuse the first one's compiled code and look faster than a user's first run.
+    profile: a folder for torch.profiler's per-process tables (profile_site/sitecustomize.py), or None."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(ckpt), "--scheme", "W4A16", "--group_size", "128", "--sym",
            "--format", "auto_round", "--output_dir", str(out), *(["--device", device] if "--device_map" not in args else []), *args]
+    caches = out.parent / f"caches-{out.name}"
+    shutil.rmtree(caches, ignore_errors=True)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
+    if profile is not None:
+        env.update(BENCH_PROFILE_OUT=str(profile), PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent / "profile_site"), env.get("PYTHONPATH", "")]))
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         log_line(log, f"$ {' '.join(cmd[3:])}\n-> killed after {timeout:.0f} s (time budget)")
         return {"error": f"killed after {timeout:.0f} s (time budget)"}
@@ -418,6 +427,9 @@ def main() -> None:
     p.add_argument("--skip_checks", action="store_true", help="the runs only (a short call re-measuring some rows)")
     p.add_argument("--repeats", type=int, default=1, help="run the chosen rows this many times, in turn (rows of noisy runs: '#2', '#3', ...)")
     p.add_argument("--ways", default="", help="comma list of ways to keep, e.g. 'one GPU' (default: all)")
+    p.add_argument("--profile", default="", help="comma list of rows to run once more under torch.profiler, after the timed runs "
+                   "(e.g. 'qwen3-moe autoround | 2 processes'); tables to <out>/profile-<row>-rank<R>.txt")
+    p.add_argument("--profile_iters", type=int, default=20, help="AutoRound iterations of the profiled runs")
     p.add_argument("--only", default="", help="comma list of runs to keep, e.g. 'llama gptq,qwen3-moe gptq' (default: all)")
     args = p.parse_args()
     date = time.strftime("%Y-%m-%d-%H%M", time.gmtime())  # several runs a day keep their own files
@@ -512,6 +524,22 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
         save()
     save()
+    for row in filter(None, args.profile.split(",")):
+        model_method, how = (x.strip() for x in row.split("|"))
+        model, method = model_method.split()
+        run_args = [a if prev != "--iters" else str(args.profile_iters) for prev, a in zip(["", *methods[(model, method)]], methods[(model, method)])]
+        folder = work / "profile"
+        shutil.rmtree(folder, ignore_errors=True)
+        out = work / f"out-profile-{model}-{method}"
+        results["profiles"] = results.get("profiles", {})
+        results["profiles"][row] = run_cli(ckpts[(model, method)], out, run_args + calib + ways[how][0], one_device, log, timeout=max(60, args.budget - (time.time() - STARTED)), profile=folder)
+        shutil.rmtree(out, ignore_errors=True)
+        tag = row.replace(" | ", "-").replace(" ", "_")
+        for f in sorted(folder.glob("profile-rank*.txt")):
+            text = f.read_text()
+            (Path(args.out) / f"profile-{tag}-{f.stem.split('-')[-1]}.txt").write_text(text)
+            print(f"\n== profile {row} {f.stem}: {text.splitlines()[0]}")
+        save()
 
     print(f"\n{json.dumps(env)}\nchecks: {json.dumps(results['checks'])}")
     print(f"\nLlama-3-8B shapes: GPTQ on {args.gptq_blocks} blocks, AutoRound ({args.iters} iterations) on {args.autoround_blocks}; Qwen3-30B-A3B shapes: "
