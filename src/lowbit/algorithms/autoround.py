@@ -355,6 +355,8 @@ class Trainer:
             if wait_in_forward:
                 self.ready = {name: self._waiter(key) for key, names in self.members.items() for name in names}
             else:  # compiled: the module holding a linear waits for the buffers of its linears before it runs
+                # (each linear is called inside its parent's forward; not so for grouped experts, whose weights
+                # are read without calling the Expert modules: MoE blocks train eagerly, with per-linear waits)
                 modules: dict[str, list] = {}
                 for key, names in self.members.items():
                     for name in names:
