@@ -482,7 +482,8 @@ def main() -> None:
     procs = f"{args.nproc} processes"
     ways = {  # how -> (extra args, expected wall as a multiple of the one-GPU run's; None: the first run)
         "one GPU": ([], None),
-        procs: (["--nproc", str(args.nproc), *(["--device_map", ",".join(str(i) for i in range(args.nproc))] if args.device == "cuda" else [])], 0.9),
+        # expected: the block loop divided, what is outside it not (0.9 skipped a 32-block pair that fitted: 19:00)
+        procs: (["--nproc", str(args.nproc), *(["--device_map", ",".join(str(i) for i in range(args.nproc))] if args.device == "cuda" else [])], 0.15 + 0.6 / args.nproc),
         "block split over 2 GPUs": (["--device_map", "0,1" if args.device == "cuda" else "cpu,cpu", "--max_memory", args.split_max_memory if args.device == "cuda" else "1B,8GiB"], 1.3),
     }
     # priority order: the data-parallel pairs (the speed-up), one block split, auto-round beside them, the slow MoE AutoRound pair
