@@ -214,6 +214,21 @@ def test_inf_in_a_bf16_embedding(capsys, tmp_path, tiny):
     assert leftovers(tmp_path / "o") == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_chunk_check_agrees_with_isfinite(dtype):
+    """The scan's per-chunk check (min and max finite) against torch.isfinite(...).all() on the same values:
+    NaN, +inf and -inf at the start, middle and end of a chunk, one at a time, and none."""
+    import lowbit.model.scan as scan
+
+    base = torch.randn(4099, generator=torch.Generator().manual_seed(0)).clamp(-2, 2)
+    specials = [float("nan")] + ([] if dtype == torch.float8_e4m3fn else [float("inf"), float("-inf")])  # e4m3fn has no inf
+    cases = [base] + [base.clone().index_fill_(0, torch.tensor([i]), v) for v in specials for i in (0, 2048, 4098)]
+    for values in cases:
+        chunk = values.to(dtype)
+        assert scan._finite(chunk) == bool(torch.isfinite(chunk.float()).all())
+    assert sum(not scan._finite(v.to(dtype)) for v in cases) == len(cases) - 1  # every special value is caught
+
+
 def test_nan_past_the_first_read_chunk(tmp_path, tiny, monkeypatch):
     """The scan reads a tensor in chunks: a NaN in a later chunk of one tensor is found too."""
     import lowbit.model.scan as scan
