@@ -193,14 +193,23 @@ class LinearState:
 class ModuleWait:
     """A forward pre-hook of a module holding trained linears (compiled data-parallel blocks): waits for their
     W_hat buffers' broadcasts. Outside the graph (torch.compiler.disable): a graph break, and the same code for
-    every block (a class, not a closure per block: dynamo does not recompile for the next block's hooks)."""
+    every block (one disabled function for the process, not a closure per block: dynamo does not recompile for
+    the next block's hooks). Disabled on first use, not at import: that imports dynamo (~2.3 s of every run's
+    start, RTN's too)."""
+
+    outside_graph = None  # torch.compiler.disable(ModuleWait.wait), made once
 
     def __init__(self, trainer: "Trainer", keys: list):
         self.trainer, self.keys = trainer, keys
+        if ModuleWait.outside_graph is None:
+            ModuleWait.outside_graph = torch.compiler.disable(ModuleWait.wait)
 
-    @torch.compiler.disable
+    @staticmethod
+    def wait(trainer: "Trainer", keys: list) -> None:
+        trainer.wait_for(keys)
+
     def __call__(self, module, args):
-        self.trainer.wait_for(self.keys)
+        ModuleWait.outside_graph(self.trainer, self.keys)
 
 
 class FakeQuantLinear(torch.nn.Module):
