@@ -16,6 +16,30 @@ from transformers import AutoConfig
 from ..errors import LowbitError
 
 
+def read_weight_maps(folder: Path) -> dict[str, Path] | None:
+    """name -> shard file from the folder's `*.safetensors.index.json` files (transformers' sharded layout), or
+    None without one. Tensors in no index are not part of the checkpoint, as for transformers' loaders: a shard
+    may hold more than its index lists, and a folder may hold other safetensors files beside the shards
+    (Mistral's repositories ship consolidated.safetensors, the same weights under other names)."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if not indexes:
+        return None
+    out: dict[str, Path] = {}
+    for index in indexes:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as err:
+            raise LowbitError(f"cannot read {index.name}: {type(err).__name__}: {err}", "re-download the checkpoint, or delete the index if the folder holds one safetensors file") from None
+        for name, file in weight_map.items():
+            path = folder / file
+            if not path.is_file():
+                raise LowbitError(f"{index.name} lists {file} for {name}, which is not in {folder}", "download every shard the index lists")
+            out[name] = path
+    return out
+
+
 class Checkpoint:
     """config.json + *.safetensors in one folder. `read_config(path)` reads the config (default transformers'
     AutoConfig; a diffusers model's config is its JSON dict, diffusion/model.py)."""
@@ -35,15 +59,23 @@ class Checkpoint:
             self.config = (read_config or AutoConfig.from_pretrained)(self.path)
         except Exception as err:  # transformers raises many types here; the message is what matters
             raise LowbitError(f"cannot read {self.path / 'config.json'}: {err}", "check the file is a valid transformers config") from None
+        listed = read_weight_maps(self.path)  # name -> file, when the folder has a *.safetensors.index.json
+        if listed is not None:  # the files it names, as transformers loads them (not e.g. a stray consolidated.safetensors)
+            files = sorted(set(listed.values()))
         self.index: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
         for file in files:
             try:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
-                        self.index[name] = file
+                        if listed is None or listed.get(name) == file:
+                            self.index[name] = file
             except (SafetensorError, OSError, ValueError) as err:
                 raise LowbitError(f"corrupt safetensors file {file.name}: {err}", "re-download or re-save the checkpoint") from None
+        if listed is not None and len(self.index) < len(listed):
+            name = next(n for n in listed if n not in self.index)
+            raise LowbitError(f"tensor {name!r} is listed in the index for {listed[name].name} but that file does not hold it",
+                              "the index and the shards disagree; re-download or re-save the checkpoint")
         self._handles: dict[Path, object] = {}
 
     @property

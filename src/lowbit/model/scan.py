@@ -109,7 +109,7 @@ def share_by_bytes(tensors: list, rank: int, world: int) -> list:
 def check_all_finite(ckpt, rank: int = 0, world: int = 1) -> None:
     """Fail with one line on the first tensor of the checkpoint (a `Checkpoint`) that holds NaN or inf.
     Data-parallel processes each scan their share of the bytes (rank, world)."""
-    tensors = [t for file in sorted(set(ckpt.index.values())) for t in float_tensors(file)]
+    tensors = [t for file in sorted(set(ckpt.index.values())) for t in float_tensors(file) if ckpt.index.get(t[1]) == file]  # the checkpoint's own
     bad = first_nonfinite_in(share_by_bytes(tensors, rank, world))
     if bad is not None:
         file = next(t[0] for t in tensors if t[1] == bad)
