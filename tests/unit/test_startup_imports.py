@@ -1,6 +1,8 @@
-"""What a `lowbit quantize` process imports before its run starts: torch.compile's machinery (dynamo) is
-imported only when something compiles. Importing it costs ~2.3 s of every run's start (measured on 2 cores),
-RTN's too, and a decorator evaluated at import time (torch.compiler.disable) pulled it in once."""
+"""What importing lowbit's quantize path costs: torch.compile's machinery (dynamo, ~2.3 s to import on 2 cores)
+is not imported by lowbit's own modules. transformers' modeling code imports it when the model skeleton is
+built (setup), so a run pays it there once; what this keeps fast is everything before: argument and input
+errors, `--help`, the `--nproc` launcher. A decorator evaluated at import time (torch.compiler.disable) pulled
+it in once."""
 
 from __future__ import annotations
 
