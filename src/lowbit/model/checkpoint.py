@@ -32,11 +32,11 @@ def read_weight_maps(folder: Path) -> dict[str, Path] | None:
                 raise TypeError("weight_map is not an object")
         except (ValueError, KeyError, TypeError) as err:
             raise LowbitError(f"cannot read {index.name}: {type(err).__name__}: {err}", "re-download the checkpoint, or delete the index if the folder holds one safetensors file") from None
+        present: dict[str, bool] = {}
         for name, file in weight_map.items():
-            path = folder / file
-            if not path.is_file():
+            if not present.setdefault(file, (folder / file).is_file()):
                 raise LowbitError(f"{index.name} lists {file} for {name}, which is not in {folder}", "download every shard the index lists")
-            out[name] = path
+            out[name] = folder / file
     return out
 
 
