@@ -192,10 +192,9 @@ class LinearState:
 
 class ModuleWait:
     """A forward pre-hook of a module holding trained linears (compiled data-parallel blocks): waits for their
-    W_hat buffers' broadcasts. Outside the graph (torch.compiler.disable): a graph break, and the same code for
-    every block (one disabled function for the process, not a closure per block: dynamo does not recompile for
-    the next block's hooks). Disabled on first use, not at import, which would import dynamo with lowbit
-    (~2.3 s: tests/unit/test_startup_imports.py)."""
+    W_hat buffers' broadcasts. Outside the graph (torch.compiler.disable): a graph break per module, and the
+    next block's hooks compile nothing new (tested). Disabled once, on first use, not at import, which would
+    import dynamo with lowbit (~2.3 s: tests/unit/test_startup_imports.py)."""
 
     outside_graph = None  # torch.compiler.disable(ModuleWait.wait), made once
 

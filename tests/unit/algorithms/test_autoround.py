@@ -340,3 +340,58 @@ def test_default_step_gains_on_a_wide_block_with_few_iterations():
     ar = block_mse(ctx, quantize_block(ctx, AutoRoundConfig(iters=10, compile=False)))
     assert ar < 0.6 * rtn  # 0.355x measured; the old default (lr 0.1): 1.0x
     assert AutoRoundConfig(iters=10).step_size == 5e-3 and AutoRoundConfig(iters=1000).step_size == 1e-3
+
+
+def test_module_waits_break_a_compiled_block_once_per_module_and_compile_once():
+    """Compiled data-parallel blocks wait for W_hat in a forward pre-hook of each module holding linears
+    (ModuleWait): every wait runs, in forward order, before its module, outside the graph (traced, a wait would
+    be folded into the graph or fail); the graph breaks there, not at every linear; and the next block, with
+    its own hooks, compiles nothing new (a recompile per block would cost the GPU's compile time, ~15 s, on
+    every block). dynamo's aot_eager backend stands in for inductor."""
+    from torch._dynamo.backends.debugging import aot_eager
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from lowbit.algorithms.autoround import ModuleWait, fake_quant_swapped
+
+    torch._dynamo.reset()
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    cfg._attn_implementation = "sdpa"
+    x = torch.randn(2, 8, 64)
+    pos = torch.arange(8)[None].expand(2, -1)
+    pe = LlamaRotaryEmbedding(cfg)(x, pos)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    class Waits:  # stands in for Trainer: records which buffers were waited for
+        def __init__(self):
+            self.log = []
+
+        def wait_for(self, keys):
+            self.log.extend(keys)
+
+    per_block = []
+    for b in range(2):
+        layer = LlamaDecoderLayer(cfg, 0).eval()
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        leaves = {n: m.weight.detach().clone().requires_grad_() for n, m in linears.items()}
+        waits = Waits()
+        hooks = [layer.get_submodule(m).register_forward_pre_hook(ModuleWait(waits, [m])) for m in ("self_attn", "mlp")]
+        with fake_quant_swapped(layer, linears, leaves):
+            run = torch.compile(layer, backend=counting)
+            for _ in range(2):
+                y = run(x, position_embeddings=pe, attention_mask=None, position_ids=pos)
+                (y[0] if isinstance(y, tuple) else y).float().pow(2).mean().backward()
+        for h in hooks:
+            h.remove()
+        assert waits.log == ["self_attn", "mlp"] * 2
+        assert all(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in leaves.values())
+        per_block.append(len(graphs))
+    assert 2 < per_block[0] <= 8  # broken at the two waits (and dynamo's own resume points), not at every linear
+    assert per_block[1] == per_block[0]  # the second block: no new graphs
+    torch._dynamo.reset()
