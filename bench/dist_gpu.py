@@ -13,6 +13,11 @@ last; everything goes to `<out>/dist-gpu-<date>-<HHMM>.json` and the runs' logs 
 
     python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --budget 430
     python3 bench/dist_gpu.py --text .cache/austen.txt --tiny --device cpu --out /tmp/o   # CPU smoke test
+    # whole models (32 Llama-3-8B blocks; one call per method fits the 10-minute limit), and a profile of a pair:
+    python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "llama autoround" --autoround_blocks 32 --gptq_blocks 1 --moe_blocks 0 --budget 585
+    python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "qwen3-moe autoround" --moe_iters 200 --profile "qwen3-moe autoround | 2 processes"
+
+Each run compiles from scratch (its own inductor / triton caches).
 """
 
 from __future__ import annotations
