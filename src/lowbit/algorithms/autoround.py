@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..arch import expert_parallel
 from ..arch.experts import expert_role, experts_modules
 from ..config import AutoRoundConfig, Scheme
 from ..quant import QuantResult, quantize_weight
@@ -313,6 +314,13 @@ class Trainer:
     gradient of the loss over every process's samples. Only owners hold LinearStates (V, its gradient, its
     best copy): the state is split too. One process owns everything; the broadcasts and sums are skipped.
 
+    Experts (several processes, a MoE block trained eagerly whose experts the grouped GEMM runs): each process owns
+    a contiguous range of every experts module's experts and runs them itself on the pairs of every process routed
+    to them (arch/expert_parallel.py, set on the modules by `experts_parallel`): their W_hat never travel, their
+    gradients arrive whole through autograd's all-to-alls, so their buffers (`local`) are neither broadcast nor
+    summed, and the other processes hold no buffer for them (Qwen3-30B-A3B: 1.2 GB of W_hat and 1.2 GB of
+    gradients per step no longer move; the hidden states of the routed pairs do, both ways at once).
+
     Overlap (several processes): the collectives are asynchronous and waited right before their data is used.
     Buffers are broadcast in forward order as their owner fills them (the next buffer's fake quantization
     runs while the previous one travels); an eager block waits for each W_hat in its linear's forward
@@ -327,19 +335,33 @@ class Trainer:
     def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns, wait_in_forward: bool = False):
         linears = ctx.linears
         self.ctx, self.out_dtype, self.fns = ctx, out_dtype, fns
-        self.owner = ctx.owners(list(linears), cost=lambda n: linears[n].in_features * linears[n].out_features)
         self.rank, self.world = ctx.engine.rank, ctx.world_size
+        # experts trained where they run (several processes, eager MoE blocks: arch/expert_parallel.py): an expert's
+        # linears are owned by the process running it; the other linears are dealt out by size
+        self.parallel = expert_parallel.plan(ctx.block, ctx.device, out_dtype, self.rank, self.world) if wait_in_forward else {}
+        expert_owner = {}
+        for prefix, parallel in self.parallel.items():
+            layout = ctx.block.get_submodule(prefix).lowbit_layout
+            for e in range(layout.num_experts):
+                expert_owner.update({f"{prefix}.{e}.{n}": parallel.owner(e) for n in layout.linear_names() if f"{prefix}.{e}.{n}" in linears})
+        rest = [n for n in linears if n not in expert_owner]
+        self.owner = {**ctx.owners(rest, cost=lambda n: linears[n].in_features * linears[n].out_features), **expert_owner}
         # buffer key (owner, device, role, scheme) -> its linears, keys in forward order (the linears' order, the
         # same on every process: the collectives match); a role's linears share one shape
         self.members: dict[tuple, list[str]] = {}
         for name, l in linears.items():
             self.members.setdefault((self.owner[name], l.weight.device, expert_role(name), ctx.schemes[name]), []).append(name)
         self.order = list(self.members)
+        # buffers read and trained by their owner alone (expert-parallel experts): no broadcast, no gradient sum
+        self.local = {key for key, names in self.members.items() if names[0] in expert_owner}
         # the learned state of each buffer this process owns, one LinearState for all of its linears
         self.states = {key: LinearState.from_weights([linears[n].weight for n in names], key[3], config.enable_minmax_tuning)
                        for key, names in self.members.items() if key[0] == self.rank}
         self.values, self.grads, self.leaves = {}, {}, {}
         for key, names in self.members.items():
+            if key in self.local and key[0] != self.rank:  # another process's experts: never read here
+                self.leaves.update({name: None for name in names})
+                continue
             size = sum(linears[n].out_features * linears[n].in_features for n in names)
             self.values[key] = torch.zeros(size, dtype=out_dtype, device=key[1])
             self.grads[key] = torch.zeros(size, dtype=out_dtype, device=key[1])
@@ -361,7 +383,8 @@ class Trainer:
         self.waits_in_forward = self.world > 1  # else every W_hat is waited for before the step (one process: none)
         if self.world > 1:
             if wait_in_forward:
-                self.ready = {name: self._waiter(key) for key, names in self.members.items() for name in names}
+                self.ready = {name: self._waiter(key) if self.leaves[name] is not None else self._elsewhere(name, key[0])
+                              for key, names in self.members.items() for name in names}
             else:  # compiled: the module holding a linear waits for the buffers of its linears before it runs
                 # (each linear is called inside its parent's forward; not so for grouped experts, whose weights
                 # are read without calling the Expert modules: MoE blocks train eagerly, with per-linear waits)
@@ -377,14 +400,34 @@ class Trainer:
             self._complete = {key: set() for key in self.order}  # leaves whose gradient autograd has accumulated
             self._launched = 0  # gradient sums started this micro-batch, in reverse forward order
             for key, names in self.members.items():
-                for name in names:
-                    self.hooks.append(self.leaves[name].register_post_accumulate_grad_hook(self._grad_hook(key, name)))
+                if key not in self.local:
+                    for name in names:
+                        self.hooks.append(self.leaves[name].register_post_accumulate_grad_hook(self._grad_hook(key, name)))
 
     def _waiter(self, key):
         def wait():
             self.wait_for([key])
 
         return wait
+
+    @staticmethod
+    def _elsewhere(name: str, owner: int):
+        def refuse():
+            raise RuntimeError(f"AutoRound: {name} is trained expert-parallel by process {owner}; this process called it")
+
+        return refuse
+
+    @contextmanager
+    def experts_parallel(self):
+        """While training: the block's experts modules run expert-parallel (when `parallel` planned it)."""
+        modules = [(self.ctx.block.get_submodule(prefix), parallel) for prefix, parallel in self.parallel.items()]
+        try:
+            for module, parallel in modules:
+                module.lowbit_expert_parallel = parallel
+            yield
+        finally:
+            for module, _ in modules:
+                module.lowbit_expert_parallel = None
 
     def wait_for(self, keys) -> None:
         for key in keys:
@@ -414,6 +457,9 @@ class Trainer:
         backward_order = self.order[::-1]
         while self._launched < len(backward_order):
             key = backward_order[self._launched]
+            if key in self.local:  # its gradient is whole on its owner already
+                self._launched += 1
+                continue
             if upto is None and len(self._complete[key]) < len(self.members[key]):
                 return
             buf = self.grads[key] if self.world == 2 else self.grads[key].float()
@@ -434,7 +480,7 @@ class Trainer:
                 with torch.no_grad():
                     self.values[key].view_as(graph).copy_(graph)  # the buffer is the B leaves back to back
                 self.graphs[key] = graph
-            if self.world > 1:
+            if self.world > 1 and key not in self.local:
                 self.arriving[key] = self.ctx.engine.start("broadcast", self.values[key], key[0])
 
     def wait_arrivals(self) -> None:
@@ -450,6 +496,11 @@ class Trainer:
         else:
             self._launch_sums(upto=len(self.order))
             for key in self.order[::-1]:  # the order they were started in
+                if key in self.local:  # expert-parallel: the gradient buffer holds every process's share already
+                    if key in self.graphs:
+                        graph = self.graphs[key]
+                        torch.autograd.backward([graph], [self.grads[key].view_as(graph)], retain_graph=not last)
+                    continue
                 buf, pending = self.summing.pop(key)
                 pending.wait()
                 if key in self.graphs:  # the owner's
@@ -665,7 +716,8 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             total += loss.detach()
         return total
 
-    with frozen(block), fake_quant_swapped(block, linears, trainer.leaves, trainer.ready), torch.enable_grad(), recompile_limit(64), ctx.phase("train"):
+    with frozen(block), fake_quant_swapped(block, linears, trainer.leaves, trainer.ready), trainer.experts_parallel(), \
+            torch.enable_grad(), recompile_limit(64), ctx.phase("train"):
         for it in range(config.iters):
             indices = sampler.next()
             trainer.refresh()

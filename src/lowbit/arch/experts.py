@@ -194,6 +194,7 @@ def unfuse_experts(model: torch.nn.Module) -> dict[str, ExpertLayout]:
         module.lowbit_unrouted_weight = None  # with lowbit_all_tokens: the row weight of unrouted tokens (None: all alike)
         module.lowbit_routed = None  # a [E] int64 tensor while the runner counts
         module.lowbit_count_only = False  # while counting: count the routes, run no expert (calib/experts.count_routed)
+        module.lowbit_expert_parallel = None  # while AutoRound trains it on several processes (arch/expert_parallel.py)
         layouts[name] = layout
     set_implementation(model)
     return layouts
@@ -256,6 +257,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     weighted by the router and summed (fp32 accumulation). With `lowbit_all_tokens` every expert runs on every
     token (its linears' hooks see them all, with `Expert.row_weight` naming the routed rows) and only the
     routed rows are kept."""
+    parallel = getattr(self, "lowbit_expert_parallel", None)  # several processes training: each runs its own experts
+    if parallel is not None and not self.lowbit_all_tokens and self.lowbit_routed is None:
+        return parallel(self, hidden_states, top_k_index, top_k_weights)
     grouped = getattr(self, "lowbit_grouped", None)  # kernels/moe.py: all experts in one launch per projection
     if grouped is not None and not self.lowbit_all_tokens and self.lowbit_routed is None and grouped.applies(self, hidden_states):
         return grouped(self, hidden_states, top_k_index, top_k_weights)
@@ -374,25 +378,37 @@ STACK_BYTES = 1 << 30  # a projection's expert weights stacked per grouped GEMM 
 
 def dense_grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """experts_forward's result with each projection of all experts as one grouped GEMM (torch._grouped_mm over the
-    (token, slot) pairs sorted by expert): a few launches per layer and no host sync, instead of ~10 per expert
-    (a 128-expert block's AutoRound step was bound by the host issuing the loop's launches). Differentiable in
-    the weights (AutoRound trains W_hat through it) and the inputs; the weights are stacked per projection,
-    [E, N, K] (a copy: each expert's weight is its own tensor), in chunks of experts when that copy would pass
-    `lowbit_stack_bytes` (STACK_BYTES: 1 GiB; a DeepSeek-V3 projection is 7.5 GB of bf16 weights), which costs
-    one host sync for the chunks' row bounds.
+    (token, slot) pairs sorted by expert; `grouped_rows`): a few launches per layer and no host sync, instead of
+    ~10 per expert (a 128-expert block's AutoRound step was bound by the host issuing the loop's launches).
+    Differentiable in the weights (AutoRound trains W_hat through it) and the inputs.
 
     hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H] in hidden_states' dtype, accumulated in
     float32 as the loop does."""
     layout: ExpertLayout = self.lowbit_layout
     num_experts, k = layout.num_experts, top_k_index.shape[-1]
-    tokens = hidden_states.shape[0]
     flat = top_k_index.reshape(-1)  # [P = T * k], pair t * k + s; expert-parallel sentinels (>= E) sort last
     order = torch.sort(flat, stable=True).indices  # [P], grouped by expert
+    ids = flat[order]  # [P] ascending
     counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]  # [E]
-    ends = counts.cumsum(0).to(torch.int32)  # [E] each expert's end row in the sorted pairs
     token, slot = order // k, order % k
-    valid = flat[order] < num_experts  # [P] sentinel pairs past the last group: no expert's rows
-    experts = [getattr(self, str(e)) for e in range(num_experts)]
+    y = grouped_rows(self, hidden_states[token], ids, counts, [getattr(self, str(e)) for e in range(num_experts)])  # [P, H]
+    weighted = torch.where((ids < num_experts)[:, None], y.float() * top_k_weights[token, slot, None].float(), 0.0)  # sentinels: 0
+    out = torch.zeros(hidden_states.shape[0], hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device)
+    return out.index_add_(0, token, weighted).to(hidden_states.dtype)
+
+
+def grouped_rows(self, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, experts: list) -> torch.Tensor:
+    """Each row of x through its expert's projections, gate and down (post-expert norm included; not weighted by
+    the router): x [P, H] sorted by expert, ids [P] ascending, each row's index into `experts` (rows past the last
+    expert, ids >= len(experts), come last and give rows of no meaning), counts [len(experts)] rows per expert ->
+    [P, H] in the weights' dtype. One `torch._grouped_mm` per projection; the weights are stacked per projection,
+    [E, N, K] (a copy: each expert's weight is its own tensor), in chunks of experts when that copy would pass
+    `lowbit_stack_bytes` (STACK_BYTES: 1 GiB; a DeepSeek-V3 projection is 7.5 GB of bf16 weights), which costs
+    one host sync for the chunks' row bounds. `experts`: all of the module's (dense_grouped_forward) or those one
+    process owns (arch/expert_parallel.py)."""
+    layout: ExpertLayout = self.lowbit_layout
+    num_experts = len(experts)
+    ends = counts.cumsum(0).to(torch.int32)  # [E] each expert's end row
     budget = getattr(self, "lowbit_stack_bytes", STACK_BYTES)
     bounds: list[int] = []  # [0, ends...] on the host, read once (one sync) if a projection is stacked in chunks
 
@@ -404,33 +420,30 @@ def dense_grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
         if not bounds:
             bounds.extend([0, *ends.tolist()])
         parts = []
-        for a in range(0, num_experts, size):  # each chunk's pairs are contiguous rows of the sorted pairs
+        for a in range(0, num_experts, size):  # each chunk's rows are contiguous
             b = min(num_experts, a + size)
             w = torch.stack(weights[a:b])  # [b - a, N, K]
             rows = x[bounds[a] : bounds[b]].to(w.dtype)
             if rows.shape[0] == 0:
                 continue
             parts.append(_ContiguousGrad.apply(torch._grouped_mm(rows, w.transpose(-2, -1), offs=ends[a:b] - bounds[a])))
-        parts.append(x.new_zeros(x.shape[0] - bounds[-1], weights[0].shape[0], dtype=weights[0].dtype))  # sentinel pairs
+        parts.append(x.new_zeros(x.shape[0] - bounds[-1], weights[0].shape[0], dtype=weights[0].dtype))  # rows past the last expert
         return torch.cat(parts)
 
     def project(name: str, x: torch.Tensor) -> torch.Tensor:  # x [P, K] -> [P, N]
         linears = [getattr(ex, name) for ex in experts]
         y = grouped(x, [dense_weight(l) for l in linears])
-        if linears[0].bias is not None:  # each pair's expert's bias
+        if linears[0].bias is not None:  # each row's expert's bias
             bias = torch.stack([l.bias for l in linears]).to(y.dtype)  # [E, N]
-            y = y + bias[flat[order].clamp(max=num_experts - 1)]
+            y = y + bias[ids.clamp(max=num_experts - 1)]
         return y
 
-    x = hidden_states[token]  # [P, H]
     first = layout.join([project(n, x) for n in layout.names[layout.first]])
     h = self._apply_gate(first) if layout.first == "gate_up_proj" else self.act_fn(first)
     y = project(layout.down, h)  # [P, H]
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
-    weighted = torch.where(valid[:, None], y.float() * top_k_weights[token, slot, None].float(), 0.0)
-    out = torch.zeros(tokens, hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device)
-    return out.index_add_(0, token, weighted).to(hidden_states.dtype)
+    return y
 
 
 _REGISTERED = False
