@@ -131,3 +131,39 @@ def test_experts_stacked_in_chunks_compute_the_same_forward_and_gradients(tmp_pa
     torch.testing.assert_close(chunked[1], whole[1], rtol=1e-6, atol=1e-6)
     for a, b in zip(chunked[2], whole[2]):
         assert (a is None and b is None) or torch.allclose(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a), rtol=1e-6, atol=1e-6)
+
+
+def test_fake_quant_experts_read_from_one_buffer_without_a_copy(tmp_path):
+    """AutoRound's expert linears whose W_hat are consecutive entries of one buffer (FakeQuantLinear `stack`): the
+    grouped GEMM reads the buffer itself, so the whole gradient lands in the buffer's stacked leaf, none in the
+    per-linear leaves; output, input and weight gradients equal transformers' fused module in float64."""
+    from lowbit.algorithms.autoround import fake_quant_swapped
+
+    fused, unfused = fused_and_unfused("Qwen3MoeForCausalLM", tmp_path)
+    layout = unfused.lowbit_layout
+    hidden = torch.randn(24, fused.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    index, weights = routes(24, layout.num_experts, fused.config.num_experts_per_tok)
+    x64 = hidden.clone().requires_grad_()
+    want = fused(x64, index, weights)
+    (want * want).sum().backward()
+
+    linears, leaves, stacks, whole = {}, {}, {}, {}
+    for name in layout.linear_names():  # one buffer per projection: [E, N, K], its leaves views of it
+        buffer = torch.stack([getattr(unfused, str(e)).get_submodule(name).weight.detach() for e in range(layout.num_experts)])
+        whole[name] = buffer.clone().requires_grad_()
+        for e in range(layout.num_experts):
+            key = f"{e}.{name}"
+            linears[key] = getattr(unfused, str(e)).get_submodule(name)
+            leaves[key] = buffer[e].detach().requires_grad_()
+            stacks[key] = (whole[name], e)
+    x32 = hidden.float().requires_grad_()
+    with fake_quant_swapped(unfused, linears, leaves, stacks=stacks):
+        got = unfused(x32, index, weights.float())
+        (got * got).sum().backward()
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-5 * x64.grad.abs().max().item())
+    assert all(leaf.grad is None for leaf in leaves.values())
+    for e in range(layout.num_experts):
+        for name, g in fused_grads(fused, layout, e).items():
+            linear = name.rpartition(".")[0]
+            torch.testing.assert_close(whole[linear].grad[e].double(), g, rtol=1e-4, atol=1e-5 * max(g.abs().max().item(), 1e-12))

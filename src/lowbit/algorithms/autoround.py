@@ -217,19 +217,29 @@ class FakeQuantLinear(torch.nn.Module):
     before every step (`Trainer.refresh`); its gradient is carried through the grid afterwards
     (`Trainer.through_grid`). The same leaf every step, so a compiled block sees one input, not a new constant.
     ready: None, or (eager data-parallel training) a callable waiting for this W_hat's broadcast, called
-    right before the matmul, so the first linears compute while the later ones' W_hat still arrive."""
+    right before the matmul, so the first linears compute while the later ones' W_hat still arrive.
+    stack: None, or (S [B, N, K], i): the W_hat of this linear's whole buffer as one leaf over the same memory,
+    and this linear's place in it (S[i] is weight_hat's memory), for the grouped experts (`stacked`)."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_hat: torch.Tensor, ready=None):
+    def __init__(self, linear: torch.nn.Linear, weight_hat: torch.Tensor, ready=None, stack=None):
         super().__init__()
         self.bias = linear.bias
         self.weight_hat = weight_hat
         self.ready = ready
+        self.stack = stack
 
     def dense_weight(self) -> torch.Tensor:
         """W_hat [N, K] once it is here (arch/experts.py's grouped experts read it without calling forward)."""
         if self.ready is not None:
             self.ready()
         return self.weight_hat
+
+    def stacked(self) -> tuple[torch.Tensor, int] | None:
+        """(S [B, N, K], i) once S is here (arch/experts.stacked_weights: the grouped experts read consecutive
+        linears of one buffer as a slice of S, neither copied into a stack per forward nor unbound per backward)."""
+        if self.ready is not None:
+            self.ready()
+        return self.stack
 
     def forward(self, x):
         """On the weight's device (a block spread over several: the input comes from the block's first
@@ -242,15 +252,16 @@ class FakeQuantLinear(torch.nn.Module):
 
 
 @contextmanager
-def fake_quant_swapped(block: torch.nn.Module, linears: dict, weights: dict, ready: dict | None = None):
+def fake_quant_swapped(block: torch.nn.Module, linears: dict, weights: dict, ready: dict | None = None, stacks: dict | None = None):
     """Swap each named linear for a FakeQuantLinear reading weights[name] in its parent (waiting on
-    ready[name]() first, when given); always put the originals back."""
+    ready[name]() first, when given; stacks[name]: its buffer's stacked leaf, see FakeQuantLinear); always put
+    the originals back."""
     swapped = []
     try:
         for name, linear in linears.items():
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, attr, FakeQuantLinear(linear, weights[name], (ready or {}).get(name)))
+            setattr(parent, attr, FakeQuantLinear(linear, weights[name], (ready or {}).get(name), (stacks or {}).get(name)))
             swapped.append((parent, attr, linear))
         yield
     finally:
@@ -358,6 +369,8 @@ class Trainer:
         self.states = {key: LinearState.from_weights([linears[n].weight for n in names], key[3], config.enable_minmax_tuning)
                        for key, names in self.members.items() if key[0] == self.rank}
         self.values, self.grads, self.leaves = {}, {}, {}
+        self.stack_leaves: dict[tuple, torch.Tensor] = {}  # key -> its buffer as one leaf [B, N, K] (several linears)
+        self.stacks: dict[str, tuple] = {}  # linear -> (its buffer's stacked leaf, its index there)
         for key, names in self.members.items():
             if key in self.local and key[0] != self.rank:  # another process's experts: never read here
                 self.leaves.update({name: None for name in names})
@@ -365,6 +378,12 @@ class Trainer:
             size = sum(linears[n].out_features * linears[n].in_features for n in names)
             self.values[key] = torch.zeros(size, dtype=out_dtype, device=key[1])
             self.grads[key] = torch.zeros(size, dtype=out_dtype, device=key[1])
+            if len(names) > 1:  # a role's experts: the buffer as one [B, N, K] leaf too (its .grad the gradient buffer)
+                shape = (len(names), linears[names[0]].out_features, linears[names[0]].in_features)
+                stack = self.values[key].view(shape).detach().requires_grad_()
+                stack.grad = self.grads[key].view(shape)
+                self.stack_leaves[key] = stack
+                self.stacks.update({name: (stack, i) for i, name in enumerate(names)})
             start = 0
             for name in names:
                 l = linears[name]
@@ -403,6 +422,8 @@ class Trainer:
                 if key not in self.local:
                     for name in names:
                         self.hooks.append(self.leaves[name].register_post_accumulate_grad_hook(self._grad_hook(key, name)))
+                    if key in self.stack_leaves:  # read whole by the grouped experts: every linear's gradient at once
+                        self.hooks.append(self.stack_leaves[key].register_post_accumulate_grad_hook(self._grad_hook(key, None)))
 
     def _waiter(self, key):
         def wait():
@@ -435,11 +456,12 @@ class Trainer:
             if pending is not None:
                 pending.wait()
 
-    def _grad_hook(self, key, name: str):
+    def _grad_hook(self, key, name: str | None):
+        """name: the linear whose leaf got its gradient; None: the buffer's stacked leaf (all of its linears)."""
         def hook(_leaf):
             if key in self.summing:  # its sum already started: a linear called twice in one forward
-                raise RuntimeError(f"AutoRound: {name} received a second gradient after its buffer's sum started (a linear called twice per forward)")
-            self._complete[key].add(name)
+                raise RuntimeError(f"AutoRound: {name or key[2]} received a second gradient after its buffer's sum started (a linear called twice per forward)")
+            self._complete[key].update(self.members[key] if name is None else [name])
             self._launch_sums(upto=None)
 
         return hook
@@ -716,7 +738,7 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             total += loss.detach()
         return total
 
-    with frozen(block), fake_quant_swapped(block, linears, trainer.leaves, trainer.ready), trainer.experts_parallel(), \
+    with frozen(block), fake_quant_swapped(block, linears, trainer.leaves, trainer.ready, trainer.stacks), trainer.experts_parallel(), \
             torch.enable_grad(), recompile_limit(64), ctx.phase("train"):
         for it in range(config.iters):
             indices = sampler.next()

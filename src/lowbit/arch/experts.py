@@ -314,6 +314,21 @@ def dense_weight(linear: torch.nn.Module) -> torch.Tensor | None:
     return fn() if callable(fn) else None
 
 
+def stacked_weights(linears: list) -> torch.Tensor | None:
+    """The linears' dense weights as one [E, N, K] tensor without a copy, when they are consecutive entries of
+    one (AutoRound's W_hat buffers: `stacked()` gives (S, i)); None otherwise (the caller stacks them)."""
+    fn = getattr(linears[0], "stacked", None)
+    first = fn() if callable(fn) else None
+    if first is None:
+        return None
+    stack, start = first
+    for j, linear in enumerate(linears[1:], 1):
+        entry = linear.stacked()
+        if entry is None or entry[0] is not stack or entry[1] != start + j:
+            return None
+    return stack[start : start + len(linears)]
+
+
 def _hooked(module: torch.nn.Module) -> bool:
     """Someone watches this module's calls (GPTQ / AWQ statistics, accelerate's device hooks): it must be called."""
     return bool(module._forward_pre_hooks or module._forward_hooks or getattr(module, "_hf_hook", None) is not None)
@@ -401,8 +416,9 @@ def grouped_rows(self, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
     """Each row of x through its expert's projections, gate and down (post-expert norm included; not weighted by
     the router): x [P, H] sorted by expert, ids [P] ascending, each row's index into `experts` (rows past the last
     expert, ids >= len(experts), come last and give rows of no meaning), counts [len(experts)] rows per expert ->
-    [P, H] in the weights' dtype. One `torch._grouped_mm` per projection; the weights are stacked per projection,
-    [E, N, K] (a copy: each expert's weight is its own tensor), in chunks of experts when that copy would pass
+    [P, H] in the weights' dtype. One `torch._grouped_mm` per projection; the weights are read as one [E, N, K]
+    tensor where they are one already (`stacked_weights`: AutoRound's W_hat buffers), else stacked per projection
+    (a copy: each expert's weight is its own tensor), in chunks of experts when that copy would pass
     `lowbit_stack_bytes` (STACK_BYTES: 1 GiB; a DeepSeek-V3 projection is 7.5 GB of bf16 weights), which costs
     one host sync for the chunks' row bounds. `experts`: all of the module's (dense_grouped_forward) or those one
     process owns (arch/expert_parallel.py)."""
@@ -412,7 +428,10 @@ def grouped_rows(self, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
     budget = getattr(self, "lowbit_stack_bytes", STACK_BYTES)
     bounds: list[int] = []  # [0, ends...] on the host, read once (one sync) if a projection is stacked in chunks
 
-    def grouped(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:  # x [P, K], E weights [N, K] -> [P, N]
+    def grouped(x: torch.Tensor, weights: list[torch.Tensor], whole: torch.Tensor | None) -> torch.Tensor:
+        """x [P, K], E weights [N, K] (whole: the same as one [E, N, K] tensor, or None) -> [P, N]"""
+        if whole is not None:  # no copy, whatever its size
+            return _ContiguousGrad.apply(torch._grouped_mm(x.to(whole.dtype), whole.transpose(-2, -1), offs=ends))
         size = max(1, budget // (weights[0].numel() * weights[0].element_size()))  # experts per stacked copy
         if size >= num_experts:
             w = torch.stack(weights)  # [E, N, K]
@@ -432,7 +451,7 @@ def grouped_rows(self, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
 
     def project(name: str, x: torch.Tensor) -> torch.Tensor:  # x [P, K] -> [P, N]
         linears = [getattr(ex, name) for ex in experts]
-        y = grouped(x, [dense_weight(l) for l in linears])
+        y = grouped(x, [dense_weight(l) for l in linears], stacked_weights(linears))
         if linears[0].bias is not None:  # each row's expert's bias
             bias = torch.stack([l.bias for l in linears]).to(y.dtype)  # [E, N]
             y = y + bias[ids.clamp(max=num_experts - 1)]
