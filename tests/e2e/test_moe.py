@@ -222,6 +222,29 @@ def test_starved_experts_fall_back_to_rtn_and_are_listed(tmp_path, text_file):
     assert any(not torch.equal(a[k], r[k]) for k in a if ".self_attn." in k and k.endswith("proj.weight"))  # the rest was AutoRound's
 
 
+def test_autoround_trains_the_experts_above_the_threshold_beside_rtn_ones(tmp_path, text_file):
+    """A threshold between the routed counts: the experts under it are quantized with RTN (plain linears in the
+    block while it trains) beside trained ones in the same grouped GEMM, which then stacks their weights instead
+    of reading AutoRound's W_hat buffer whole. The RTN'd experts are written exactly as RTN writes them, the
+    others trained."""
+    src = tmp_path / "src"
+    save_tiny_checkpoint("Qwen3MoeForCausalLM", src, TEXT)
+    run = lambda name, method, calibration=CalibConfig(): lowbit.quantize(  # noqa: E731
+        str(src), method, SCHEME, calibration, RunConfig(output_dir=str(tmp_path / name), formats=("auto_round",), device="cpu"), progress=False)
+    first = run("count", AutoRoundConfig(iters=1), calib(text_file, moe_min_tokens=10**6)).routed["model.layers.0.mlp.experts"]
+    threshold = first[0]  # block 0 (its inputs do not depend on the method): expert 0 trained, a later one under it
+    assert min(first[1:]) < threshold
+    ar = run("ar", AutoRoundConfig(iters=10), calib(text_file, moe_min_tokens=threshold))
+    run("rtn", "rtn")
+    starved = {f"{m}.{e}": c for m, per in ar.routed.items() for e, c in enumerate(per) if c < threshold}
+    assert ar.experts_rtn == starved and 0 < len(starved) < 16
+    a, r = dequantized_state_dict(tmp_path / "ar", "auto_round", 4, 32, True), dequantized_state_dict(tmp_path / "rtn", "auto_round", 4, 32, True)
+    for k in a:
+        if ".experts." in k and k.endswith(".weight"):
+            expert = k.rsplit(".", 2)[0]
+            assert torch.equal(a[k], r[k]) == (expert in starved), k
+
+
 def test_expert_without_routed_tokens_stops_the_run_when_all_expert_calibration_is_off(tmp_path, text_file, capsys):
     """Router rows set so expert 0 is never in the top 2: its logit is 0, experts 1-4 have +v.x and 5-7 -v.x,
     so at least three others score above it for any x. With all-expert calibration off that is refused in

@@ -323,7 +323,8 @@ def stacked_weights(linears: list) -> torch.Tensor | None:
         return None
     stack, start = first
     for j, linear in enumerate(linears[1:], 1):
-        entry = linear.stacked()
+        fn = getattr(linear, "stacked", None)  # an expert outside the buffer (kept, or quantized with RTN): a Linear
+        entry = fn() if callable(fn) else None
         if entry is None or entry[0] is not stack or entry[1] != start + j:
             return None
     return stack[start : start + len(linears)]
