@@ -69,12 +69,13 @@ class BlockStep:
         return self.engine.joint(self.fp_stream, index)
 
     def quantize(self, block: torch.nn.Module, index: int, linears: dict, targets: list | None, last: bool, rtn: frozenset = frozenset(),
-                 around=nullcontext) -> dict[str, QuantResult]:
+                 around=nullcontext, routed: dict | None = None) -> dict[str, QuantResult]:
         """{linear: QuantResult} for every linear of `linears`: the method's, or RTN's for the names in `rtn`;
-        `around()` is entered while the method runs. Unless `last`, the quantized chain moves to the next block."""
+        `around()` is entered while the method runs; routed: the MoE routing counts (BlockContext.routed). Unless
+        `last`, the quantized chain moves to the next block."""
         calibrated = {n: l for n, l in linears.items() if n not in rtn}
         ctx = BlockContext(index=index, block=block, linears=calibrated, schemes={n: self.scheme for n in calibrated}, spec=self.spec, device=self.device,
-                           engine=self.engine, stream=self.stream, targets=targets, log=self.log, run_state=self.run_state)
+                           engine=self.engine, stream=self.stream, targets=targets, log=self.log, run_state=self.run_state, routed=routed)
         with around(), self.phases("method"):
             results = self.handler(ctx, self.method)
         results.update({n: quantize_weight(l.weight.data, self.scheme, bias=l.bias) for n, l in linears.items() if n in rtn})

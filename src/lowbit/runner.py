@@ -282,7 +282,7 @@ def quantize(
                 experts = plan_experts(engine, block, i, step.stream, prefix, calib, method_cfg) if engine is not None else None
             fallback = frozenset(n for n in linears if experts and experts.falls_back(n))
             results = step.quantize(block, i, linears, targets, last=i == len(blocks) - 1, rtn=fallback,
-                                    around=lambda: tokens_to_every_expert(block, experts))
+                                    around=lambda: tokens_to_every_expert(block, experts), routed=experts.routed if experts else None)
             if experts is not None:
                 summary.add_experts(prefix, experts)
             with phases("write"), block_phases("write"):  # on the loop: packing queued, the last write waited for

@@ -349,7 +349,7 @@ class Trainer:
         self.rank, self.world = ctx.engine.rank, ctx.world_size
         # experts trained where they run (several processes, eager MoE blocks: arch/expert_parallel.py): an expert's
         # linears are owned by the process running it; the other linears are dealt out by size
-        self.parallel = expert_parallel.plan(ctx.block, ctx.device, out_dtype, self.rank, self.world) if wait_in_forward else {}
+        self.parallel = expert_parallel.plan(ctx.block, ctx.device, out_dtype, self.rank, self.world, ctx.routed) if wait_in_forward else {}
         expert_owner = {}
         for prefix, parallel in self.parallel.items():
             layout = ctx.block.get_submodule(prefix).lowbit_layout

@@ -37,6 +37,7 @@ class BlockContext:
     log: object = None  # callable(str) for per-block progress lines
     losses: tuple[float, float] | None = None  # (loss at start, best loss), set by calibrated methods
     run_state: dict = field(default_factory=dict)  # what an algorithm keeps across the blocks of one run (compiled code)
+    routed: dict[str, list[int]] | None = None  # MoE: experts module -> routed calibration pairs per expert (all processes)
 
     @property
     def calibrated(self) -> bool:
