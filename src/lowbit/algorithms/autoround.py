@@ -343,9 +343,10 @@ class Trainer:
     so the collectives match; `through_grid` launches what is left, then runs each owned buffer's grid
     backward as its sum arrives."""
 
-    def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns, wait_in_forward: bool = False):
+    def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns, wait_in_forward: bool = False, fns_many=None):
+        """fns: the grid's (forward, backward) for single linears; fns_many: for buffers of several (None: fns)."""
         linears = ctx.linears
-        self.ctx, self.out_dtype, self.fns = ctx, out_dtype, fns
+        self.ctx, self.out_dtype, self.fns, self.fns_many = ctx, out_dtype, fns, fns_many or fns
         self.rank, self.world = ctx.engine.rank, ctx.world_size
         # experts trained where they run (several processes, eager MoE blocks: arch/expert_parallel.py): an expert's
         # linears are owned by the process running it; the other linears are dealt out by size
@@ -498,7 +499,7 @@ class Trainer:
         for key, names in self.members.items():  # forward order
             if key in self.states:
                 with torch.enable_grad():
-                    graph = self.states[key].weight_hat(self.out_dtype, self.fns)  # [B, N, K]
+                    graph = self.states[key].weight_hat(self.out_dtype, self.fns_many if len(names) > 1 else self.fns)  # [B, N, K]
                 with torch.no_grad():
                     self.values[key].view_as(graph).copy_(graph)  # the buffer is the B leaves back to back
                 self.graphs[key] = graph
@@ -617,11 +618,18 @@ class Compilers:
     module level for tests or benchmarks to flip."""
 
     grid: tuple | None = None
+    grid_many: tuple | None = None
     grid_failed: str | None = None
     block_failed: str | None = None
 
-    def grid_fns(self, compile_: bool | None, device: torch.device):
+    def grid_fns(self, compile_: bool | None, device: torch.device, many: bool = False):
         """The fake-quant forward/backward pair: compiled (compile_ True, or None on CUDA) or eager.
+
+        many: for buffers of several linears (a role's experts, [B, N, G, gs]), whose B differs between blocks
+        and processes (experts dealt out by load, RTN fallbacks): compiled with dynamo's automatic dynamic
+        shapes, so a second B makes the changed sizes symbolic and later ones reuse that code, instead of one
+        compile per B (a 48-block MoE run would pass dynamo's recompile limit and silently run eagerly). The
+        single linears keep static shapes (a handful per architecture, each compiled once).
 
         A compiler that cannot run here (no C compiler, an unsupported GPU, ...) shows up on the first call;
         a smoke call on a tiny weight finds out once per run, and the eager pair is used with a warning."""
@@ -629,6 +637,10 @@ class Compilers:
             compile_ = device.type == "cuda"
         if not compile_ or self.grid_failed:
             return (fq_forward, fq_backward)
+        if many:
+            if self.grid_many is None:
+                self.grid_many = (torch.compile(fq_forward), torch.compile(fq_backward))
+            return self.grid_many
         if self.grid is None:
             fns = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
             try:
@@ -699,13 +711,13 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
         return torch.cat([targets[i].to(device, non_blocking=True) for i in indices])
 
     compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
-    fns = compilers.grid_fns(config.compile, device)
+    fns, fns_many = compilers.grid_fns(config.compile, device), compilers.grid_fns(config.compile, device, many=True)
     # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
     # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
     # recompile on every batch); the grid functions stay compiled
     eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
     train_block = block if eager else compilers.block(block, config.compile, device)
-    trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block)
+    trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block, fns_many=fns_many)
     states = trainer.states  # per buffer this process owns (all of them for one process)
     groups = []
     for st in states.values():

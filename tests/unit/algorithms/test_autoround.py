@@ -395,3 +395,28 @@ def test_module_waits_break_a_compiled_block_once_per_module_and_compile_once():
     assert 2 < per_block[0] <= 8  # broken at the two waits (and dynamo's own resume points), not at every linear
     assert per_block[1] == per_block[0]  # the second block: no new graphs
     torch._dynamo.reset()
+
+
+def test_grid_for_expert_buffers_compiles_once_for_every_count():
+    """Expert buffers [B, N, G, gs] change B from block to block (experts dealt out by load) and N between roles:
+    their compiled grid makes a size symbolic the first time it changes (B, then N) and compiles nothing after,
+    whatever B and N come (one compile per B would pass dynamo's recompile limit in a 48-block run and fall back
+    to eager silently); its values are the eager grid's."""
+    from torch._dynamo.utils import counters
+
+    from lowbit.algorithms.autoround import Compilers, fq_forward
+
+    torch._dynamo.reset()
+    fns = Compilers().grid_fns(True, torch.device("cpu"), many=True)
+    gen = torch.Generator().manual_seed(0)
+    graphs = []
+    for b, n in [(2, 8), (3, 8), (5, 16), (7, 16), (4, 24), (6, 8), (9, 40)]:
+        x = torch.randn(b, n, 2, 32, generator=gen)
+        s = x.abs().amax(-1, keepdim=True) / 7
+        z = torch.full_like(s, 8.0)
+        v = torch.rand(x.shape, generator=gen) - 0.5
+        got, want = fns[0](x, v, s, z, 15, torch.float32), fq_forward(x.clone(), v, s, z, 15, torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0] + 1 and graphs[2] == graphs[1] + 1  # static, B symbolic, N too
+    assert len(set(graphs[2:])) == 1  # then none, for any B and N
