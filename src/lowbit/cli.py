@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--act_order", "--act-order", "--desc_act", dest="act_order", action="store_true", default=True, help="quantize columns by decreasing Hessian diagonal, static groups (default)")
     act.add_argument("--no_act_order", "--no-act-order", dest="act_order", action="store_false", help="quantize columns in their natural order")
     _flag(gp, "gptq_block_size", type=int, default=128, help="columns per lazy batch update (default 128)")
+    seq = gp.add_mutually_exclusive_group()
+    seq.add_argument("--true_sequential", "--true-sequential", dest="true_sequential", action="store_true", default=True,
+                     help="quantize q/k/v, then o, then gate/up, then down, each on inputs through the ones before (GPTQModel's default; default)")
+    seq.add_argument("--no_true_sequential", "--no-true-sequential", dest="true_sequential", action="store_false",
+                     help="one pass of statistics per block for all its linears (llm-compressor's way): faster, and on several processes the solves run side by side")
     from .diffusion.cli import add_flags
 
     add_flags(q, _flag)
@@ -131,7 +136,7 @@ def configs_from_args(args):
     elif args.method == "awq":
         method = AwqConfig(n_grid=args.awq_n_grid, duo_scaling=args.awq_duo_scaling, apply_clip=args.awq_apply_clip)
     elif args.method == "gptq":
-        method = GptqConfig(damp_percent=args.damp_percent, block_size=args.gptq_block_size, act_order=args.act_order)
+        method = GptqConfig(damp_percent=args.damp_percent, block_size=args.gptq_block_size, act_order=args.act_order, true_sequential=args.true_sequential)
     else:
         method = RtnConfig()
     calib = CalibConfig(

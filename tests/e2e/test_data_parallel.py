@@ -34,6 +34,8 @@ CALIB = dict(nsamples=8, seqlen=32, batch_size=2)
 METHODS = {
     "rtn": lambda: lowbit.RtnConfig(),
     "gptq": lambda: lowbit.GptqConfig(),
+    # one stage per block (llm-compressor's way): its four units (q/k/v, o, gate/up, down) dealt out whole
+    "gptq_one_stage": lambda: lowbit.GptqConfig(true_sequential=False),
     "awq": lambda: lowbit.AwqConfig(n_grid=6),
     # every step on all windows (4 batches of 2; each of two processes: its 2 batches), so the step's loss is
     # a function of the parameters alone and the two-process gradient mean is one process's gradient
@@ -201,7 +203,7 @@ def test_only_rank0_writes_and_nothing_is_left(runs):
     assert log["method"] == "gptq"
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "autoround", "autoround_compiled", "autoround_sampled"])
+@pytest.mark.parametrize("method", ["gptq", "gptq_one_stage", "awq", "autoround", "autoround_compiled", "autoround_sampled"])
 def test_processes_stay_in_lockstep(runs, method):
     """Every process quantizes a block to the same weights as rank 0 (which alone writes them): GPTQ's
     reduced Hessians, AWQ's reduced scale losses and gathered clip samples, AutoRound's averaged gradients
@@ -212,7 +214,7 @@ def test_processes_stay_in_lockstep(runs, method):
     assert all(x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "autoround", "autoround_compiled"])
+@pytest.mark.parametrize("method", ["gptq", "gptq_one_stage", "awq", "autoround", "autoround_compiled"])
 def test_matches_one_process(runs, method):
     """Within reduction-order noise: the two processes' statistics (GPTQ's H as sum_p n_p H_p / n, AWQ's
     channel sums and candidate losses, AutoRound's full-batch gradients and losses as the mean of the two

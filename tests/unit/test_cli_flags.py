@@ -25,3 +25,10 @@ def test_autoround_flags_reach_the_config():
     cfg = configs_from_args(args)[0]
     assert (cfg.iters, cfg.lr, cfg.seed, cfg.enable_minmax_tuning, cfg.gradient_accumulate_steps, cfg.low_gpu_mem, cfg.amp) == (
         7, 0.01, 3, False, 2, True, False)
+
+
+@pytest.mark.parametrize("flags,expected", [([], True), (["--no_true_sequential"], False), (["--no-true-sequential"], False), (["--true_sequential"], True)])
+def test_gptq_true_sequential_flag(flags, expected):
+    """GPTQModel's `true_sequential` (on by default there and here); off: one statistics pass per block."""
+    args = build_parser().parse_args(["quantize", "default", "--method", "gptq", *flags])
+    assert configs_from_args(args)[0].true_sequential is expected

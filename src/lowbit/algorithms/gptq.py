@@ -461,10 +461,14 @@ def quantize_block(ctx: BlockContext, config: GptqConfig | None = None) -> dict[
                 results[name] = quantize_weight(linear.weight.data, ctx.schemes[name], bias=linear.bias)
         groups = solve_groups(ctx, names, hessians)
         # the solve (the loop over K columns) does not shrink with the samples: data-parallel processes split
-        # it. Many batches (a MoE stage): dealt out whole by cost, each Hessian reduced onto its solver; few (a
-        # dense stage: q/k/v, o, gate/up, down): every process solves its share of each unit's rows (rows are
-        # independent given H), so no process waits while another solves down_proj alone.
-        whole = len(groups) >= DEAL_OUT_PER_PROCESS * ctx.world_size
+        # it. Many batches (a MoE stage): dealt out whole by cost, each Hessian reduced onto its solver. Dense
+        # units (q/k/v, o, gate/up, down), at least one per process (a block in one stage, not true-sequential):
+        # dealt out whole too, since a unit's column loop is latency-bound and takes as long on half of its rows
+        # as on all (an H200: down_proj 0.140 / 0.137 s, stop 23), so splitting rows would leave every process the
+        # sum of all four loops. Fewer (a true-sequential stage: one unit): every process solves its share of the
+        # unit's rows (rows are independent given H).
+        dense = all(expert_role(unit[0]) == unit[0] for g in groups for unit in g)
+        whole = len(groups) >= DEAL_OUT_PER_PROCESS * ctx.world_size or (dense and 1 < ctx.world_size <= len(groups))
         solver = ctx.owners([tuple(g) for g in groups], cost=lambda g: solve_cost(ctx, list(g))) if whole else {}
         with ctx.phase("stats"):
             hessians = reduce_hessians(ctx, hessians, {n: solver[tuple(g)] for g in groups for unit in g for n in unit} if whole else {})
