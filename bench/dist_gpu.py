@@ -421,6 +421,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--gptq_args", default="", help="more flags for the GPTQ rows, e.g. '--no_true_sequential'")
     p.add_argument("--split_max_memory", default="8GiB,120GiB", help="caps that spread the block over two GPUs")
     p.add_argument("--budget", type=float, default=430, help="seconds for the whole call; runs that would not fit are skipped")
     p.add_argument("--workdir", default="/tmp/dist-gpu")
@@ -480,7 +481,8 @@ def main() -> None:
 
     eager = [] if args.compile else ["--disable_torch_compile"]
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch_size", "8", "--dataset", args.text]
-    methods = {("llama", "gptq"): ["--method", "gptq"], ("qwen3-moe", "gptq"): ["--method", "gptq"],
+    gptq = ["--method", "gptq", *args.gptq_args.split()]
+    methods = {("llama", "gptq"): gptq, ("qwen3-moe", "gptq"): gptq,
                ("llama", "autoround"): ["--method", "autoround", "--iters", str(args.iters), *eager],
                ("qwen3-moe", "autoround"): ["--method", "autoround", "--iters", str(args.moe_iters), *eager]}
     one_device = "cuda:0" if args.device == "cuda" else "cpu"
@@ -548,7 +550,7 @@ def main() -> None:
         save()
 
     print(f"\n{json.dumps(env)}\nchecks: {json.dumps(results['checks'])}")
-    print(f"\nLlama-3-8B shapes: GPTQ on {args.gptq_blocks} blocks, AutoRound ({args.iters} iterations) on {args.autoround_blocks}; Qwen3-30B-A3B shapes: "
+    print(f"\nLlama-3-8B shapes: GPTQ {args.gptq_args} on {args.gptq_blocks} blocks, AutoRound ({args.iters} iterations) on {args.autoround_blocks}; Qwen3-30B-A3B shapes: "
           f"{args.moe_blocks} blocks, AutoRound {args.moe_iters} iterations. {args.nsamples} x {args.seqlen}, batch 8, W4 g128 sym, AutoRound {'compiled' if args.compile else 'eager'}. "
           "Speed-up vs one GPU: wall / block loop / median block after the first / projected to the real depth (32 or 48 blocks: "
           "the run outside its block loop + its first block + the rest at the median; a projection, not a measurement).")
