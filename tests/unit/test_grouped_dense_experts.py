@@ -135,8 +135,9 @@ def test_experts_stacked_in_chunks_compute_the_same_forward_and_gradients(tmp_pa
 
 def test_fake_quant_experts_read_from_one_buffer_without_a_copy(tmp_path):
     """AutoRound's expert linears whose W_hat are consecutive entries of one buffer (FakeQuantLinear `stack`): the
-    grouped GEMM reads the buffer itself, so the whole gradient lands in the buffer's stacked leaf, none in the
-    per-linear leaves; output, input and weight gradients equal transformers' fused module in float64."""
+    grouped GEMM reads the buffer itself, so the whole gradient lands in the buffer's stacked leaf (accumulated in
+    place into the gradient buffer its .grad was set to, as the Trainer sets it), none in the per-linear leaves;
+    output, input and weight gradients equal transformers' fused module in float64."""
     from lowbit.algorithms.autoround import fake_quant_swapped
 
     fused, unfused = fused_and_unfused("Qwen3MoeForCausalLM", tmp_path)
@@ -147,10 +148,12 @@ def test_fake_quant_experts_read_from_one_buffer_without_a_copy(tmp_path):
     want = fused(x64, index, weights)
     (want * want).sum().backward()
 
-    linears, leaves, stacks, whole = {}, {}, {}, {}
+    linears, leaves, stacks, whole, grads = {}, {}, {}, {}, {}
     for name in layout.linear_names():  # one buffer per projection: [E, N, K], its leaves views of it
         buffer = torch.stack([getattr(unfused, str(e)).get_submodule(name).weight.detach() for e in range(layout.num_experts)])
         whole[name] = buffer.clone().requires_grad_()
+        grads[name] = torch.zeros_like(buffer)  # the Trainer's gradient buffer: autograd must accumulate into it in place
+        whole[name].grad = grads[name]
         for e in range(layout.num_experts):
             key = f"{e}.{name}"
             linears[key] = getattr(unfused, str(e)).get_submodule(name)
@@ -166,4 +169,4 @@ def test_fake_quant_experts_read_from_one_buffer_without_a_copy(tmp_path):
     for e in range(layout.num_experts):
         for name, g in fused_grads(fused, layout, e).items():
             linear = name.rpartition(".")[0]
-            torch.testing.assert_close(whole[linear].grad[e].double(), g, rtol=1e-4, atol=1e-5 * max(g.abs().max().item(), 1e-12))
+            torch.testing.assert_close(grads[linear][e].double(), g, rtol=1e-4, atol=1e-5 * max(g.abs().max().item(), 1e-12))

@@ -326,8 +326,8 @@ class Trainer:
     best copy): the state is split too. One process owns everything; the broadcasts and sums are skipped.
 
     Experts (several processes, a MoE block trained eagerly whose experts the grouped GEMM runs): each process owns
-    a contiguous range of every experts module's experts and runs them itself on the pairs of every process routed
-    to them (arch/expert_parallel.py, set on the modules by `experts_parallel`): their W_hat never travel, their
+    some of every experts module's experts (dealt out by the block's routed counts) and runs them itself on the
+    pairs of every process routed to them (arch/expert_parallel.py, set on the modules by `experts_parallel`): their W_hat never travel, their
     gradients arrive whole through autograd's all-to-alls, so their buffers (`local`) are neither broadcast nor
     summed, and the other processes hold no buffer for them (Qwen3-30B-A3B: 1.2 GB of W_hat and 1.2 GB of
     gradients per step no longer move; the hidden states of the routed pairs do, both ways at once).

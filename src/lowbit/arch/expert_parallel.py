@@ -4,10 +4,10 @@ Data-parallel training of a MoE block without it: every process runs every exper
 tokens, so each step every expert's W_hat travels from its owner to the other processes and every expert's
 gradient back (Qwen3-30B-A3B: 1.2 GB each way per step, by broadcast and reduce, one direction of the link at a
 time), and each process stacks all experts' weights for the grouped GEMM. With expert parallelism each process
-runs only the experts it owns (dealt out by routed load, `owners_by_load`), on the (token, slot) pairs of every process routed to them:
-the pairs' hidden states go to their experts' owner and the outputs come back, two all-to-alls forward and two
-backward (autograd's), [pairs, H] each (Qwen3-30B-A3B, 2 x 4 x 2048 tokens, top 8: ~0.27 GB per all-to-all, half
-of it crossing, both directions at once). The owned experts' W_hat never leave their owner, and their gradients
+runs only the experts it owns (dealt out by routed load, `owners_by_load`), on the (token, slot) pairs of every
+process routed to them: the pairs' hidden states go to their experts' owner and the outputs come back, two
+all-to-alls forward and two backward (autograd's), [pairs, H] each (Qwen3-30B-A3B, 2 x 4 x 2048 tokens, top 8:
+~0.27 GB per all-to-all, half of it crossing, both directions at once). The owned experts' W_hat never leave their owner, and their gradients
 arrive complete (every process's loss flowed back through the all-to-alls): nothing to broadcast or sum.
 
 Set by AutoRound's Trainer on each experts module of the block while it trains (`lowbit_expert_parallel`, never
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .experts import ExpertLayout, _hooked, experts_modules, grouped_mm_runs, grouped_rows
+from .experts import ExpertLayout, hooked, experts_modules, grouped_mm_runs, grouped_rows
 
 
 def owners_by_load(counts: list[int], world: int) -> list[int]:
@@ -56,7 +56,7 @@ def applies(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
         for name in layout.linear_names():
             linear = getattr(expert, name)
             w = linear.weight
-            if _hooked(linear) or w.device != device or w.dim() != 2 or w.shape[0] % 8 or w.shape[1] % 8:
+            if hooked(linear) or w.device != device or w.dim() != 2 or w.shape[0] % 8 or w.shape[1] % 8:
                 return False
     return True
 

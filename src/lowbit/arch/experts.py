@@ -330,7 +330,7 @@ def stacked_weights(linears: list) -> torch.Tensor | None:
     return stack[start : start + len(linears)]
 
 
-def _hooked(module: torch.nn.Module) -> bool:
+def hooked(module: torch.nn.Module) -> bool:
     """Someone watches this module's calls (GPTQ / AWQ statistics, accelerate's device hooks): it must be called."""
     return bool(module._forward_pre_hooks or module._forward_hooks or getattr(module, "_hf_hook", None) is not None)
 
@@ -365,7 +365,7 @@ def dense_grouped_applies(module: torch.nn.Module, hidden_states: torch.Tensor) 
         expert = getattr(module, str(e))
         for name in layout.linear_names():
             linear = getattr(expert, name)
-            w = None if _hooked(linear) else dense_weight(linear)
+            w = None if hooked(linear) else dense_weight(linear)
             if w is None or w.device != hidden_states.device or w.dim() != 2 or w.shape[0] % 8 or w.shape[1] % 8:
                 return False
             dtypes.add(w.dtype)
