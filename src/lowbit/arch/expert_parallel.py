@@ -25,9 +25,11 @@ from .experts import ExpertLayout, hooked, experts_modules, grouped_mm_runs, gro
 def owners_by_load(counts: list[int], world: int) -> list[int]:
     """Each expert's process, balancing the estimated per-step work: an expert costs its routed pairs plus its
     fixed part (the grid's forward and backward over its weights and its sign step, which do not grow with the
-    tokens: on an H200, for a Qwen3-30B-A3B expert, about 0.4 of the GEMM work of an expert routed the mean
-    count). Greedy, largest first onto the least-loaded process; ties by expert index, so every process gets the
-    same answer from the same (reduced) counts. Routers are rarely even (random-weight checkpoints send one
+    tokens), taken as 0.4 of the pairs of an expert routed the mean count: a first estimate, with which the
+    two-H200 figures were measured (docs/architecture.md, stop 26); that run's one-GPU profile puts the grid's
+    kernels, sign steps and best copies nearer 1-2x the experts' grouped GEMMs, so the weight is still to tune).
+    Greedy, largest first onto the least-loaded process; ties by expert index, so every process gets the same
+    answer from the same (reduced) counts. Routers are rarely even (random-weight checkpoints send one
     expert most tokens), and with contiguous ranges one process would wait for the other at every all-to-all."""
     fixed = 0.4 * sum(counts) / max(len(counts), 1)
     load, out = [0.0] * world, [0] * len(counts)
