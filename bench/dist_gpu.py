@@ -67,6 +67,74 @@ def view(ckpt: Path, target: Path, blocks: int) -> Path:
     return target
 
 
+class _Captured(Exception):
+    """Raised by the router hook once it has its block's input: the blocks after it need not run."""
+
+
+def whiten_routers(ckpt: Path, text: str, device: str, tokens: int = 32768, seqlen: int = 2048) -> dict:
+    """Rewrite each MoE block's router so that it routes the calibration text evenly, as trained routers
+    (with their load-balancing loss) roughly do. A random-weight checkpoint's hidden states share a few large
+    directions, so its random router sends most tokens to the same experts (Qwen3-30B-A3B shapes: one expert
+    ~250k of 262k tokens from the third block on), and expert parallelism would be measured on a load no real
+    model has. Per block in order (each sees the blocks before it already rewritten): x [N, H], the router's
+    input on `tokens` tokens of the text; z = C^-1/2 x (C: x's covariance) has the identity covariance; each
+    random router row, made orthogonal to z's mean and of unit norm, then gives every expert a logit with mean 0
+    and variance 1 over the tokens, independent between experts (random rows in 2048 dimensions are near
+    orthogonal). W <- W' C^-1/2. Returns the largest / median tokens per expert per block, before and after."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(ckpt)(text, return_tensors="pt").input_ids[0]
+    ids = ids[: tokens // seqlen * seqlen].view(-1, seqlen)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map=device).eval()
+    layers = model.model.layers
+    k = model.config.num_experts_per_tok
+
+    def routed(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's router input [N, H] float64 and its top-k expert counts [E]."""
+        got = []
+
+        def hook(module, args):
+            got.append(args[0].reshape(-1, args[0].shape[-1]).double())
+            raise _Captured
+
+        handle = layers[i].mlp.gate.register_forward_pre_hook(hook)
+        with torch.no_grad():
+            for row in ids.split(4):
+                try:
+                    model(row.to(model.device))
+                except _Captured:
+                    pass
+        handle.remove()
+        x = torch.cat(got)
+        logits = x @ layers[i].mlp.gate.weight.double().T
+        return x, torch.bincount(logits.topk(k, -1).indices.reshape(-1), minlength=logits.shape[-1])
+
+    report, new = {}, {}
+    for i in range(len(layers)):
+        x, before = routed(i)
+        mean, cov = x.mean(0), torch.cov(x.T)
+        values, vectors = torch.linalg.eigh(cov)
+        inv_sqrt = vectors @ torch.diag(values.clamp(min=values.max() * 1e-6).rsqrt()) @ vectors.T  # C^-1/2 [H, H]
+        mz = inv_sqrt @ mean
+        mz = mz / mz.norm()
+        w = layers[i].mlp.gate.weight.double()  # [E, H]
+        w = w - (w @ mz)[:, None] * mz[None]
+        w = w / w.norm(dim=1, keepdim=True)
+        with torch.no_grad():
+            layers[i].mlp.gate.weight.copy_(w @ inv_sqrt)
+        new[f"model.layers.{i}.mlp.gate.weight"] = layers[i].mlp.gate.weight.detach().cpu().contiguous()
+        after = routed(i)[1]
+        report[i] = {"before_max_median": [int(before.max()), int(before.median())], "after_max_median": [int(after.max()), int(after.median())]}
+    del model
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in sorted({index[name] for name in new}):
+        tensors = load_file(ckpt / shard)
+        tensors.update({name: t.to(tensors[name].dtype) for name, t in new.items() if index[name] == shard})
+        save_file(tensors, ckpt / shard)
+    return report
+
+
 def log_line(log: Path, text: str) -> None:
     print(text, flush=True)
     with open(log, "a") as f:
@@ -105,6 +173,8 @@ def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, time
         "peak_vram_gib": {d: round(b / 2**30, 2) for d, b in s["peak_vram_bytes"].items() if b},
         "collective_s": [r.get("collective_seconds") for r in s.get("ranks", [])], "placements": s["placements"],
         "block_losses": s["block_losses"],
+        # MoE: the routing load per experts module, [largest, median] calibration tokens per expert
+        "routed_max_median": {m: [max(c), sorted(c)[len(c) // 2]] for m, c in s.get("experts_routed_tokens", {}).items() if c},
         # the block loop by phase, per process (one process: its own), and per block on rank 0
         "block_phases": [r["block_phases"] for r in s["ranks"]] if s.get("ranks") else [s.get("block_phases", {})],
         "block_phase_seconds": s.get("block_phase_seconds", []),
@@ -416,6 +486,8 @@ def main() -> None:
     p.add_argument("--gptq_blocks", type=int, default=6)
     p.add_argument("--autoround_blocks", type=int, default=2)
     p.add_argument("--moe_blocks", type=int, default=2, help="Qwen3-30B-A3B-shaped blocks (0: no MoE runs)")
+    p.add_argument("--moe_router", choices=["random", "even"], default="random",
+                   help="the MoE checkpoint's routers: random weights (most tokens to a few experts) or rewritten to route the text evenly (whiten_routers)")
     p.add_argument("--moe_iters", type=int, default=50, help="AutoRound iterations on the MoE blocks")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
@@ -476,6 +548,8 @@ def main() -> None:
         shutil.rmtree(moe, ignore_errors=True)
         env["moe_checkpoint_gib"] = round(write_random_checkpoint(qwen3_30b_a3b(args.moe_blocks, args.tiny), moe) / 2**30, 2)
         write_tokenizer(moe, Path(args.text).read_text(encoding="utf-8"))
+        if args.moe_router == "even":
+            env["moe_router_tokens_per_expert"] = whiten_routers(moe, Path(args.text).read_text(encoding="utf-8"), args.device)
         ckpts[("qwen3-moe", "gptq")] = ckpts[("qwen3-moe", "autoround")] = moe
     env["checkpoint_write_s"] = round(time.time() - t0, 1)
 

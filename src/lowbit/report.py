@@ -97,7 +97,8 @@ class BlockPhases:
     Phases of one block: load (tensors read from the shards onto the device), targets (the fp chain through
     the block: AutoRound's targets), experts (MoE routing counts), stats (calibration forwards accumulating
     statistics: GPTQ's Hessians, AWQ's activation statistics), solve (GPTQ's column solves and the results
-    shared), train (AutoRound's steps), search (AWQ's scale and clipping searches), method (the rest of the
+    shared), setup (AutoRound's trainer built before its first step), train (AutoRound's steps), export (AutoRound's
+    trained roundings quantized and shared), search (AWQ's scale and clipping searches), method (the rest of the
     method's step, RTN), collectives (waiting in
     torch.distributed collectives, the slowest process included: DistributedReducer.phases), propagate (the
     quantized block replayed: the next block's inputs), write (rank 0: packing queued, and the wait for the previous

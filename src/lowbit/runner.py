@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from functools import partial as partial_args
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from .config import CalibConfig, MethodConfig, RunConfig, Scheme, check_quantize
 from .dist import on_rank0, share, start
 from .engine import BlockEngine
 from .placement import Placer, attach, cache_bytes, describe, detach
+from .prefetch import BlockPrefetch
 from .errors import LowbitError
 from .launch import command_started
 from .export import FORMAT_WRITERS, ShardWriter
@@ -51,6 +52,14 @@ LOG = "lowbit_log.json"
 # files that describe the tokenizer and generation; copied verbatim into the output
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*", "*.model", "vocab*", "merges.txt", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def load_following(skeleton, prefix: str, ckpt: Checkpoint, names, device, dtype: torch.dtype) -> torch.nn.Module:
+    """The next block, loaded by prefetch.BlockPrefetch's thread; then the shards' maps are closed, so their pages
+    do not stay in RSS while the current block computes (the loop reads no checkpoint tensor meanwhile)."""
+    block = load_module(skeleton, prefix, ckpt, names, device, dtype)
+    ckpt.close()
+    return block
 
 
 def source_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -221,7 +230,9 @@ def quantize(
 
     # block i's tensors are written by a thread while block i + 1 computes; it exits first (a failed run waits
     # for the write in flight before atomic_folder handles the folder)
-    with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder, BackgroundWrites(writes) as background:
+    # and block i + 1 is read onto the device by another thread while block i computes (one device, room for it)
+    with RssSampler() as rss, (atomic_folder(target, run.overwrite) if writes else nullcontext(partial)) as folder, BackgroundWrites(writes) as background, \
+            closing(BlockPrefetch(device, enabled=len(devices) == 1 and device.type == "cuda")) as prefetch:
         skeleton = build_skeleton(ckpt.config, dtype=dtype)
         names = map_names(skeleton, ckpt.index)
         check_complete(skeleton, names, ckpt.path)  # every tensor the model needs is found before block 0
@@ -266,13 +277,18 @@ def quantize(
                 if writes and summary.placements.get(i - 1) != summary.placements[i]:  # said once for a run of equal placements
                     bar.write(f"block {i}: too big for {device} with {method_cfg.name}'s state; linears on {describe(placement)}")
             with block_phases("load"):
-                block = load_module(skeleton, prefix, ckpt, names, placement.device_of(prefix), dtype)
+                block = prefetch.take(i) if not placement.split else None
+                if block is None:
+                    block = load_module(skeleton, prefix, ckpt, names, placement.device_of(prefix), dtype)
                 attach(block, placement)
+            if prefetch.enabled and i + 1 < len(blocks) and not placement.split and placer.room_for_next(block, linears, blocks[i + 1]):
+                prefetch.start(i + 1, partial_args(load_following, skeleton, f"{spec.blocks}.{i + 1}", ckpt, names, device, dtype))
             targets = step.begin(block, i, prefix, linears, kept)
             if i < done:  # resumed: the block is on disk; only its outputs are needed
                 if step.stream is not None:
                     outputs[0].replay(block, prefix, linears, scheme)
                     step.replayed(block, i)
+                prefetch.join()  # the next block's load reads the checkpoint's maps and takes device memory
                 detach(block, placement)
                 free_module(block)
                 block_phases.block_done()
@@ -289,6 +305,8 @@ def quantize(
                 if writes:
                     tensors = [staged(block_tensors(block, prefix, linears, results, out.fmt, source_dtype(ckpt))) for out in outputs]
                     background.submit(partial_args(write_block, folder, key, i + 1, outputs, tensors, world))
+            with block_phases("load"):  # what is left of the next block's load: before the maps close
+                prefetch.join()
             detach(block, placement)
             free_module(block)
             ckpt.close()  # unmap the shards: pages of finished blocks must not stay resident (and count in RSS)

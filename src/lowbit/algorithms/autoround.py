@@ -710,30 +710,31 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     def gather_targets(indices: list[int]) -> torch.Tensor:
         return torch.cat([targets[i].to(device, non_blocking=True) for i in indices])
 
-    compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
-    fns, fns_many = compilers.grid_fns(config.compile, device), compilers.grid_fns(config.compile, device, many=True)
-    # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
-    # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
-    # recompile on every batch); the grid functions stay compiled
-    eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
-    train_block = block if eager else compilers.block(block, config.compile, device)
-    trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block, fns_many=fns_many)
-    states = trainer.states  # per buffer this process owns (all of them for one process)
-    groups = []
-    for st in states.values():
-        lr, minmax_lr = step_sizes(config, st.scheme)
-        groups.append(([st.v], lr, (-V_BOUND, V_BOUND)))
-        if config.enable_minmax_tuning:
-            groups.append(([st.min_scale, st.max_scale], minmax_lr, MINMAX_BOUNDS))
-    best = {key: [p.detach().clone() for p in (st.v, st.min_scale, st.max_scale)] for key, st in states.items()}
+    with ctx.phase("setup"):  # the trainer's buffers, the grid's compiled functions: before the first step
+        compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
+        fns, fns_many = compilers.grid_fns(config.compile, device), compilers.grid_fns(config.compile, device, many=True)
+        # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
+        # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
+        # recompile on every batch); the grid functions stay compiled
+        eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
+        train_block = block if eager else compilers.block(block, config.compile, device)
+        trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block, fns_many=fns_many)
+        states = trainer.states  # per buffer this process owns (all of them for one process)
+        groups = []
+        for st in states.values():
+            lr, minmax_lr = step_sizes(config, st.scheme)
+            groups.append(([st.v], lr, (-V_BOUND, V_BOUND)))
+            if config.enable_minmax_tuning:
+                groups.append(([st.min_scale, st.max_scale], minmax_lr, MINMAX_BOUNDS))
+        best = {key: [p.detach().clone() for p in (st.v, st.min_scale, st.max_scale)] for key, st in states.items()}
 
-    # samples per step: one process's, divided over the data-parallel processes (each from its own share)
-    global_bs = min(n, -(-bs * config.gradient_accumulate_steps // ctx.world_size))
-    bs = min(bs, global_bs)
-    sampler = IndexSampler(n, global_bs, config.seed + ctx.index)
-    # the best step is tracked on the device: no host synchronization per step (the host queues the next
-    # step while the device runs this one); the same float32 comparison as on the host
-    first_loss, best_loss, best_iter = None, torch.full((), float("inf"), device=device), torch.zeros((), dtype=torch.int64, device=device)
+        # samples per step: one process's, divided over the data-parallel processes (each from its own share)
+        global_bs = min(n, -(-bs * config.gradient_accumulate_steps // ctx.world_size))
+        bs = min(bs, global_bs)
+        sampler = IndexSampler(n, global_bs, config.seed + ctx.index)
+        # the best step is tracked on the device: no host synchronization per step (the host queues the next
+        # step while the device runs this one); the same float32 comparison as on the host
+        first_loss, best_loss, best_iter = None, torch.full((), float("inf"), device=device), torch.zeros((), dtype=torch.int64, device=device)
 
     def step_loss(run_block, indices: list[int]) -> torch.Tensor:
         """Forward and backward over one global batch (micro-batches of bs); returns its mean loss []."""
@@ -785,17 +786,18 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     trainer.close()
     first_loss, best_loss, best_iter = float(first_loss), float(best_loss), int(best_iter)
     results = {}
-    for key, names in trainer.members.items():  # each linear quantized by its owner, shared with the others
-        mine = None  # a buffer's linears (one owner, device and role) shared together: two broadcasts
-        if key in states:
-            mine = []
-            for i, name in enumerate(names):
-                v, mn, mx = states[key].export(i, *best[key])
-                mine.append(quantize_weight(linears[name].weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx))
-        shared, _ = ctx.shared_results(key[0], mine, [0.0] * len(names), [linears[n] for n in names])
-        for name, result in zip(names, shared):
-            result.bias = None if linears[name].bias is None else linears[name].bias.detach().clone()
-            results[name] = result
+    with ctx.phase("export"):  # the best rounding of each linear quantized by its owner, shared with the others
+        for key, names in trainer.members.items():
+            mine = None  # a buffer's linears (one owner, device and role) shared together: two broadcasts
+            if key in states:
+                mine = []
+                for i, name in enumerate(names):
+                    v, mn, mx = states[key].export(i, *best[key])
+                    mine.append(quantize_weight(linears[name].weight.data, ctx.schemes[name], v=v, min_scale=mn, max_scale=mx))
+            shared, _ = ctx.shared_results(key[0], mine, [0.0] * len(names), [linears[n] for n in names])
+            for name, result in zip(names, shared):
+                result.bias = None if linears[name].bias is None else linears[name].bias.detach().clone()
+                results[name] = result
     results = {name: results[name] for name in linears}  # the block's order
     ctx.losses = (first_loss, best_loss)
     if ctx.log:
