@@ -16,6 +16,8 @@ last; everything goes to `<out>/dist-gpu-<date>-<HHMM>.json` and the runs' logs 
     # whole models (32 Llama-3-8B blocks; one call per method fits the 10-minute limit), and a profile of a pair:
     python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "llama autoround" --autoround_blocks 32 --gptq_blocks 1 --moe_blocks 0 --budget 585
     python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "qwen3-moe autoround" --moe_iters 200 --profile "qwen3-moe autoround | 2 processes"
+    # MoE on the load trained routers give (`--moe_router even`: the random routers rewritten to route the text evenly)
+    python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "qwen3-moe autoround" --moe_blocks 4 --moe_iters 200 --moe_router even --ways "one GPU,2 processes"
 
 Each run compiles from scratch (its own inductor / triton caches).
 """
