@@ -269,14 +269,14 @@ class Placer:
     def room_for_next(self, block: torch.nn.Module, linears: dict, following: torch.nn.Module) -> bool:
         """Whether the next block's weights (`following`, still on meta) fit on the one device beside what the
         loaded `block` will still take while it is worked on (its estimated need less the weights it already
-        holds), with a tenth to spare: prefetch.BlockPrefetch loads them early only then."""
+        holds), with a quarter to spare (the need is an estimate): prefetch.BlockPrefetch loads them early only then."""
         if len(self.devices) != 1 or self.devices[0].type != "cuda":
             return False
         weight_bytes = torch.empty((), dtype=self.dtype).element_size()
         held = sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()) if t.device.type != "meta")
         coming = sum(t.numel() * (weight_bytes if t.is_floating_point() else t.element_size()) for t in list(following.parameters()) + list(following.buffers()))
         still = max(0, block_bytes(BlockSizes.of(block, linears, self.dtype, self.batch_tokens), self.method) - held)
-        return 1.1 * (still + coming) <= self.budgets()[0][1]
+        return 1.25 * (still + coming) <= self.budgets()[0][1]
 
     def place(self, block: torch.nn.Module, linears: dict) -> Placement:
         if len(self.devices) == 1:

@@ -12,9 +12,11 @@ and the device has room for one more block's weights beside the current block's 
 (placement.block_bytes). Otherwise blocks load on the loop as before.
 
 Memory: at most one block more on the device, none more in RAM: a prefetch is always waited for before the
-current block is freed and the checkpoint's maps are closed (runner.py), so the maps hold one block's pages,
-and the next prefetch starts only after the loop's stream has synchronized at the block's end, so memory
-the side stream takes back from a freed block is never still read by the loop's kernels.
+current block is freed and the checkpoint's maps are closed (runner.py), and the loader closes the maps it read
+(runner.load_following), so the maps hold one block's pages at most. A prefetched block's tensors are recorded
+on the loop's stream when taken, so the memory of a freed block goes back to the side stream only once the
+loop's kernels queued on it are done. A load that runs out of device memory (the room is an estimate) is
+dropped and the loop loads that block itself, after the current one is freed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 
 
 class BlockPrefetch:
-    """One loader thread beside the block loop: `start(i, load)` runs `load()` (which returns the block's module)
-    on a side CUDA stream; `take(i)` returns that module once its copies are done (the loop's stream waits for
-    them), or None when block i was not prefetched. An exception of the load is raised by `take` / `wait`."""
+    """One loader thread beside the block loop: `start(i, load)` runs `load()` (which returns the block's module,
+    or None to give up) on a side CUDA stream; `take(i)` returns that module once its copies are done (the loop's
+    stream waits for them), or None when block i was not prefetched. An exception of the load is raised by
+    `take` / `join` / `wait`."""
 
     def __init__(self, device: torch.device, enabled: bool):
         """enabled: the runner's choice (one CUDA device); on the CPU there is no stream to wait for, and a
@@ -59,7 +62,7 @@ class BlockPrefetch:
             return None
         pending, self._pending = self._pending, None
         module, done = pending[1].result()
-        if done is None:
+        if module is None or done is None:
             return module
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(done)

@@ -54,12 +54,18 @@ TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.j
                    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
-def load_following(skeleton, prefix: str, ckpt: Checkpoint, names, device, dtype: torch.dtype) -> torch.nn.Module:
+def load_following(skeleton, prefix: str, ckpt: Checkpoint, names, device, dtype: torch.dtype) -> torch.nn.Module | None:
     """The next block, loaded by prefetch.BlockPrefetch's thread; then the shards' maps are closed, so their pages
-    do not stay in RSS while the current block computes (the loop reads no checkpoint tensor meanwhile)."""
-    block = load_module(skeleton, prefix, ckpt, names, device, dtype)
-    ckpt.close()
-    return block
+    do not stay in RSS while the current block computes (the loop reads no checkpoint tensor meanwhile). None when
+    the device ran out of memory (the room was estimated): what was loaded goes back to meta, and the loop loads
+    the block itself once the current one is freed."""
+    try:
+        return load_module(skeleton, prefix, ckpt, names, device, dtype)
+    except torch.OutOfMemoryError:
+        free_module(submodule(skeleton, prefix))
+        return None
+    finally:
+        ckpt.close()
 
 
 def source_dtype(ckpt: Checkpoint) -> torch.dtype:

@@ -90,6 +90,33 @@ def test_a_resumed_run_with_prefetch_gives_the_clean_output(tiny, tmp_path, monk
     assert_same_tensors(tmp_path / "clean", tmp_path / "resumed")
 
 
+def test_a_prefetch_that_runs_out_of_memory_leaves_the_block_to_the_loop(tiny, tmp_path, monkeypatch):
+    """The room is an estimate: a load that runs out of device memory is dropped (its tensors back on meta) and the
+    loop loads the block itself; the output is the plain loop's."""
+    import threading
+
+    import lowbit.runner as runner
+
+    src, calib = tiny
+    run(src, calib, tmp_path / "plain")
+    taken = forced_on(monkeypatch)
+    real, failed, freed = runner.load_module, [], []
+
+    def short_of_memory(skeleton, prefix, *args):
+        if threading.current_thread().name.startswith("lowbit-load"):
+            real(skeleton, prefix, *args)  # part of the way: the block's tensors are loaded, then the allocator fails
+            failed.append(prefix)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        # the loop's own load: what the failed prefetch had loaded was released (back on meta)
+        freed.append(all(p.device.type == "meta" for p in skeleton.get_submodule(prefix).parameters()))
+        return real(skeleton, prefix, *args)
+
+    monkeypatch.setattr(runner, "load_module", short_of_memory)
+    run(src, calib, tmp_path / "short")
+    assert failed == ["model.layers.1", "model.layers.2"] and taken == [] and freed == [True, True, True]
+    assert_same_tensors(tmp_path / "plain", tmp_path / "short")
+
+
 def test_the_loaders_errors_reach_the_loop():
     prefetch = BlockPrefetch(torch.device("cpu"), enabled=True)
     module = torch.nn.Linear(2, 2)
