@@ -16,6 +16,8 @@ last; everything goes to `<out>/dist-gpu-<date>-<HHMM>.json` and the runs' logs 
     # whole models (32 Llama-3-8B blocks; one call per method fits the 10-minute limit), and a profile of a pair:
     python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "llama autoround" --autoround_blocks 32 --gptq_blocks 1 --moe_blocks 0 --budget 585
     python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "qwen3-moe autoround" --moe_iters 200 --profile "qwen3-moe autoround | 2 processes"
+    # a steady-state window (block 1, steps 50-69) of each rank: per-step busy / NCCL / idle and a chrome trace per rank
+    python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --ways none --only "qwen3-moe autoround" --moe_blocks 2 --moe_router even --profile "qwen3-moe autoround | 2 processes" --profile_iters 200 --profile_window 250:20
     # MoE on the load trained routers give (`--moe_router even`: the random routers rewritten to route the text evenly)
     python3 bench/dist_gpu.py --text .cache/austen.txt --out $OUT --compile --skip_checks --only "qwen3-moe autoround" --moe_blocks 4 --moe_iters 200 --moe_router even --ways "one GPU,2 processes"
 
@@ -143,7 +145,7 @@ def log_line(log: Path, text: str) -> None:
         f.write(text + "\n")
 
 
-def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, timeout: float, profile: Path | None = None) -> dict:
+def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, timeout: float, profile: Path | None = None, window: str = "") -> dict:
     """One `lowbit quantize` process (it re-launches itself with --nproc); its figures from its log.
 
     Each run compiles from scratch (its own empty inductor and triton caches): a run after another on the
@@ -157,6 +159,8 @@ def run_cli(ckpt: Path, out: Path, args: list[str], device: str, log: Path, time
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
     if profile is not None:
         env.update(BENCH_PROFILE_OUT=str(profile), PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent / "profile_site"), env.get("PYTHONPATH", "")]))
+        if window:
+            env["BENCH_PROFILE_WINDOW"] = window
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -510,6 +514,9 @@ def main() -> None:
     p.add_argument("--profile", default="", help="comma list of rows to run once more under torch.profiler, after the timed runs "
                    "(e.g. 'qwen3-moe autoround | 2 processes'); tables to <out>/profile-<row>-rank<R>.txt")
     p.add_argument("--profile_iters", type=int, default=20, help="AutoRound iterations of the profiled runs")
+    p.add_argument("--profile_window", default="", help="FIRST:COUNT: profile only AutoRound steps FIRST..FIRST+COUNT of the run (all blocks "
+                   "counted; e.g. 250:20 with --profile_iters 200: block 1, steady state) and write each rank's chrome trace "
+                   "(profile_site/sitecustomize.py)")
     p.add_argument("--only", default="", help="comma list of runs to keep, e.g. 'llama gptq,qwen3-moe gptq' (default: all)")
     args = p.parse_args()
     date = time.strftime("%Y-%m-%d-%H%M", time.gmtime())  # several runs a day keep their own files
@@ -616,13 +623,15 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         out = work / f"out-profile-{model}-{method}"
         results["profiles"] = results.get("profiles", {})
-        results["profiles"][row] = run_cli(ckpts[(model, method)], out, run_args + calib + ways[how][0], one_device, log, timeout=max(60, args.budget - (time.time() - STARTED)), profile=folder)
+        results["profiles"][row] = run_cli(ckpts[(model, method)], out, run_args + calib + ways[how][0], one_device, log, timeout=max(60, args.budget - (time.time() - STARTED)), profile=folder, window=args.profile_window)
         shutil.rmtree(out, ignore_errors=True)
         tag = row.replace(" | ", "-").replace(" ", "_")
-        for f in sorted(folder.glob("profile-rank*.txt")):
+        for f in sorted(folder.glob("profile-*rank*.txt")):
             text = f.read_text()
-            (Path(args.out) / f"profile-{tag}-{f.stem.split('-')[-1]}.txt").write_text(text)
+            (Path(args.out) / f"profile-{tag}-{f.stem.removeprefix('profile-')}.txt").write_text(text)
             print(f"\n== profile {row} {f.stem}: {text.splitlines()[0]}")
+        for f in sorted(folder.glob("trace-rank*.json.gz")):  # --profile_window: each rank's chrome trace
+            shutil.copy(f, Path(args.out) / f"trace-{tag}-{f.name.removeprefix('trace-')}")
         save()
 
     print(f"\n{json.dumps(env)}\nchecks: {json.dumps(results['checks'])}")
