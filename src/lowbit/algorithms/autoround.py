@@ -697,9 +697,11 @@ def routed_at_start(ctx: BlockContext, autocast) -> dict[str, list[int]]:
     (the attention before the router) at the training's starting point: their round-to-nearest weights, which
     W_hat is before the first step (V = 0, scales 1). The runner's count (ctx.routed) routes the fp block, but
     every training step routes through the quantized attention, and a router's top-k moves with it: on a
-    Qwen3-30B-A3B-shaped block whose routers spread the text evenly, the process that owned half of the fp
-    count's pairs received 58-77 % of every step's (median 65 %, 20 steps, two H200s, 2026-12-01) and the other
-    waited for it at every all-to-all. One forward of the local samples with the experts only counting."""
+    Qwen3-30B-A3B-shaped block (routers rewritten to spread the text evenly), 29 % of the calibration pairs go
+    to another expert at the start than in the fp block, and dealt by the fp count the busier of two processes
+    ran a median 56.3-56.7 % of each step's pairs, 54.6-55.0 % dealt by this one (50 % is even; 53.4-54.1 % the best
+    any fixed deal did: the steps' batches route unevenly themselves; bench/moe_routes.py, one H200, 2026-12-01).
+    One forward of the local samples with the experts only counting."""
     from ..calib.experts import count_routed
 
     kept = {}
