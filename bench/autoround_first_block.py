@@ -1,6 +1,7 @@
 """Where AutoRound's first block goes (one GPU): each torch.compile (frame, seconds), the setup, and the first
-steps, for the lowbit CLI as it is and for a variant of the grid's compile (`--variant dynamic_grid`: the
-single-linear grid compiled once with dynamic shapes and no smoke call, instead of once per weight shape).
+steps, for the lowbit CLI as it is and with the grid compiled as it was before 2026-12-01 (`static_grid`: once per weight
+shape, and again for grad mode after its smoke call; results/autoround-first-block-2026-12-01-0102.json also has two
+variants measured before the change landed: automatic dynamic shapes, and dynamic=True without a smoke call).
 Every run starts with empty inductor / triton caches, as a user's first run does, on a random-weight
 Llama-3-8B-shaped checkpoint of `--blocks` blocks written first.
 
@@ -26,30 +27,18 @@ import lowbit.algorithms.autoround as ar
 from torch._dynamo.utils import compilation_time_metrics
 
 variant, out_json, ITERS, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-if variant == "dynamic_grid":
+if variant == "static_grid":  # the grid as it was before 2026-12-01: compiled static per weight shape, smoke call with grad on
     real = ar.Compilers.grid_fns
 
-    def grid_fns(self, compile_, device, many=False):
+    def grid_fns(self, compile_, device, many=False, group_size=128):
         if many or not (compile_ or (compile_ is None and device.type == "cuda")):
-            return real(self, compile_, device, many)
+            return real(self, compile_, device, many, group_size)
         if self.grid is None:
-            self.grid = (torch.compile(ar.fq_forward, dynamic=True), torch.compile(ar.fq_backward, dynamic=True))
-        return self.grid
-
-    ar.Compilers.grid_fns = grid_fns
-if variant == "auto_dynamic_grid":  # automatic dynamic shapes, the smoke call without grad at a group size's shape
-    real = ar.Compilers.grid_fns
-
-    def grid_fns(self, compile_, device, many=False):
-        if many or not (compile_ or (compile_ is None and device.type == "cuda")):
-            return real(self, compile_, device, many)
-        if self.grid is None:
-            fns = (torch.compile(ar.fq_forward), torch.compile(ar.fq_backward))
-            with torch.no_grad():
-                x = torch.randn(2, 2, 128, device=device)
-                s, z = torch.ones(2, 2, 1, device=device), torch.zeros(2, 2, 1, device=device)
-                _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.bfloat16)
-                fns[1](torch.ones_like(x), x, s, qz, inside)
+            fns = (torch.compile(ar.fq_forward, dynamic=False), torch.compile(ar.fq_backward, dynamic=False))
+            x = torch.randn(2, 1, 8, device=device)
+            s, z = torch.ones(2, 1, 1, device=device), torch.zeros(2, 1, 1, device=device)
+            _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
+            fns[1](torch.ones_like(x), x, s, qz, inside)
             self.grid = fns
         return self.grid
 
@@ -95,7 +84,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--text", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--variants", default="as_is,auto_dynamic_grid,dynamic_grid")
+    p.add_argument("--variants", default="static_grid,as_is")
     p.add_argument("--work", default="/tmp/ar-first-block")
     args = p.parse_args()
     out, work = Path(args.out), Path(args.work)

@@ -91,6 +91,18 @@ def fq_backward(g, x, s, qz, inside):
     return dv, ds, outside
 
 
+def fq_forward_one(x, v, s, z, maxq: int, out_dtype: torch.dtype):
+    """fq_forward for one linear's [N, G, gs] (`Compilers.grid_fns`): a code object of its own, since dynamo keeps its
+    compiled graphs and its automatic-dynamic record of sizes per code object, and the [B, N, G, gs] expert
+    buffers' sizes must not make these symbolic (nor these theirs)."""
+    return fq_forward(x, v, s, z, maxq, out_dtype)
+
+
+def fq_backward_one(g, x, s, qz, inside):
+    """fq_backward for one linear's [N, G, gs] (see fq_forward_one)."""
+    return fq_backward(g, x, s, qz, inside)
+
+
 def qparam_backward(ds, outside, lo, hi, s, a, b, s_raw, maxq: int, sym: bool):
     """Chain dL/ds (and dL/dz = -s * outside) back to min_scale / max_scale; all [N, G, 1].
 
@@ -624,17 +636,22 @@ class Compilers:
     grid_failed: str | None = None
     block_failed: str | None = None
 
-    def grid_fns(self, compile_: bool | None, device: torch.device, many: bool = False):
+    def grid_fns(self, compile_: bool | None, device: torch.device, many: bool = False, group_size: int = 128):
         """The fake-quant forward/backward pair: compiled (compile_ True, or None on CUDA) or eager.
 
-        many: for buffers of several linears (a role's experts, [B, N, G, gs]), whose B differs between blocks
-        and processes (experts dealt out by load, RTN fallbacks): compiled with dynamo's automatic dynamic
-        shapes, so a second B makes the changed sizes symbolic and later ones reuse that code, instead of one
-        compile per B (a 48-block MoE run would pass dynamo's recompile limit and silently run eagerly). The
-        single linears keep static shapes (a handful per architecture, each compiled once).
+        Both compile with dynamo's automatic dynamic shapes: the first sizes give a static graph and the first
+        sizes that differ are made symbolic, after which any sizes reuse that code. many: buffers of several
+        linears (a role's experts, [B, N, G, gs]), whose B differs between blocks and processes (experts dealt out
+        by load, RTN fallbacks): one compile per B would pass dynamo's recompile limit in a 48-block MoE run and
+        silently run eagerly. Single linears [N, G, gs] (fq_forward_one: their own code object): one graph for
+        every weight shape of the block. Compiled static per shape they cost a compile each (q, k / v, o,
+        gate / up, down: 8 for the pair) and, with the smoke call run with grad on, a recompile for grad mode:
+        Llama-3-8B's first block 33.0 -> 24.9 s on an H200; the symbolic N and G make later steps ~1.5 % slower
+        (8.72 -> 8.83 s per block), for 8 s less on every run (bench/autoround_first_block.py, 2026-12-01).
 
         A compiler that cannot run here (no C compiler, an unsupported GPU, ...) shows up on the first call;
-        a smoke call on a tiny weight finds out once per run, and the eager pair is used with a warning."""
+        a smoke call (without grad, as FakeQuant calls it, at the scheme's group size: only N and G then become
+        symbolic) finds out once per run, and the eager pair is used with a warning."""
         if compile_ is None:
             compile_ = device.type == "cuda"
         if not compile_ or self.grid_failed:
@@ -644,12 +661,14 @@ class Compilers:
                 self.grid_many = (torch.compile(fq_forward), torch.compile(fq_backward))
             return self.grid_many
         if self.grid is None:
-            fns = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
+            fns = (torch.compile(fq_forward_one), torch.compile(fq_backward_one))
             try:
-                x = torch.randn(2, 1, 8, device=device)
-                s, z = torch.ones(2, 1, 1, device=device), torch.zeros(2, 1, 1, device=device)
-                _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
-                fns[1](torch.ones_like(x), x, s, qz, inside)
+                with torch.no_grad():
+                    gs = group_size if group_size > 0 else 128
+                    x = torch.randn(2, 2, gs, device=device)
+                    s, z = torch.ones(2, 2, 1, device=device), torch.zeros(2, 2, 1, device=device)
+                    _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
+                    fns[1](torch.ones_like(x), x, s, qz, inside)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                 self.grid_failed = _first_line(exc)
                 warnings.warn(f"torch.compile of the AutoRound grid failed ({self.grid_failed}); running it eagerly", stacklevel=2)
@@ -741,7 +760,8 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
 
     with ctx.phase("setup"):  # the trainer's buffers, the grid's compiled functions: before the first step
         compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
-        fns, fns_many = compilers.grid_fns(config.compile, device), compilers.grid_fns(config.compile, device, many=True)
+        group_size = next(iter(ctx.schemes.values())).group_size  # the smoke call's; another one's only makes gs symbolic too
+        fns, fns_many = compilers.grid_fns(config.compile, device, group_size=group_size), compilers.grid_fns(config.compile, device, many=True)
         # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
         # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
         # recompile on every batch); the grid functions stay compiled
