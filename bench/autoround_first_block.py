@@ -1,7 +1,10 @@
-"""Where AutoRound's first block goes (one GPU): each torch.compile (frame, seconds), the setup, and the first
-steps, for the lowbit CLI as it is and with the grid compiled as it was before 2026-12-01 (`static_grid`: once per weight
-shape, and again for grad mode after its smoke call; results/autoround-first-block-2026-12-01-0102.json also has two
-variants measured before the change landed: automatic dynamic shapes, and dynamic=True without a smoke call).
+"""Where AutoRound's first block goes (one GPU): each torch.compile (seconds each), the setup, the first steps and
+the steady blocks, for the lowbit CLI as it is (`as_is`: the single-linear grid compiled static, once per weight
+shape) and with that grid compiled once with automatic dynamic shapes (`dynamic_grid`, symbolic N and G).
+Measured on one H200 (results/autoround-first-block-2026-12-01-0109.json, whose "static_grid" is `as_is` here and
+whose "as_is" is `dynamic_grid`: it was on main for an hour): Llama-3-8B's first block 27.5 -> 21.4 s, the blocks
+after it 8.67 -> 8.77 s (steps 1.5 % slower, in both runs of the day); not landed, since the symbolic kernels cost
+more than the compiles they save once a model has more than ~45 such blocks (a 70B's 80 larger ones).
 Every run starts with empty inductor / triton caches, as a user's first run does, on a random-weight
 Llama-3-8B-shaped checkpoint of `--blocks` blocks written first.
 
@@ -27,18 +30,25 @@ import lowbit.algorithms.autoround as ar
 from torch._dynamo.utils import compilation_time_metrics
 
 variant, out_json, ITERS, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-if variant == "static_grid":  # the grid as it was before 2026-12-01: compiled static per weight shape, smoke call with grad on
+if variant == "dynamic_grid":  # measured, not landed: the single-linear grid with automatic dynamic shapes
     real = ar.Compilers.grid_fns
 
-    def grid_fns(self, compile_, device, many=False, group_size=128):
+    def fq_forward_one(x, v, s, z, maxq, out_dtype):  # code objects of their own: apart from the expert buffers' graphs
+        return ar.fq_forward(x, v, s, z, maxq, out_dtype)
+
+    def fq_backward_one(g, x, s, qz, inside):
+        return ar.fq_backward(g, x, s, qz, inside)
+
+    def grid_fns(self, compile_, device, many=False):
         if many or not (compile_ or (compile_ is None and device.type == "cuda")):
-            return real(self, compile_, device, many, group_size)
+            return real(self, compile_, device, many)
         if self.grid is None:
-            fns = (torch.compile(ar.fq_forward, dynamic=False), torch.compile(ar.fq_backward, dynamic=False))
-            x = torch.randn(2, 1, 8, device=device)
-            s, z = torch.ones(2, 1, 1, device=device), torch.zeros(2, 1, 1, device=device)
-            _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
-            fns[1](torch.ones_like(x), x, s, qz, inside)
+            fns = (torch.compile(fq_forward_one), torch.compile(fq_backward_one))
+            with torch.no_grad():  # as FakeQuant calls them; only N and G then become symbolic
+                x = torch.randn(2, 2, 128, device=device)
+                s, z = torch.ones(2, 2, 1, device=device), torch.zeros(2, 2, 1, device=device)
+                _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
+                fns[1](torch.ones_like(x), x, s, qz, inside)
             self.grid = fns
         return self.grid
 
@@ -84,7 +94,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--text", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--variants", default="static_grid,as_is")
+    p.add_argument("--variants", default="as_is,dynamic_grid")
     p.add_argument("--work", default="/tmp/ar-first-block")
     args = p.parse_args()
     out, work = Path(args.out), Path(args.work)

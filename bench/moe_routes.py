@@ -1,15 +1,20 @@
 """Which routes do AutoRound's training steps take, against the counts its experts are dealt out by?
 
 Expert-parallel AutoRound (several processes) gives each process some of a MoE block's experts, dealt out by
-routed pairs per expert (arch/expert_parallel.owners_by_load), and every step each process waits at the
-all-to-alls for the busiest one. This runs AutoRound in one process on a random-weight Qwen3-30B-A3B-shaped
-checkpoint (routers rewritten to route the text evenly, `dist_gpu.whiten_routers`; `--moe_router random` keeps
-the random ones) and records, per block: the runner's count on the fp block (ctx.routed, what the owners were
-dealt by before 2026-12-01), the count with the attention at AutoRound's starting point
-(`autoround.routed_at_start`, what they are dealt by now), and every training step's routes (the router's top-k
-at the experts module, counted from its arguments). For 2 and 4 processes it prints the share of each step's pairs
-the busiest process would run under owners dealt by each count (1 / N is even; the "steps" row deals by the
-steps' own mean, the best a fixed deal can do).
+routed pairs per expert (arch/expert_parallel.owners_by_load, from the runner's count on the fp block), and every
+step each process waits at the all-to-alls for the busiest one. This runs AutoRound in one process on a
+random-weight Qwen3-30B-A3B-shaped checkpoint (routers rewritten to route the text evenly,
+`dist_gpu.whiten_routers`; `--moe_router random` keeps the random ones) and records, per block: the runner's fp
+count (ctx.routed), the count with the attention at AutoRound's starting point (its round-to-nearest weights),
+and every training step's routes (the router's top-k at the experts module, counted from its arguments). For 2 and
+4 processes it prints the share of each step's pairs the busiest process would run under owners dealt by each
+count (1 / N is even; the "steps" row deals by the steps' own mean, the best a fixed deal can do).
+
+Measured (one H200, 2026-12-01, results/moe-routes-*.json): 29 % of the pairs go to another expert at the start
+than in the fp block, yet no fixed deal brings the busiest of two processes below a median 53-54 % of a step's
+pairs (its batches of 8 windows route unevenly themselves); dealing by the start's count moved the median by
+-11 to +0.2 points between blocks and runs, and on two H200s the MoE pair got no faster with it (7.36 s per block
+against 7.02 before, dist-gpu-2026-12-01-0116): it was not landed.
 
     python3 bench/moe_routes.py --text .cache/austen.txt --out $OUT                 # one GPU
     python3 bench/moe_routes.py --text .cache/austen.txt --out /tmp/o --tiny --device cpu --iters 4   # CPU smoke test
@@ -23,7 +28,6 @@ import shutil
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +38,28 @@ from moe_scale import qwen3_30b_a3b  # noqa: E402
 from vlm_scale import write_random_checkpoint, write_tokenizer  # noqa: E402
 
 
+@torch.no_grad()
+def routed_at_start(ctx) -> dict[str, list[int]]:
+    """Routed pairs per expert with the block's other linears (the attention before the router) at AutoRound's
+    starting point, their round-to-nearest weights (W_hat before the first step): the count the training
+    steps would route by, if quantizing the attention moved nothing else."""
+    from lowbit.arch.experts import expert_role
+    from lowbit.calib.experts import count_routed
+    from lowbit.quant import quantize_weight
+
+    kept = {}
+    try:
+        for name, linear in ctx.linears.items():
+            if expert_role(name) == name:  # not an expert's (experts only count here: their weights are not read)
+                kept[name] = linear.weight.data
+                linear.weight.data = quantize_weight(kept[name], ctx.schemes[name]).dequantize().to(kept[name])
+        routed, _ = count_routed(ctx.engine, ctx.block, ctx.index, ctx.stream)
+    finally:
+        for name, weight in kept.items():
+            ctx.linears[name].weight.data = weight
+    return routed
+
+
 def busiest_share(owners: list[int], counts: torch.Tensor, world: int) -> float:
     """The share of one step's pairs [E] that the busiest of `world` processes runs."""
     per = torch.zeros(world, dtype=torch.float64).index_add_(0, torch.tensor(owners), counts.double())
@@ -42,7 +68,6 @@ def busiest_share(owners: list[int], counts: torch.Tensor, world: int) -> float:
 
 def recording(real_handler, records: list):
     """blockstep.handler_for wrapped: per block the fp count, the count at AutoRound's start and each step's routes."""
-    import lowbit.algorithms.autoround as autoround
     from lowbit.arch.experts import experts_modules
 
     def handler_for(config):
@@ -51,7 +76,7 @@ def recording(real_handler, records: list):
         def fn(ctx, cfg):
             if not ctx.routed:
                 return block_fn(ctx, cfg)
-            record = {"block": ctx.index, "fp": ctx.routed, "start": autoround.routed_at_start(ctx, nullcontext), "steps": {}}
+            record = {"block": ctx.index, "fp": ctx.routed, "start": routed_at_start(ctx), "steps": {}}
             records.append(record)
 
             def count(name):
@@ -118,7 +143,7 @@ def main() -> None:
     for rec in records:
         for name, steps in rec["steps"].items():
             mean = torch.stack(steps).double().mean(0)
-            deals = {"fp block (before)": rec["fp"][name], "attention at its start (now)": rec["start"][name],
+            deals = {"fp block (the deal lowbit makes)": rec["fp"][name], "attention at its start": rec["start"][name],
                      "steps' own mean (best fixed)": [round(float(c)) for c in mean]}
             for world in (2, 4):
                 for how, counts in deals.items():

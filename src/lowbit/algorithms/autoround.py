@@ -91,18 +91,6 @@ def fq_backward(g, x, s, qz, inside):
     return dv, ds, outside
 
 
-def fq_forward_one(x, v, s, z, maxq: int, out_dtype: torch.dtype):
-    """fq_forward for one linear's [N, G, gs] (`Compilers.grid_fns`): a code object of its own, since dynamo keeps its
-    compiled graphs and its automatic-dynamic record of sizes per code object, and the [B, N, G, gs] expert
-    buffers' sizes must not make these symbolic (nor these theirs)."""
-    return fq_forward(x, v, s, z, maxq, out_dtype)
-
-
-def fq_backward_one(g, x, s, qz, inside):
-    """fq_backward for one linear's [N, G, gs] (see fq_forward_one)."""
-    return fq_backward(g, x, s, qz, inside)
-
-
 def qparam_backward(ds, outside, lo, hi, s, a, b, s_raw, maxq: int, sym: bool):
     """Chain dL/ds (and dL/dz = -s * outside) back to min_scale / max_scale; all [N, G, 1].
 
@@ -355,16 +343,14 @@ class Trainer:
     so the collectives match; `through_grid` launches what is left, then runs each owned buffer's grid
     backward as its sum arrives."""
 
-    def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns, wait_in_forward: bool = False, fns_many=None,
-                 routed: dict[str, list[int]] | None = None):
-        """fns: the grid's (forward, backward) for single linears; fns_many: for buffers of several (None: fns);
-        routed: the routed pairs per expert the experts are dealt out by (`routed_at_start`; None: ctx.routed)."""
+    def __init__(self, ctx: BlockContext, config: AutoRoundConfig, out_dtype: torch.dtype, fns, wait_in_forward: bool = False, fns_many=None):
+        """fns: the grid's (forward, backward) for single linears; fns_many: for buffers of several (None: fns)."""
         linears = ctx.linears
         self.ctx, self.out_dtype, self.fns, self.fns_many = ctx, out_dtype, fns, fns_many or fns
         self.rank, self.world = ctx.engine.rank, ctx.world_size
         # experts trained where they run (several processes, eager MoE blocks: arch/expert_parallel.py): an expert's
         # linears are owned by the process running it; the other linears are dealt out by size
-        self.parallel = expert_parallel.plan(ctx.block, ctx.device, out_dtype, self.rank, self.world, routed or ctx.routed) if wait_in_forward else {}
+        self.parallel = expert_parallel.plan(ctx.block, ctx.device, out_dtype, self.rank, self.world, ctx.routed) if wait_in_forward else {}
         expert_owner = {}
         for prefix, parallel in self.parallel.items():
             layout = ctx.block.get_submodule(prefix).lowbit_layout
@@ -636,22 +622,17 @@ class Compilers:
     grid_failed: str | None = None
     block_failed: str | None = None
 
-    def grid_fns(self, compile_: bool | None, device: torch.device, many: bool = False, group_size: int = 128):
+    def grid_fns(self, compile_: bool | None, device: torch.device, many: bool = False):
         """The fake-quant forward/backward pair: compiled (compile_ True, or None on CUDA) or eager.
 
-        Both compile with dynamo's automatic dynamic shapes: the first sizes give a static graph and the first
-        sizes that differ are made symbolic, after which any sizes reuse that code. many: buffers of several
-        linears (a role's experts, [B, N, G, gs]), whose B differs between blocks and processes (experts dealt out
-        by load, RTN fallbacks): one compile per B would pass dynamo's recompile limit in a 48-block MoE run and
-        silently run eagerly. Single linears [N, G, gs] (fq_forward_one: their own code object): one graph for
-        every weight shape of the block. Compiled static per shape they cost a compile each (q, k / v, o,
-        gate / up, down: 8 for the pair) and, with the smoke call run with grad on, a recompile for grad mode:
-        Llama-3-8B's first block 33.0 -> 24.9 s on an H200; the symbolic N and G make later steps ~1.5 % slower
-        (8.72 -> 8.83 s per block), for 8 s less on every run (bench/autoround_first_block.py, 2026-12-01).
+        many: for buffers of several linears (a role's experts, [B, N, G, gs]), whose B differs between blocks
+        and processes (experts dealt out by load, RTN fallbacks): compiled with dynamo's automatic dynamic
+        shapes, so a second B makes the changed sizes symbolic and later ones reuse that code, instead of one
+        compile per B (a 48-block MoE run would pass dynamo's recompile limit and silently run eagerly). The
+        single linears keep static shapes (a handful per architecture, each compiled once).
 
         A compiler that cannot run here (no C compiler, an unsupported GPU, ...) shows up on the first call;
-        a smoke call (without grad, as FakeQuant calls it, at the scheme's group size: only N and G then become
-        symbolic) finds out once per run, and the eager pair is used with a warning."""
+        a smoke call on a tiny weight finds out once per run, and the eager pair is used with a warning."""
         if compile_ is None:
             compile_ = device.type == "cuda"
         if not compile_ or self.grid_failed:
@@ -661,14 +642,12 @@ class Compilers:
                 self.grid_many = (torch.compile(fq_forward), torch.compile(fq_backward))
             return self.grid_many
         if self.grid is None:
-            fns = (torch.compile(fq_forward_one), torch.compile(fq_backward_one))
+            fns = (torch.compile(fq_forward, dynamic=False), torch.compile(fq_backward, dynamic=False))
             try:
-                with torch.no_grad():
-                    gs = group_size if group_size > 0 else 128
-                    x = torch.randn(2, 2, gs, device=device)
-                    s, z = torch.ones(2, 2, 1, device=device), torch.zeros(2, 2, 1, device=device)
-                    _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
-                    fns[1](torch.ones_like(x), x, s, qz, inside)
+                x = torch.randn(2, 1, 8, device=device)
+                s, z = torch.ones(2, 1, 1, device=device), torch.zeros(2, 1, 1, device=device)
+                _, qz, inside = fns[0](x, torch.zeros_like(x), s, z, 15, torch.float32)
+                fns[1](torch.ones_like(x), x, s, qz, inside)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                 self.grid_failed = _first_line(exc)
                 warnings.warn(f"torch.compile of the AutoRound grid failed ({self.grid_failed}); running it eagerly", stacklevel=2)
@@ -710,33 +689,6 @@ def recompile_limit(limit: int):
 # ---------------------------------------------------------------- the block
 
 
-@torch.no_grad()
-def routed_at_start(ctx: BlockContext, autocast) -> dict[str, list[int]]:
-    """Routed pairs per expert of each experts module, summed over the processes, with the block's other linears
-    (the attention before the router) at the training's starting point: their round-to-nearest weights, which
-    W_hat is before the first step (V = 0, scales 1). The runner's count (ctx.routed) routes the fp block, but
-    every training step routes through the quantized attention, and a router's top-k moves with it: on a
-    Qwen3-30B-A3B-shaped block (routers rewritten to spread the text evenly), 29 % of the calibration pairs go
-    to another expert at the start than in the fp block, and dealt by the fp count the busier of two processes
-    ran a median 56.3-56.7 % of each step's pairs, 54.6-55.0 % dealt by this one (50 % is even; 53.4-54.1 % the best
-    any fixed deal did: the steps' batches route unevenly themselves; bench/moe_routes.py, one H200, 2026-12-01).
-    One forward of the local samples with the experts only counting."""
-    from ..calib.experts import count_routed
-
-    kept = {}
-    try:
-        for name, linear in ctx.linears.items():
-            if expert_role(name) == name:  # not an expert's (experts only count here: their weights are not read)
-                kept[name] = linear.weight.data
-                linear.weight.data = quantize_weight(kept[name], ctx.schemes[name]).dequantize().to(kept[name])
-        with autocast():
-            routed, _ = count_routed(ctx.engine, ctx.block, ctx.index, ctx.stream)
-    finally:
-        for name, weight in kept.items():
-            ctx.linears[name].weight.data = weight
-    return routed
-
-
 def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> dict[str, QuantResult]:
     config = config or AutoRoundConfig()
     linears, device = ctx.linears, ctx.device
@@ -760,16 +712,13 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
 
     with ctx.phase("setup"):  # the trainer's buffers, the grid's compiled functions: before the first step
         compilers = ctx.run_state.setdefault("autoround.compilers", Compilers())
-        group_size = next(iter(ctx.schemes.values())).group_size  # the smoke call's; another one's only makes gs symbolic too
-        fns, fns_many = compilers.grid_fns(config.compile, device, group_size=group_size), compilers.grid_fns(config.compile, device, many=True)
+        fns, fns_many = compilers.grid_fns(config.compile, device), compilers.grid_fns(config.compile, device, many=True)
         # eager when the block is spread over several devices (one compiled graph would span several GPUs) or is a
         # mixture-of-experts block (each expert runs on the tokens routed to it: data-dependent shapes that would
         # recompile on every batch); the grid functions stay compiled
         eager = len({l.weight.device for l in linears.values()}) > 1 or bool(experts_modules(block))
         train_block = block if eager else compilers.block(block, config.compile, device)
-        # several processes, experts trained expert-parallel: dealt out by the routes the steps will take
-        routed = routed_at_start(ctx, autocast) if ctx.world_size > 1 and ctx.routed and train_block is block else None
-        trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block, fns_many=fns_many, routed=routed)
+        trainer = Trainer(ctx, config, out_dtype, fns, wait_in_forward=train_block is block, fns_many=fns_many)
         states = trainer.states  # per buffer this process owns (all of them for one process)
         groups = []
         for st in states.values():

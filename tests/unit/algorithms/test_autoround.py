@@ -397,36 +397,6 @@ def test_module_waits_break_a_compiled_block_once_per_module_and_compile_once():
     torch._dynamo.reset()
 
 
-def test_grid_for_single_linears_compiles_twice_for_every_shape():
-    """A block's linears come in several shapes (Llama: q / o, k / v, gate / up, down): the single-linear grid
-    compiles its smoke call's static graph, makes N and G symbolic at the first real shape and compiles nothing
-    after, whatever N and G come, and the grad mode FakeQuant calls it in costs no recompile; forward and
-    backward values are the eager grid's."""
-    from torch._dynamo.utils import counters
-
-    from lowbit.algorithms.autoround import Compilers, fq_backward, fq_forward
-
-    torch._dynamo.reset()
-    counters.clear()
-    fns = Compilers().grid_fns(True, torch.device("cpu"), group_size=32)
-    gen = torch.Generator().manual_seed(0)
-    graphs = [counters["stats"]["unique_graphs"]]  # the smoke call's forward and backward
-    with torch.no_grad():  # as FakeQuant.forward / backward run them
-        for n, g in [(16, 3), (8, 5), (24, 2), (40, 7), (16, 3)]:
-            x = torch.randn(n, g, 32, generator=gen)
-            s = x.abs().amax(-1, keepdim=True) / 7
-            z = torch.full_like(s, 8.0)
-            v = torch.rand(x.shape, generator=gen) - 0.5
-            got, want = fns[0](x, v, s, z, 15, torch.float32), fq_forward(x.clone(), v, s, z, 15, torch.float32)
-            assert all(torch.equal(a, b) for a, b in zip(got, want))
-            up = torch.randn(x.shape, generator=gen)
-            for a, b in zip(fns[1](up, x, s, want[1], want[2]), fq_backward(up, x, s, want[1], want[2])):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-            graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] == 2 and graphs[1] == 4  # static smoke pair, then the symbolic pair
-    assert set(graphs[1:]) == {4}  # then none, for any N and G
-
-
 def test_grid_for_expert_buffers_compiles_once_for_every_count():
     """Expert buffers [B, N, G, gs] change B from block to block (experts dealt out by load) and N between roles:
     their compiled grid makes a size symbolic the first time it changes (B, then N) and compiles nothing after,
