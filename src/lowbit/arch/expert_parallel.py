@@ -110,7 +110,9 @@ class ExpertParallel:
         owner_of, owner_major = self._tables(hidden_states.device)
         flat = top_k_index.reshape(-1).clamp(max=num_experts)  # [P], pair t * k + s; sentinels (no expert) = E
         order = torch.sort(owner_of[flat] * (num_experts + 1) + flat, stable=True).indices  # [P] by owner, then expert
-        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts][owner_major]  # [E] pairs per expert here, owner-major
+        # [E] pairs per expert here, owner-major; counted by index_add_, which, unlike CUDA's bincount (it reads the
+        # largest index to size its output), does not wait for the device
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))[:num_experts][owner_major]
         # every owner learns how many pairs of each process its experts get: [world * len(mine)], source-major
         received = counts.new_empty(world * len(mine))
         torch.distributed.all_to_all_single(received, counts, [len(mine)] * world, [len(p) for p in self.owned], group=self.group)
@@ -126,7 +128,9 @@ class ExpertParallel:
 
         rows = _AllToAll.apply(hidden_states[token], recv_splits, send_splits, self.group)  # [R, H], source-major, by expert within
         # each received row's expert (index into `mine`), then the rows regrouped by expert across the sources
-        per_source = torch.tensor(got, device=rows.device).view(world, len(mine))  # [world, E_mine]
+        # [world, E_mine], from the device's copy of the counts: a tensor made from the host's would wait for the
+        # rows' all-to-all before the host could queue anything after it (a blocking copy in stream order)
+        per_source = received.view(world, len(mine))
         local = torch.arange(len(mine), device=rows.device).repeat(world).repeat_interleave(per_source.reshape(-1), output_size=rows.shape[0])
         regroup = torch.sort(local, stable=True).indices  # [R]
         experts = [getattr(module, str(e)) for e in mine]
