@@ -20,6 +20,7 @@ parent modules during training and put back in a `finally`; `requires_grad` flag
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -735,6 +736,8 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
         # the best step is tracked on the device: no host synchronization per step (the host queues the next
         # step while the device runs this one); the same float32 comparison as on the host
         first_loss, best_loss, best_iter = None, torch.full((), float("inf"), device=device), torch.zeros((), dtype=torch.int64, device=device)
+        # steps whose loss is NaN / inf (never "better": the export keeps the best finite step), and the first of them
+        nonfinite, first_nonfinite = torch.zeros((), dtype=torch.int64, device=device), torch.full((), -1, dtype=torch.int64, device=device)
 
     def step_loss(run_block, indices: list[int]) -> torch.Tensor:
         """Forward and backward over one global batch (micro-batches of bs); returns its mean loss []."""
@@ -774,6 +777,9 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
             value = trainer.mean_loss(value)
             if first_loss is None:
                 first_loss = value
+            bad = ~torch.isfinite(value)
+            nonfinite += bad
+            first_nonfinite.masked_fill_(bad & (first_nonfinite < 0), it)
             better = value < best_loss  # these parameters produced this loss: keep them before stepping
             best_loss = torch.where(better, value, best_loss)
             best_iter.masked_fill_(better, it)
@@ -785,6 +791,11 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
 
     trainer.close()
     first_loss, best_loss, best_iter = float(first_loss), float(best_loss), int(best_iter)
+    diverged = ""
+    if int(nonfinite):  # said, not hidden: a run whose training diverged still exports, from what it can vouch for
+        kept = f"the best finite step ({best_iter}) is exported" if math.isfinite(best_loss) else "no step had a finite loss: the round-to-nearest start is exported"
+        diverged = f"AutoRound's loss was not finite in {int(nonfinite)} of {config.iters} steps (the first at step {int(first_nonfinite)}); {kept}"
+        warnings.warn(f"block {ctx.index}: {diverged}", stacklevel=2)
     results = {}
     with ctx.phase("export"):  # the best rounding of each linear quantized by its owner, shared with the others
         for key, names in trainer.members.items():
@@ -801,7 +812,8 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     results = {name: results[name] for name in linears}  # the block's order
     ctx.losses = (first_loss, best_loss)
     if ctx.log:
-        ctx.log(f"block {ctx.index}: loss {first_loss:.4g} -> {best_loss:.4g} (best at iter {best_iter}/{config.iters}), {time.time() - started:.1f}s")
+        ctx.log(f"block {ctx.index}: loss {first_loss:.4g} -> {best_loss:.4g} (best at iter {best_iter}/{config.iters}), {time.time() - started:.1f}s"
+                + (f"; {diverged}" if diverged else ""))
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -157,6 +158,36 @@ def test_grid_compile_default_and_fallback(monkeypatch):
         fns = compilers.grid_fns(True, cpu)
     assert fns == (ar.fq_forward, ar.fq_backward)
     assert compilers.grid_fns(True, cpu) == fns and compilers.grid is None  # not retried in this run
+
+
+@pytest.mark.parametrize("from_step", [0, 3])
+def test_a_loss_that_is_not_finite_is_said_and_the_best_finite_step_exported(captured, monkeypatch, from_step):
+    """A loss that turns NaN (here: from step 3, or at every step) is never "better": the export keeps the best
+    finite step, and the run says how many steps were not finite and which was first. With no finite step at all
+    the export is the round-to-nearest start: RTN's own codes (an independent quantizer)."""
+    from lowbit.algorithms import autoround as ar
+
+    real, calls = ar.block_loss, []
+
+    def loss(pred, target):  # one micro-batch per step here (batch 4 of 8 windows, no accumulation)
+        calls.append(None)
+        out = real(pred, target)
+        return out * float("nan") if len(calls) > from_step else out
+
+    monkeypatch.setattr(ar, "block_loss", loss)
+    ctx = make_ctx(captured)
+    with pytest.warns(UserWarning) as caught:
+        results = quantize_block(ctx, AutoRoundConfig(iters=6, compile=False))
+    said = [str(w.message) for w in caught if "not finite" in str(w.message)]
+    assert len(said) == 1 and f"not finite in {6 - from_step} of 6 steps (the first at step {from_step})" in said[0], said
+    for name, r in results.items():
+        assert torch.isfinite(r.dequantize()).all(), name
+    if from_step == 0:
+        assert "round-to-nearest start is exported" in said[0]
+        rtn = rtn_block(make_ctx(captured))
+        assert all(torch.equal(results[n].codes, rtn[n].codes) and torch.equal(results[n].scale, rtn[n].scale) for n in rtn)
+    else:
+        assert "the best finite step" in said[0] and math.isfinite(ctx.losses[1]) and ctx.losses[1] <= ctx.losses[0]
 
 
 def test_block_compile_failure_falls_back_to_eager(captured, monkeypatch):
