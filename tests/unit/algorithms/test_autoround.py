@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -186,8 +185,13 @@ def test_a_loss_that_is_not_finite_is_said_and_the_best_finite_step_exported(cap
         assert "round-to-nearest start is exported" in said[0]
         rtn = rtn_block(make_ctx(captured))
         assert all(torch.equal(results[n].codes, rtn[n].codes) and torch.equal(results[n].scale, rtn[n].scale) for n in rtn)
-    else:
-        assert "the best finite step" in said[0] and math.isfinite(ctx.losses[1]) and ctx.losses[1] <= ctx.losses[0]
+    else:  # steps 0-2 are those of a run without NaN (same samples, same step sizes): its best of them is kept
+        clean = []
+        monkeypatch.setattr(ar, "block_loss", lambda pred, target: clean.append(real(pred, target)) or clean[-1])
+        quantize_block(make_ctx(captured), AutoRoundConfig(iters=6, compile=False))
+        first3 = [float(x) for x in clean[:from_step]]
+        best = min(range(from_step), key=lambda i: first3[i])
+        assert f"the best finite step ({best}) is exported" in said[0] and ctx.losses[1] == first3[best]
 
 
 def test_block_compile_failure_falls_back_to_eager(captured, monkeypatch):
