@@ -20,7 +20,7 @@ pairs (its batches of 8 windows route unevenly themselves); dealing by the start
 -11 to +0.2 points between blocks and runs, and on two H200s the MoE pair got no faster with it (7.36 s per block
 against 7.02 before, dist-gpu-2026-12-01-0116): it was not landed.
 
-    python3 bench/moe_routes.py --text .cache/austen.txt --out $OUT                 # one GPU
+    python3 bench/moe_routes.py --text .cache/austen.txt --out $OUT --iters 200     # one GPU (as measured)
     python3 bench/moe_routes.py --text .cache/austen.txt --out /tmp/o --tiny --device cpu --iters 4   # CPU smoke test
 """
 
