@@ -795,7 +795,8 @@ def quantize_block(ctx: BlockContext, config: AutoRoundConfig | None = None) -> 
     if int(nonfinite):  # said, not hidden: a run whose training diverged still exports, from what it can vouch for
         kept = f"the best finite step ({best_iter}) is exported" if math.isfinite(best_loss) else "no step had a finite loss: the round-to-nearest start is exported"
         diverged = f"AutoRound's loss was not finite in {int(nonfinite)} of {config.iters} steps (the first at step {int(first_nonfinite)}); {kept}"
-        warnings.warn(f"block {ctx.index}: {diverged}", stacklevel=2)
+        if ctx.engine.rank == 0:  # every process has the same mean losses: one warning, not one per process
+            warnings.warn(f"block {ctx.index}: {diverged}", stacklevel=2)
     results = {}
     with ctx.phase("export"):  # the best rounding of each linear quantized by its owner, shared with the others
         for key, names in trainer.members.items():
