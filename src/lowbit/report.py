@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import threading
@@ -238,7 +239,8 @@ class RunSummary:
             "output_bytes": self.output_bytes,
             "method": self.method,
             "scheme": self.scheme,
-            "block_losses": self.block_losses,
+            # a loss that is not finite (a diverged block: AutoRound warns) as null, not NaN: strict JSON readers refuse NaN
+            "block_losses": [[i, *(v if math.isfinite(v) else None for v in losses)] for i, *losses in self.block_losses],
             "unmapped_checkpoint_tensors": self.unmapped,
             "phases": {k: round(v, 2) for k, v in self.phases.items()},
             "block_seconds": [round(v, 2) for v in self.block_seconds],

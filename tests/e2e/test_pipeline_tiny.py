@@ -153,3 +153,28 @@ def test_calibrated_resume_replays_finished_blocks(tmp_path, monkeypatch):
     a, b = lowbit.load(tmp_path / "clean"), lowbit.load(tmp_path / "resumed")
     for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(ta, tb), name
+
+
+def test_a_diverged_block_is_logged_as_strict_json(tmp_path, monkeypatch):
+    """AutoRound whose every loss is NaN (a diverged block): the run ends, warns, and lowbit_log.json stays JSON that
+    a strict reader parses (Python's json writes NaN by default, which JSON has no spelling for), the losses as null."""
+    from lowbit.algorithms import autoround as ar
+    from tests.conftest import save_tiny_model_with_tokenizer
+
+    text = "the old man walked to the garden and wrote a letter to his young daughter near the house. " * 40
+    src = tmp_path / "tiny"
+    save_tiny_model_with_tokenizer(src, text)
+    (tmp_path / "calib.txt").write_text(text)
+    monkeypatch.setattr(ar, "block_loss", lambda pred, target: ((pred.float() - target.float()) ** 2).mean() * float("nan"))
+    out = tmp_path / "q"
+    with pytest.warns(UserWarning, match="not finite"):
+        lowbit.quantize(str(src), lowbit.AutoRoundConfig(iters=2, compile=False), lowbit.Scheme(4, 32, True),
+                        lowbit.CalibConfig(dataset=str(tmp_path / "calib.txt"), nsamples=2, seqlen=16, batch_size=2),
+                        lowbit.RunConfig(output_dir=str(out), device="cpu"), progress=False)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in lowbit_log.json")
+
+    log = json.loads((out / "lowbit_log.json").read_text(), parse_constant=refuse)
+    assert [entry[0] for entry in log["block_losses"]] == [0, 1]
+    assert all(v is None for entry in log["block_losses"] for v in entry[1:]), log["block_losses"]
