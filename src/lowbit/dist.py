@@ -16,6 +16,7 @@ import time
 import torch
 
 from .errors import LowbitError
+from .launch import RENDEZVOUS_ENV
 
 
 # ---------------------------------------------------------------- --device_map
@@ -225,7 +226,12 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        rendezvous = os.environ.get(RENDEZVOUS_ENV)
+        if rendezvous:  # started by `--nproc` (launch.py): a file store, no TCP port to race for
+            dist.init_process_group(backend, init_method=rendezvous, world_size=world, rank=env_world()[1])
+        else:  # torchrun (env://: MASTER_ADDR / MASTER_PORT, its store)
+            dist.init_process_group(backend)
     return (device,), DistributedReducer(device)
 
 

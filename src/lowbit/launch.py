@@ -1,36 +1,35 @@
 """`lowbit quantize ... --nproc N`: start N data-parallel processes of the same command, without torch.
 
-What torchrun's standalone mode does for one host, and nothing else: a free port on 127.0.0.1 for the
-rendezvous store, the environment torch.distributed reads (MASTER_ADDR / MASTER_PORT, WORLD_SIZE, RANK,
-LOCAL_RANK, LOCAL_WORLD_SIZE) and the cores split between the processes (OMP_NUM_THREADS), then wait. This
+What torchrun's standalone mode does for one host, and nothing else: a rendezvous the processes meet at, the
+environment torch.distributed reads (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE) and the cores split between
+the processes (OMP_NUM_THREADS), then wait. This
 module imports no torch: the launching process used to import lowbit, torch and transformers (~4.5 s on a
 2-core CPU) and then run torchrun's elastic agent (its own polling and shutdown) only to start processes
 that import them again; measured on the CPU in docs/architecture.md ("Data parallel").
 
-The port is probed here and bound by rank 0's store a moment later: another program taking it in between
-makes rank 0 fail at its start (rare on a host; rerun). torchrun itself (`torchrun --nproc_per_node N -m
-lowbit.cli quantize ...`) still works: with WORLD_SIZE set the command runs as one of its processes.
+The rendezvous is a file in a fresh private folder (torch.distributed's FileStore, `RENDEZVOUS_ENV`), not a
+TCP port: a port probed free here and bound by rank 0 a moment later could be taken in between by another
+program (rank 0 then failed at its start), and no port can be asked for without importing torch here. The
+folder is removed when the processes are done. torchrun itself (`torchrun --nproc_per_node N -m lowbit.cli
+quantize ...`) still works: with WORLD_SIZE set the command runs as one of its processes (env://, its store).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from .errors import LowbitError
 
 STARTED_ENV = "LOWBIT_COMMAND_STARTED"  # the launching command's start (epoch seconds): each process's "startup" phase
+RENDEZVOUS_ENV = "LOWBIT_RENDEZVOUS"  # file:// URL of the store the launched processes meet at (dist.start reads it)
 GRACE_SECONDS = 10.0  # after one process failed, how long the others may take to stop before they are killed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command_started() -> float:
@@ -42,9 +41,11 @@ def command_started() -> float:
     return psutil.Process().create_time()
 
 
-def worker_env(rank: int, nproc: int, port: int, started: float) -> dict[str, str]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), RANK=str(rank), LOCAL_RANK=str(rank),
+def worker_env(rank: int, nproc: int, store: Path, started: float) -> dict[str, str]:
+    """Process `rank`'s environment; `store`: the rendezvous file (not existing yet: FileStore creates it)."""
+    env = dict(os.environ, WORLD_SIZE=str(nproc), RANK=str(rank), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc))
+    env[RENDEZVOUS_ENV] = store.resolve().as_uri()
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # as torchrun: split the cores
     env[STARTED_ENV] = repr(started)
     return env
@@ -70,8 +71,15 @@ def launch(nproc: int, argv: list[str]) -> int:
     if nproc < 1:
         raise LowbitError(f"--nproc {nproc} is not a number of processes", "pass --nproc 1 or more")
     started = command_started()
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "lowbit.cli", *argv], env=worker_env(r, nproc, port, started), preexec_fn=die_with_parent)
+    folder = Path(tempfile.mkdtemp(prefix="lowbit-rendezvous-"))  # private (0700), fresh: the store file is new
+    try:
+        return _run(nproc, argv, started, folder / "store")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(nproc: int, argv: list[str], started: float, store: Path) -> int:
+    procs = [subprocess.Popen([sys.executable, "-m", "lowbit.cli", *argv], env=worker_env(r, nproc, store, started), preexec_fn=die_with_parent)
              for r in range(nproc)]
     failed: int | None = None
 

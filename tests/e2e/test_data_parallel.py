@@ -337,6 +337,31 @@ def test_nproc_launches_two_processes(runs, tmp_path):
     assert log["phases"]["startup"] > 0 and len(log["ranks"]) == 2
 
 
+def test_nproc_meets_at_a_file_not_a_port(runs, tmp_path, monkeypatch):
+    """The launched processes rendezvous at a file store in a private folder, removed afterwards: a port another
+    program holds (here the very MASTER_PORT the environment names) does not matter, since none is bound."""
+    import socket
+    import tempfile
+
+    from lowbit.cli import main
+
+    one, _ = runs
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    try:
+        code = main(["quantize", str(one.parent / "m"), "--nproc", "2", "--device", "cpu", "--bits", "4", "--group_size", "32", "--asym", "--output_dir", str(tmp_path / "q")])
+    finally:
+        held.close()
+    assert code == 0
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == (one / "rtn" / "model.safetensors").read_bytes()
+    assert list((tmp_path / "tmp").iterdir()) == []  # the rendezvous folder is gone
+
+
 def test_nproc_input_error_is_one_line_from_rank0(runs, tmp_path):
     """Both processes meet the same input error (1 window for 2 processes); rank 0 alone prints its line, the
     command exits 2, and the other process does not hang waiting for it."""

@@ -2,6 +2,7 @@
 the visible GPUs are faked where a case needs them."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,7 +155,8 @@ def test_cli_imports_no_torch():
 def test_launch_env_and_bad_nproc():
     from lowbit.launch import launch, worker_env
 
-    env = worker_env(1, 2, 29500, 123.5)
-    assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"], env["MASTER_PORT"], env["LOWBIT_COMMAND_STARTED"]) == ("2", "1", "1", "29500", "123.5")
+    env = worker_env(1, 2, Path("/tmp/lowbit-rendezvous-x/store"), 123.5)
+    assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"], env["LOWBIT_COMMAND_STARTED"]) == ("2", "1", "1", "123.5")
+    assert env["LOWBIT_RENDEZVOUS"] == "file:///tmp/lowbit-rendezvous-x/store"  # torch.distributed's file:// init_method
     with pytest.raises(LowbitError, match="--nproc 0 is not a number of processes"):
         launch(0, ["quantize", "m"])
