@@ -1,6 +1,6 @@
 """Data-parallel quantization (two gloo processes on the CPU) against one process, on a tiny Llama.
 
-Two processes are spawned once for the module (torch.multiprocessing.spawn, a free TCP port); each runs
+Two processes are spawned once for the module (torch.multiprocessing.spawn, a file store); each runs
 RTN, GPTQ, AWQ and AutoRound on its half of the calibration windows, and rank 0 writes the outputs. The
 one-process runs of the same settings, in this process, are the reference.
 """
@@ -12,6 +12,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +59,7 @@ def quantize(model, text_file, out, method: str, **run):
     return lowbit.quantize(str(model), METHODS[method](), SCHEME, calib, run, progress=False)
 
 
-def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: str):
+def worker(rank: int, store: str, model: str, text_file: str, root: str, phase: str):
     """One of two torchrun-like processes: the environment torchrun would set, then the phase's runs.
 
     "methods": every method, then a GPTQ run whose rank 0 dies while writing block 1 (block 0's shard and
@@ -65,7 +67,7 @@ def worker(rank: int, port: int, model: str, text_file: str, root: str, phase: s
     import lowbit.blockstep as blockstep
     import lowbit.runner as runner
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(LOWBIT_RENDEZVOUS=store, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two processes on two cores
     if phase == "methods":
         # what each process quantized every block to, kept per rank: the processes must decide identically,
@@ -136,13 +138,12 @@ def nan_model(model, to):
 
 
 def spawn(model, text_file, root, phase: str) -> None:
-    torch.multiprocessing.spawn(worker, args=(free_port(), str(model), str(text_file), str(root), phase), nprocs=2, join=True)
+    torch.multiprocessing.spawn(worker, args=(rendezvous(Path(root).parent), str(model), str(text_file), str(root), phase), nprocs=2, join=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(folder) -> str:
+    """A new file store's URL for one process group (what `--nproc` gives its processes: no TCP port to race for)."""
+    return (Path(tempfile.mkdtemp(dir=folder, prefix="rendezvous-")) / "store").resolve().as_uri()
 
 
 @pytest.fixture(scope="module")
@@ -340,9 +341,6 @@ def test_nproc_launches_two_processes(runs, tmp_path):
 def test_nproc_meets_at_a_file_not_a_port(runs, tmp_path, monkeypatch):
     """The launched processes rendezvous at a file store in a private folder, removed afterwards: a port another
     program holds (here the very MASTER_PORT the environment names) does not matter, since none is bound."""
-    import socket
-    import tempfile
-
     from lowbit.cli import main
 
     one, _ = runs
@@ -374,9 +372,8 @@ def test_nproc_input_error_is_one_line_from_rank0(runs, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def nccl_sum_worker(rank: int, port: int, root: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("nccl", rank=rank, world_size=2)
+def nccl_sum_worker(rank: int, store: str, root: str):
+    torch.distributed.init_process_group("nccl", init_method=store, rank=rank, world_size=2)
     torch.cuda.set_device(rank)
     g = torch.Generator().manual_seed(rank)
     # gradients of very different sizes, so sums round (and cancel) in every way
@@ -398,7 +395,7 @@ def test_nccl_sums_two_16bit_gradients_as_float32_rounded_once(tmp_path):
     gave before, bit for bit."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    torch.multiprocessing.spawn(nccl_sum_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(nccl_sum_worker, args=(rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     for dtype in ("bfloat16", "float16"):
         out = torch.load(tmp_path / dtype)
         assert torch.equal(out["sum16"], out["sum32_rounded"]), dtype

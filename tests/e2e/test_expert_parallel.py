@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowbit.arch.expert_parallel import ExpertParallel, owned_ranges, owners_by_load
-from tests.e2e.test_data_parallel import free_port
+from tests.e2e.test_data_parallel import rendezvous
 from tests.unit.test_grouped_dense_experts import fused_and_unfused, fused_grads, routes
 
 TOKENS = 24
@@ -33,13 +33,11 @@ def case(arch: str, path, routing: str):
     return fused, unfused, hidden, index, weights, owners
 
 
-def worker(rank: int, port: int, arch: str, path: str, routing: str, out: str):
+def worker(rank: int, store: str, arch: str, path: str, routing: str, out: str):
     import datetime
-    import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a process left waiting in an all-to-all fails the test within a minute instead of hanging it
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     _, unfused, hidden, index, weights, owners = case(arch, path, routing)
     layout = unfused.lowbit_layout
@@ -69,7 +67,7 @@ def test_two_processes_match_the_fused_module_on_all_tokens(arch, routing, tmp_p
     receives no row and must still take part in the backward all-to-all (or both processes wait), also when the
     input needs no gradient (only rank 0's experts then put the all-to-alls in the graph)."""
     fused, unfused, hidden, index, weights, _ = case(arch, tmp_path / "m", routing)
-    torch.multiprocessing.spawn(worker, args=(free_port(), arch, str(tmp_path / "m"), routing, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(worker, args=(rendezvous(tmp_path), arch, str(tmp_path / "m"), routing, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
     x64 = hidden.clone().requires_grad_()
