@@ -228,8 +228,10 @@ def start(run_device: str, device_map: tuple[str, ...] | None):
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         rendezvous = os.environ.get(RENDEZVOUS_ENV)
-        if rendezvous:  # started by `--nproc` (launch.py): a file store, no TCP port to race for
-            dist.init_process_group(backend, init_method=rendezvous, world_size=world, rank=env_world()[1])
+        if rendezvous:  # started by `--nproc` (launch.py): a file store, no TCP port to race for (the path as given:
+            # torch's file:// URLs are not unquoted on Linux, so a temporary folder with a space would break one)
+            store = dist.FileStore(rendezvous, world)
+            dist.init_process_group(backend, store=store, world_size=world, rank=env_world()[1])
         else:  # torchrun (env://: MASTER_ADDR / MASTER_PORT, its store)
             dist.init_process_group(backend)
     return (device,), DistributedReducer(device)

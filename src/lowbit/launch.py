@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import LowbitError
 
 STARTED_ENV = "LOWBIT_COMMAND_STARTED"  # the launching command's start (epoch seconds): each process's "startup" phase
-RENDEZVOUS_ENV = "LOWBIT_RENDEZVOUS"  # file:// URL of the store the launched processes meet at (dist.start reads it)
+RENDEZVOUS_ENV = "LOWBIT_RENDEZVOUS"  # path of the file store the launched processes meet at (dist.start reads it)
 GRACE_SECONDS = 10.0  # after one process failed, how long the others may take to stop before they are killed
 
 
@@ -45,7 +45,7 @@ def worker_env(rank: int, nproc: int, store: Path, started: float) -> dict[str, 
     """Process `rank`'s environment; `store`: the rendezvous file (not existing yet: FileStore creates it)."""
     env = dict(os.environ, WORLD_SIZE=str(nproc), RANK=str(rank), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc))
-    env[RENDEZVOUS_ENV] = store.resolve().as_uri()
+    env[RENDEZVOUS_ENV] = str(store.resolve())
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # as torchrun: split the cores
     env[STARTED_ENV] = repr(started)
     return env

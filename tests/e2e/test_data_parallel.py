@@ -142,8 +142,8 @@ def spawn(model, text_file, root, phase: str) -> None:
 
 
 def rendezvous(folder) -> str:
-    """A new file store's URL for one process group (what `--nproc` gives its processes: no TCP port to race for)."""
-    return (Path(tempfile.mkdtemp(dir=folder, prefix="rendezvous-")) / "store").resolve().as_uri()
+    """A new file store's path for one process group (what `--nproc` gives its processes: no TCP port to race for)."""
+    return str(Path(tempfile.mkdtemp(dir=folder, prefix="rendezvous-")) / "store")
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +340,8 @@ def test_nproc_launches_two_processes(runs, tmp_path):
 
 def test_nproc_meets_at_a_file_not_a_port(runs, tmp_path, monkeypatch):
     """The launched processes rendezvous at a file store in a private folder, removed afterwards: a port another
-    program holds (here the very MASTER_PORT the environment names) does not matter, since none is bound."""
+    program holds (here the very MASTER_PORT the environment names) does not matter, since none is bound; a
+    temporary folder whose path has a space neither (torch's file:// URLs are not unquoted on Linux)."""
     from lowbit.cli import main
 
     one, _ = runs
@@ -349,15 +350,16 @@ def test_nproc_meets_at_a_file_not_a_port(runs, tmp_path, monkeypatch):
     held.listen()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    temporary = tmp_path / "tmp dir"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     try:
         code = main(["quantize", str(one.parent / "m"), "--nproc", "2", "--device", "cpu", "--bits", "4", "--group_size", "32", "--asym", "--output_dir", str(tmp_path / "q")])
     finally:
         held.close()
     assert code == 0
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == (one / "rtn" / "model.safetensors").read_bytes()
-    assert list((tmp_path / "tmp").iterdir()) == []  # the rendezvous folder is gone
+    assert list(temporary.iterdir()) == []  # the rendezvous folder is gone
 
 
 def test_nproc_input_error_is_one_line_from_rank0(runs, tmp_path):
@@ -373,7 +375,7 @@ def test_nproc_input_error_is_one_line_from_rank0(runs, tmp_path):
 
 
 def nccl_sum_worker(rank: int, store: str, root: str):
-    torch.distributed.init_process_group("nccl", init_method=store, rank=rank, world_size=2)
+    torch.distributed.init_process_group("nccl", store=torch.distributed.FileStore(store, 2), rank=rank, world_size=2)
     torch.cuda.set_device(rank)
     g = torch.Generator().manual_seed(rank)
     # gradients of very different sizes, so sums round (and cancel) in every way

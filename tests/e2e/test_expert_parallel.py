@@ -37,7 +37,7 @@ def worker(rank: int, store: str, arch: str, path: str, routing: str, out: str):
     import datetime
 
     # a process left waiting in an all-to-all fails the test within a minute instead of hanging it
-    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(store, 2), rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     _, unfused, hidden, index, weights, owners = case(arch, path, routing)
     layout = unfused.lowbit_layout

@@ -157,6 +157,6 @@ def test_launch_env_and_bad_nproc():
 
     env = worker_env(1, 2, Path("/tmp/lowbit-rendezvous-x/store"), 123.5)
     assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"], env["LOWBIT_COMMAND_STARTED"]) == ("2", "1", "1", "123.5")
-    assert env["LOWBIT_RENDEZVOUS"] == "file:///tmp/lowbit-rendezvous-x/store"  # torch.distributed's file:// init_method
+    assert env["LOWBIT_RENDEZVOUS"] == "/tmp/lowbit-rendezvous-x/store"  # a torch.distributed FileStore's path
     with pytest.raises(LowbitError, match="--nproc 0 is not a number of processes"):
         launch(0, ["quantize", "m"])
